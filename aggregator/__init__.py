@@ -1,0 +1,1 @@
+"""The aggregator service: round lock, collect, reduce, outer step, commit."""

@@ -1,0 +1,122 @@
+"""Collect one round's announcements until the quorum rule closes it.
+
+The round for version v closes when at least `min_workers` deltas are accepted and either every
+live worker has answered or the deadline (commit time of v + round_timeout_s, on the Redis clock)
+has passed. Every announcement that cannot count is rejected with a reason, in the rejections
+stream and the per-worker counter, and never stops the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from diloco import keys
+from diloco.config import RunConfig
+from diloco.connect import server_time_ms
+from diloco.errors import BadMessage
+from diloco.messages import Announcement, Head
+from diloco.shards import max_shard_object_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Round:
+    head: Head
+    last_id: str
+    accepted: dict[str, tuple[str, Announcement]] = field(default_factory=dict)  # worker -> (id, ann)
+    answered: set[str] = field(default_factory=set)    # workers that announced, accepted or not
+    rejected: int = 0
+
+    @property
+    def version(self) -> int:
+        return self.head.version
+
+
+def reject(r: redis.Redis, run: str, worker: str, reason: str, entry_id: str, version: int | str) -> None:
+    log.warning("rejected announcement %s from %s: %s", entry_id, worker, reason)
+    pipe = r.pipeline()
+    pipe.xadd(keys.rejections(run), {"worker": worker, "entry": entry_id, "version": str(version),
+                                    "reason": reason[:500]}, maxlen=10_000, approximate=True)
+    pipe.hincrby(keys.rejected_counts(run), worker, 1)
+    pipe.execute()
+
+
+def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
+    """The reason `ann` cannot count in this round, or None if it can."""
+    if ann.run != cfg.run:
+        return f"announcement is for run {ann.run!r}"
+    if ann.version < rnd.version:
+        return f"late: trained on version {ann.version}, the round is for version {rnd.version}"
+    if ann.version > rnd.version:
+        return f"base version {ann.version} is ahead of the committed version {rnd.version}"
+    if ann.worker in rnd.accepted:
+        return f"duplicate: worker already announced for version {ann.version} (the first counts)"
+    if ann.codec != cfg.codec:
+        return f"codec {ann.codec!r} is not the run's codec {cfg.codec!r}"
+    if ann.inner_steps != cfg.sync_every:
+        return f"trained {ann.inner_steps} inner steps, the run's sync_every is {cfg.sync_every}"
+    prefix = keys.delta_prefix(cfg.run, ann.version, ann.worker)
+    outside = [s for s in ann.shards if not s.startswith(prefix) or ".." in s]
+    if outside:
+        return f"shard key {outside[0][:120]!r} is outside the worker's prefix {prefix!r}"
+    limit = max_shard_object_bytes(cfg.shard_bytes)
+    if any(size > limit for size in ann.sizes):
+        return f"a shard of {max(ann.sizes)} bytes exceeds the run's limit of {limit} bytes"
+    return None
+
+
+def take(r: redis.Redis, cfg: RunConfig, rnd: Round, entry_id: str, fields: dict[str, str]) -> None:
+    """Accept or reject one stream entry into the round."""
+    worker = str(fields.get("worker", "?"))[:64]
+    try:
+        ann = Announcement.from_fields(fields)
+    except BadMessage as e:
+        reject(r, cfg.run, worker, f"malformed announcement: {e}", entry_id, fields.get("version", "?"))
+        rnd.rejected += 1
+        return
+    reason = check(ann, cfg, rnd)
+    if reason is not None:
+        reject(r, cfg.run, ann.worker, reason, entry_id, ann.version)
+        rnd.rejected += 1
+        if ann.version == rnd.version:
+            rnd.answered.add(ann.worker)
+        return
+    rnd.accepted[ann.worker] = (entry_id, ann)
+    rnd.answered.add(ann.worker)
+
+
+def live_workers(r: redis.Redis, run: str) -> set[str]:
+    ids = sorted(r.smembers(keys.workers(run)))
+    if not ids:
+        return set()
+    pipe = r.pipeline(transaction=False)
+    for w in ids:
+        pipe.exists(keys.worker_alive(run, w))
+    return {w for w, alive in zip(ids, pipe.execute()) if alive}
+
+
+def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
+    if len(rnd.accepted) < cfg.min_workers:
+        return False
+    if live_workers(r, cfg.run) <= rnd.answered:
+        return True
+    return server_time_ms(r) >= rnd.head.committed_ms + cfg.round_timeout_s * 1000
+
+
+def collect(r: redis.Redis, cfg: RunConfig, rnd: Round, *, block_ms: int, stop: threading.Event) -> bool:
+    """Read announcements into `rnd` until the round closes (True) or stop is set (False)."""
+    stream = keys.deltas(cfg.run)
+    while not stop.is_set():
+        if is_closed(r, cfg, rnd):
+            return True
+        reply = r.xread({stream: rnd.last_id}, block=block_ms, count=1000)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                rnd.last_id = entry_id
+                take(r, cfg, rnd, entry_id, fields)
+    return False

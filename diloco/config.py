@@ -1,0 +1,228 @@
+"""Typed, validated settings.
+
+`RunConfig` holds the group-wide settings of a run. It lives in the Redis hash
+`diloco:{run}:config`, is written once by `diloco init`, and every worker adopts it: there is no
+worker-side override of a group setting. Each service also has its own local settings
+(`WorkerSettings`, `AggregatorSettings`). Everything is checked at the boundary, so the rest of the
+code can trust it. Environment variable names are constants here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from diloco import keys
+from diloco.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+ENV_REDIS_URL = "DILOCO_REDIS_URL"
+ENV_STORE = "DILOCO_STORE"
+ENV_RUN = "DILOCO_RUN"
+ENV_WORKER_ID = "DILOCO_WORKER_ID"
+ENV_S3_ENDPOINT = "DILOCO_S3_ENDPOINT"
+ENV_CRASH_AT = "DILOCO_CRASH_AT"
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RUN = "default"
+KNOWN_CODECS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: str
+    task: str = "gpt"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    model_hash: str = ""        # fingerprint of the model's state dict, filled in by init
+    dataset_id: str = ""        # the training split's id, filled in by init
+    seed: int = 0
+    sync_every: int = 500       # H: inner optimizer steps per round
+    batch_size: int = 16        # samples per micro-batch
+    grad_accum: int = 1         # micro-batches per optimizer step
+    inner_lr: float = 1e-3
+    inner_weight_decay: float = 0.1
+    inner_warmup_steps: int = 100
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    codec: str = "bf16"
+    shard_mb: float = 64.0
+    min_workers: int = 1
+    round_timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 30.0
+    num_fragments: int = 1
+    schema_version: int = SCHEMA_VERSION
+
+    # Settings a worker never needs to agree on; every other field must match across the group.
+    TUNABLE: ClassVar[frozenset[str]] = frozenset(
+        {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s"}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        try:
+            keys.check_name("run name", self.run)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _positive_int(self, "sync_every", "batch_size", "grad_accum", "min_workers", "num_fragments")
+        _positive_num(self, "inner_lr", "outer_lr", "shard_mb", "round_timeout_s", "heartbeat_timeout_s")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.inner_weight_decay < 0 or self.inner_warmup_steps < 0 or self.seed < 0:
+            raise ConfigError("inner_weight_decay, inner_warmup_steps and seed must be >= 0")
+        if self.codec not in KNOWN_CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}; known codecs: {', '.join(KNOWN_CODECS)}")
+        if self.num_fragments != 1:
+            raise ConfigError("num_fragments must be 1: streaming fragments are not built yet")
+        if self.schema_version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"run {self.run!r} has config schema version {self.schema_version}, but this diloco "
+                f"understands version {SCHEMA_VERSION}: use a diloco release that matches the run"
+            )
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1024 * 1024)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_fields(self) -> dict[str, str]:
+        """Plain strings, so `redis-cli HGETALL` reads well."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                out[f.name] = "true" if value else "false"
+            elif isinstance(value, dict):
+                out[f.name] = json.dumps(value, sort_keys=True)
+            else:
+                out[f.name] = str(value)
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> RunConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - set(known))
+        if "schema_version" in fields and fields["schema_version"] != str(SCHEMA_VERSION):
+            unknown = []  # let validate() report the version, the real cause
+        if unknown:
+            raise ConfigError(f"run config has unknown settings: {', '.join(unknown)}")
+        values = {name: _parse(name, known[name].type, raw) for name, raw in fields.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_options(cls, run: str, options: dict[str, Any]) -> RunConfig:
+        """Build from user-given settings (flags), rejecting names that are not settings."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"run", "schema_version"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown run settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(run=run, **options)
+
+    def differences(self, other: RunConfig, names: set[str] | None = None) -> list[str]:
+        """'name: ours -> theirs' for each differing field (all fields, or only `names`)."""
+        diffs = []
+        for f in dataclasses.fields(self):
+            if names is not None and f.name not in names:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                diffs.append(f"{f.name}: {a!r} -> {b!r}")
+        return diffs
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    type_name = str(type_name)
+    try:
+        if type_name == "bool":
+            if raw not in ("true", "false"):
+                raise ValueError(raw)
+            return raw == "true"
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+        if type_name.startswith("dict"):
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError(raw)
+            return value
+        return str(raw)
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"run config field {name!r} has an invalid value {raw!r}") from None
+
+
+def _positive_int(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_num(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """A worker's own settings; none of them changes what the group computes."""
+
+    redis_url: str
+    store_url: str
+    run: str
+    worker_id: str
+    device: str = "cpu"
+    heartbeat_interval_s: float = 2.0
+    threads: int = 0            # torch intra-op threads; 0 = torch's default
+    block_ms: int = 1000        # how long one XREAD waits before re-checking for stop
+
+    def __post_init__(self) -> None:
+        try:
+            keys.check_name("run name", self.run)
+            keys.check_name("worker id", self.worker_id)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _positive_num(self, "heartbeat_interval_s")
+
+    def check_against(self, cfg: RunConfig) -> None:
+        # A heartbeat must arrive several times per timeout, or one slow beat evicts a live worker.
+        if self.heartbeat_interval_s > cfg.heartbeat_timeout_s / 3:
+            raise ConfigError(
+                f"heartbeat interval {self.heartbeat_interval_s}s is too long for run {cfg.run!r}, "
+                f"whose heartbeat timeout is {cfg.heartbeat_timeout_s}s: use at most "
+                f"{cfg.heartbeat_timeout_s / 3:.3g}s (a third of the timeout)"
+            )
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    redis_url: str
+    store_url: str
+    run: str
+    aggregator_id: str
+    lock_ttl_s: float = 30.0
+    concurrency: int = 8        # parallel shard downloads
+    block_ms: int = 1000        # how long one XREAD waits before re-checking liveness and deadline
+    standby_poll_s: float = 1.0  # how often a standby aggregator tries the lock
+
+    def __post_init__(self) -> None:
+        try:
+            keys.check_name("run name", self.run)
+            keys.check_name("aggregator id", self.aggregator_id)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _positive_num(self, "lock_ttl_s", "standby_poll_s")
+        _positive_int(self, "concurrency")

@@ -1,0 +1,157 @@
+"""Stream messages: one small class per kind, with `to_fields()` and a validating `from_fields()`.
+
+Values are plain strings so `redis-cli XRANGE` reads well. Entries come from other processes, so
+parsing trusts nothing: a missing or ill-typed field raises `BadMessage` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from diloco import keys
+from diloco.errors import BadMessage
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_SHARDS = 4096
+
+
+class Kind(str, Enum):
+    DELTA = "delta"
+
+
+def _get(fields: dict[str, str], name: str) -> str:
+    try:
+        value = fields[name]
+    except KeyError:
+        raise BadMessage(f"field {name!r} is missing") from None
+    if not isinstance(value, str):
+        raise BadMessage(f"field {name!r} is not a string")
+    return value
+
+
+def _int(fields: dict[str, str], name: str, lo: int = 0) -> int:
+    raw = _get(fields, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadMessage(f"field {name!r} is not an integer: {raw[:40]!r}") from None
+    if value < lo:
+        raise BadMessage(f"field {name!r} must be >= {lo}, got {value}")
+    return value
+
+
+def _float(fields: dict[str, str], name: str) -> float:
+    raw = _get(fields, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadMessage(f"field {name!r} is not a number: {raw[:40]!r}") from None
+    if not math.isfinite(value):
+        raise BadMessage(f"field {name!r} is not finite: {raw!r}")
+    return value
+
+
+def _list(fields: dict[str, str], name: str) -> list[str]:
+    raw = _get(fields, name)
+    return raw.split(",") if raw else []
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A worker's pseudo-gradient for one base version, uploaded as shards."""
+
+    run: str
+    worker: str
+    nonce: str                  # the worker session; tells two sessions with one id apart
+    version: int                # the base version the worker trained from
+    codec: str
+    shards: tuple[str, ...]
+    sizes: tuple[int, ...]
+    sha256: tuple[str, ...]
+    samples: int
+    tokens: int
+    inner_steps: int
+    loss: float
+    train_s: float = 0.0
+    fragment: int = 0
+    kind: Kind = Kind.DELTA
+    units: tuple[int, ...] = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "kind": self.kind.value, "run": self.run, "worker": self.worker, "nonce": self.nonce,
+            "version": str(self.version), "fragment": str(self.fragment), "codec": self.codec,
+            "shards": ",".join(self.shards), "sizes": ",".join(map(str, self.sizes)),
+            "sha256": ",".join(self.sha256), "samples": str(self.samples), "tokens": str(self.tokens),
+            "inner_steps": str(self.inner_steps), "loss": repr(self.loss),
+            "train_s": f"{self.train_s:.3f}", "units": ",".join(map(str, self.units)),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Announcement:
+        kind = _get(fields, "kind")
+        if kind != Kind.DELTA.value:
+            raise BadMessage(f"unknown kind {kind[:40]!r}")
+        try:
+            run = keys.check_name("run name", _get(fields, "run"))
+            worker = keys.check_name("worker id", _get(fields, "worker"))
+            nonce = keys.check_name("nonce", _get(fields, "nonce"))
+        except ValueError as e:
+            raise BadMessage(str(e)) from None
+        shards, sizes, sha = _list(fields, "shards"), _list(fields, "sizes"), _list(fields, "sha256")
+        if not shards:
+            raise BadMessage("announcement lists no shards")
+        if len(shards) > MAX_SHARDS:
+            raise BadMessage(f"announcement lists {len(shards)} shards, more than {MAX_SHARDS}")
+        if not len(shards) == len(sizes) == len(sha):
+            raise BadMessage("shards, sizes and sha256 have different lengths")
+        try:
+            size_values = tuple(int(s) for s in sizes)
+        except ValueError:
+            raise BadMessage("field 'sizes' holds a non-integer") from None
+        if any(s < 0 for s in size_values):
+            raise BadMessage("field 'sizes' holds a negative size")
+        if not all(_SHA256.match(h) for h in sha):
+            raise BadMessage("field 'sha256' holds a value that is not 64 lowercase hex digits")
+        try:
+            units = tuple(int(u) for u in _list(fields, "units")) if fields.get("units") else ()
+        except ValueError:
+            raise BadMessage("field 'units' holds a non-integer") from None
+        return cls(
+            run=run, worker=worker, nonce=nonce, version=_int(fields, "version"),
+            codec=_get(fields, "codec"), shards=tuple(shards), sizes=size_values, sha256=tuple(sha),
+            samples=_int(fields, "samples"), tokens=_int(fields, "tokens"),
+            inner_steps=_int(fields, "inner_steps", lo=1), loss=_float(fields, "loss"),
+            train_s=_float(fields, "train_s") if "train_s" in fields else 0.0,
+            fragment=_int(fields, "fragment") if "fragment" in fields else 0, units=units,
+        )
+
+
+@dataclass(frozen=True)
+class Head:
+    """The committed version pointer (the `head` hash) and the objects it points at."""
+
+    version: int
+    weights: str
+    weights_sha256: str
+    momentum: str
+    momentum_sha256: str
+    token: int
+    committed_ms: int
+    deltas_since: str
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Head:
+        return cls(
+            version=_int(fields, "version"), weights=_get(fields, "weights"),
+            weights_sha256=_get(fields, "weights_sha256"), momentum=_get(fields, "momentum"),
+            momentum_sha256=_get(fields, "momentum_sha256"), token=_int(fields, "token"),
+            committed_ms=_int(fields, "committed_ms"), deltas_since=_get(fields, "deltas_since"),
+        )

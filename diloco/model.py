@@ -1,0 +1,70 @@
+"""Model state: fingerprint, the weights file format, and the pieces of a state dict.
+
+Weights and outer momentum are safetensors objects; the momentum file holds exactly the model's
+parameters, so the aggregator tells parameters (outer step) from buffers (averaged or kept) without
+building the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from diloco.errors import BadInput
+
+WEIGHTS_FORMAT = "diloco-weights/1"
+
+
+def signature(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], str]]:
+    return sorted((name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items())
+
+
+def model_hash(state: dict[str, torch.Tensor]) -> str:
+    """Hash of the sorted (name, shape, dtype) of the state dict: equal iff the models match."""
+    blob = json.dumps(signature(state), separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def describe_differences(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
+                         limit: int = 5) -> list[str]:
+    """Human-readable differences, first `limit` of them, for a model-mismatch error."""
+    exp = {n: (s, d) for n, s, d in signature(expected)}
+    act = {n: (s, d) for n, s, d in signature(actual)}
+    out = []
+    for name in sorted(set(exp) | set(act)):
+        if name not in act:
+            out.append(f"{name}: missing from the local model")
+        elif name not in exp:
+            out.append(f"{name}: not in the run's model")
+        elif exp[name] != act[name]:
+            (es, ed), (as_, ad) = exp[name], act[name]
+            out.append(f"{name}: run has {list(es)} {ed}, local model has {list(as_)} {ad}")
+        if len(out) >= limit:
+            break
+    return out
+
+
+def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu").clone() for n, t in model.state_dict().items()}
+
+
+def float_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """Entries a delta carries: every floating tensor (parameters and float buffers)."""
+    return sorted(n for n, t in state.items() if t.is_floating_point())
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
+    cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    return st_save(cpu, metadata={"format": WEIGHTS_FORMAT, **metadata})
+
+
+def from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise BadInput(f"{what} is not a valid safetensors object: {e}") from None

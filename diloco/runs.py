@@ -1,0 +1,127 @@
+"""A run's shared state: create it (`diloco init`), read its config and head, fetch its weights.
+
+Init is idempotent: with the same settings it returns the existing run; with a changed setting it
+refuses and names every difference. Settings left out adopt the run's values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import torch
+
+from diloco import keys, model
+from diloco.config import RunConfig
+from diloco.connect import server_time_ms
+from diloco.errors import ConfigError, ObjectExists, RunNotFound
+from diloco.messages import Head
+from diloco.scripts import Scripts
+from diloco.store import ObjectStore
+from diloco.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
+
+
+def load_config(r: redis.Redis, run: str) -> RunConfig:
+    fields = r.hgetall(keys.config(run))
+    if not fields:
+        raise RunNotFound(
+            f"run {run!r} does not exist in this Redis (no key {keys.config(run)}): "
+            f"create it with `diloco init --run {run}`, or check --run and DILOCO_REDIS_URL"
+        )
+    return RunConfig.from_fields(fields)
+
+
+def read_head(r: redis.Redis, run: str) -> Head:
+    fields = r.hgetall(keys.head(run))
+    if not fields:
+        raise RunNotFound(f"run {run!r} has a config but no version pointer {keys.head(run)}")
+    return Head.from_fields(fields)
+
+
+def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
+    data = store.get(head.weights, sha256=head.weights_sha256)
+    return model.from_bytes(data, f"weights {head.weights}")
+
+
+def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
+    data = store.get(head.momentum, sha256=head.momentum_sha256)
+    return model.from_bytes(data, f"momentum {head.momentum}")
+
+
+def build_model(task: Task, seed: int) -> torch.nn.Module:
+    """The run's initial model: the same seed gives the same weights on every machine."""
+    torch.manual_seed(seed)
+    return task.build_model()
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config: RunConfig
+    created: bool
+
+
+def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]) -> InitResult:
+    """Create run `run` from the explicitly given settings, or check them against the existing run."""
+    existing = r.hgetall(keys.config(run))
+    if existing:
+        return InitResult(_check_same(RunConfig.from_fields(existing), given), created=False)
+
+    task = load_task(given.get("task", RunConfig.task), given.get("task_options") or {})
+    cfg = RunConfig.from_options(run, {**given, "task": given.get("task", "gpt"), "task_options": task.options})
+    net = build_model(task, cfg.seed)
+    state = model.state_to_cpu(net)
+    train = task.train_data()
+    cfg = cfg.replace(model_hash=model.model_hash(state), dataset_id=train.dataset_id)
+    momentum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in net.named_parameters()}
+    w_key, m_key = keys.weights_object(run, 0, 0), keys.momentum_object(run, 0, 0)
+    w_sha = _put_idempotent(store, w_key, model.to_bytes(state, run=run, version="0"))
+    m_sha = _put_idempotent(store, m_key, model.to_bytes(momentum, run=run, version="0"))
+    head = {"version": "0", "token": "0", "weights": w_key, "weights_sha256": w_sha,
+            "momentum": m_key, "momentum_sha256": m_sha,
+            "committed_ms": str(server_time_ms(r)), "deltas_since": "0-0"}
+    created = Scripts(r).init_run(run, cfg.to_fields(), head, train.dataset_id, len(train))
+    if not created:  # another init won the race; hold it to the same rule
+        return InitResult(_check_same(load_config(r, run), given), created=False)
+    log.info("created run %s: task %s, model %s, %d samples", run, cfg.task, cfg.model_hash, len(train))
+    return InitResult(cfg, created=True)
+
+
+def _check_same(existing: RunConfig, given: dict[str, Any]) -> RunConfig:
+    wanted = dict(given)
+    if "task_options" in wanted or "task" in wanted:
+        task = load_task(wanted.get("task", existing.task), wanted.get("task_options") or {})
+        wanted["task_options"] = task.options
+    requested = existing.replace(**wanted)
+    diffs = existing.differences(requested, set(given) | ({"task_options"} if "task" in given else set()))
+    if diffs:
+        raise ConfigError(
+            f"run {existing.run!r} already exists with other settings ({'; '.join(diffs)}, "
+            "as run -> requested). Leave these flags out to adopt the run's settings, or start "
+            "a new run with another --run name."
+        )
+    return existing
+
+
+def _put_idempotent(store: ObjectStore, key: str, data: bytes) -> str:
+    """Create-only write that accepts an identical object left by an init that died midway."""
+
+
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return store.put(key, data)
+    except ObjectExists:
+        if hashlib.sha256(store.get(key)).hexdigest() != sha:
+            raise ConfigError(
+                f"{store.url}/{key} exists with other content (left by an earlier init with other "
+                f"settings?): delete {keys.run_prefix(run_of(key))} or use another run name"
+            ) from None
+        return sha
+
+
+def run_of(key: str) -> str:
+    return key.split("/")[1]

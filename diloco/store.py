@@ -1,0 +1,395 @@
+"""Immutable object storage for weights and delta shards: one interface, two backends.
+
+`open_store(url)` returns a `FileStore` for ``file:///abs/dir`` (a shared or local file system)
+or an `S3Store` for ``s3://bucket/optional/prefix`` (AWS, MinIO, R2, moto, ...). Every write is
+create-only: an object, once written, is never replaced, so a reader that holds a key and its
+sha256 always gets the bytes that were committed (Redis, not the store, is the commit point).
+Readers bound what they accept with ``max_bytes`` and ``sha256``, because keys and checksums may
+come from other, untrusted processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from diloco.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ObjectExists,
+    ObjectMissing,
+    ObjectTooLarge,
+    Unreachable,
+)
+
+ACCEPTED_FORMS = "file:///absolute/dir or s3://bucket[/prefix]"
+# Temp files live next to their final name (os.link cannot cross file systems); the marker lets
+# list() skip them and is refused in keys so a key can never collide with one.
+TMP_MARK = ".diloco-tmp-"
+MAX_KEY_BYTES = 1024  # S3's limit; enforced on both backends so they accept the same keys
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+
+
+def validate_key(key: str, *, what: str = "key") -> str:
+    """Return `key` if it is a safe relative path, else raise ConfigError (keys may be hostile)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"object {what} must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\\" in key or any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ConfigError(f"object {what} {key!r} must be relative, without backslashes or control "
+                          "characters")
+    # Empty and "." segments are refused too: on a file system they alias other keys.
+    if any(seg in ("", ".", "..") or seg.startswith(TMP_MARK) for seg in key.split("/")):
+        raise ConfigError(f"object {what} {key!r} has an empty, '.', '..' or reserved path segment")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ConfigError(f"object {what} is longer than {MAX_KEY_BYTES} bytes: {key[:80]!r}...")
+    return key
+
+
+def _validate_prefix(prefix: str) -> str:
+    # A prefix may end mid-segment ("runs/r1/weights/v") or in "/", so check it as a key after
+    # dropping a trailing slash; the empty prefix lists everything.
+    if prefix:
+        validate_key(prefix[:-1] if prefix.endswith("/") else prefix, what="prefix")
+    return prefix
+
+
+def _verify(key: str, data: bytes, sha256: str | None) -> bytes:
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.lower():
+            raise ChecksumMismatch(f"object {key!r} has sha256 {actual} ({len(data)} bytes), "
+                                   f"expected {sha256}")
+    return data
+
+
+def _too_large(key: str, size: int, max_bytes: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"object {key!r} is {size} bytes, more than the {max_bytes} allowed")
+
+
+class ObjectStore(ABC):
+    """Create-only key/value store of byte objects; implementations are safe across threads."""
+
+    url: str  # as opened; never carries secrets (credentials come from the environment)
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> str:
+        """Create `key` with `data`; return its sha256 hex. ObjectExists if the key is taken."""
+
+    @abstractmethod
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ObjectMissing, ObjectTooLarge or ChecksumMismatch when they fail."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ObjectMissing if absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting an absent key is not an error."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise Unreachable (naming the URL) unless the store can be used."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Sorted keys, relative to the store root, that start with `prefix`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class FileStore(ObjectStore):
+    """Objects as files under a directory; create-only through link(2), which fails on EEXIST."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        digest = hashlib.sha256(data).hexdigest()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the link below must never publish unwritten blocks
+            try:
+                os.link(tmp, path)  # atomic and create-only: readers see all of it or nothing
+            except FileExistsError:
+                raise ObjectExists(f"object {key!r} already exists in {self.url}") from None
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise ConfigError(f"{self.url} is on a file system without hard links ({e}); "
+                                      "use a local or NFS directory, or an s3:// store") from e
+                raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._fsync_dir(path.parent)
+        return digest
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        # Makes the new directory entry durable; some file systems refuse fsync on directories.
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise _too_large(key, size, max_bytes)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectMissing(f"no object {key!r} in {self.url}") from None
+        if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
+            raise _too_large(key, len(data), max_bytes)
+        return _verify(key, data, sha256)
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectMissing(f"no object {key!r} in {self.url}")
+        return path.stat().st_size
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            self._path(key).unlink()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Unreachable(f"object store {self.url}: cannot create {self.root}: {e}") from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise Unreachable(f"object store {self.url}: directory {self.root} is not writable")
+
+    def list(self, prefix: str) -> list[str]:
+        _validate_prefix(prefix)
+        # Walk only the deepest directory the prefix names, not the whole store.
+        base = prefix.rpartition("/")[0]
+        start = self.root / base if base else self.root
+        keys = []
+        for dirpath, _dirs, files in os.walk(start):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if name.startswith(TMP_MARK):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3-compatible bucket under an optional key prefix."""
+
+    def __init__(self, url: str, bucket: str, prefix: str, *, concurrency: int = 16) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.url = url
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        # Own session: boto3's default session is not safe to create clients from in threads.
+        self._session = boto3.session.Session()
+        endpoint = os.environ.get("DILOCO_S3_ENDPOINT") or None
+        self._config = Config(
+            max_pool_connections=max(1, concurrency),
+            retries={"mode": "adaptive", "max_attempts": 5},
+            # Newer botocore sends CRC checksums by default, which MinIO/R2/moto versions reject
+            # or mishandle; integrity is checked end to end with our own sha256 instead.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"} if endpoint else None,
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        self._client_kwargs = {
+            "endpoint_url": endpoint,
+            "region_name": self._session.region_name or "us-east-1",
+        }
+        self._client = self._session.client("s3", config=self._config, **self._client_kwargs)
+        self.endpoint: str = self._client.meta.endpoint_url
+
+    def _key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def _where(self) -> str:
+        return f"object store {self.url} (endpoint {self.endpoint})"
+
+    def _translate(self, e: Exception, key: str | None) -> Exception:
+        """Map a botocore failure to this package's errors; unknown ones are returned unchanged."""
+        from botocore.exceptions import (
+            ClientError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        if isinstance(e, NoCredentialsError):
+            return ConfigError(f"{self._where()}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (or an AWS profile)")
+        if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+            return Unreachable(f"{self._where()} cannot be reached: {e}")
+        if not isinstance(e, ClientError):
+            return e
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return Unreachable(f"{self._where()}: bucket {self.bucket!r} does not exist")
+        if key is not None and (code in ("NoSuchKey", "404", "NotFound") or status == 404):
+            return ObjectMissing(f"no object {key!r} in {self.url}")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            return ObjectExists(f"object {key!r} already exists in {self.url}")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            return Unreachable(f"{self._where()}: access denied to bucket {self.bucket!r} ({code}); "
+                               "check the AWS credentials")
+        return e
+
+    def put(self, key: str, data: bytes) -> str:
+        full = self._key(key)
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
+                                    Metadata={"sha256": digest})
+        except Exception as e:
+            raise self._translate(e, key) from e
+        return digest
+
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+        full = self._key(key)
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=full)
+            body = resp["Body"]
+            try:
+                size = int(resp.get("ContentLength", -1))
+                if max_bytes is not None and size > max_bytes:
+                    raise _too_large(key, size, max_bytes)
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            finally:
+                body.close()  # on the too-large path, drops the connection instead of draining it
+        except ObjectTooLarge:
+            raise
+        except Exception as e:
+            raise self._translate(e, key) from e
+        if max_bytes is not None and len(data) > max_bytes:  # server sent no/false length
+            raise _too_large(key, len(data), max_bytes)
+        return _verify(key, data, sha256)
+
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        try:
+            return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+        except Exception as e:
+            raise self._translate(e, key) from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectMissing:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=full)  # S3 deletes are idempotent
+        except Exception as e:
+            translated = self._translate(e, key)
+            if not isinstance(translated, ObjectMissing):
+                raise translated from e
+
+    def check(self) -> None:
+        from botocore.exceptions import ClientError
+
+        # A probe client that gives up fast: the main one's backoff would stall startup ~10 s.
+        probe = self._session.client(
+            "s3", config=self._config.merge(self._probe_config()), **self._client_kwargs)
+        try:
+            probe.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code", "")
+            if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+                raise Unreachable(f"{self._where()}: bucket {self.bucket!r} does not exist") from e
+            raise Unreachable(f"{self._where()}: bucket {self.bucket!r} not usable: {e}") from e
+        except Exception as e:
+            translated = self._translate(e, None)
+            if isinstance(translated, Unreachable | ConfigError):
+                raise translated from e
+            raise Unreachable(f"{self._where()} cannot be reached: {e}") from e
+        finally:
+            probe.close()
+
+    @staticmethod
+    def _probe_config():
+        from botocore.config import Config
+
+        return Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5,
+                      read_timeout=15)
+
+    def list(self, prefix: str) -> list[str]:
+        full = self.prefix + _validate_prefix(prefix)
+        keys = []
+        try:
+            # The paginator follows continuation tokens past S3's 1000-keys-per-page limit.
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"][len(self.prefix):] for obj in page.get("Contents", ()))
+        except Exception as e:
+            raise self._translate(e, None) from e
+        return sorted(keys)
+
+
+def open_store(url: str, *, concurrency: int = 16) -> ObjectStore:
+    """Open the store `url` names: file:///abs/dir or s3://bucket[/prefix]; else ConfigError."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.query or parts.fragment:
+        raise ConfigError(f"object store URL {url!r} is not supported; use {ACCEPTED_FORMS}")
+    if parts.scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or not path.startswith("/"):
+            raise ConfigError(f"object store URL {url!r} must name an absolute directory; use "
+                              f"{ACCEPTED_FORMS}")
+        return FileStore(url, Path(path))
+    if parts.scheme == "s3":
+        # netloc with "@" would mean credentials in the URL, which then leak into logs.
+        if not _BUCKET_RE.match(parts.netloc or ""):
+            raise ConfigError(f"object store URL {url!r} has no valid bucket name; use "
+                              "s3://bucket[/prefix] with credentials in AWS_* variables")
+        prefix = unquote(parts.path).strip("/")
+        if prefix:
+            validate_key(prefix, what="prefix")
+        return S3Store(url, parts.netloc, prefix, concurrency=concurrency)
+    raise ConfigError(f"object store URL {url!r} is not supported; use {ACCEPTED_FORMS}")

@@ -1,0 +1,204 @@
+"""The ObjectStore contract, run against both backends (a directory and a real moto_server)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from diloco.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ObjectExists,
+    ObjectMissing,
+    ObjectTooLarge,
+    Unreachable,
+)
+from diloco.localserver import free_port
+from diloco.store import FileStore, ObjectStore, S3Store, open_store
+
+KEY = "runs/r1/weights/v00000001-t3.safetensors"
+
+
+@pytest.fixture
+def store(store_url: str) -> ObjectStore:
+    s = open_store(store_url)
+    s.check()
+    return s
+
+
+def test_open_store_picks_backend_by_scheme(file_url, s3_url):
+    assert isinstance(open_store(file_url), FileStore)
+    s3 = open_store(s3_url)
+    assert isinstance(s3, S3Store)
+    assert s3.url == s3_url
+
+
+def test_put_get_round_trip_returns_sha256(store):
+    data = b"weights" * 1000
+    digest = store.put(KEY, data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert store.get(KEY) == data
+    assert store.get(KEY, sha256=digest, max_bytes=len(data)) == data
+
+
+def test_put_is_create_only(store):
+    store.put(KEY, b"first")
+    with pytest.raises(ObjectExists):
+        store.put(KEY, b"second")
+    with pytest.raises(ObjectExists):
+        store.put(KEY, b"first")  # even identical bytes: objects are immutable, not idempotent
+    assert store.get(KEY) == b"first"
+    assert store.list("") == [KEY]  # the failed writes left no temp files or extra objects
+
+
+def test_get_missing_raises_object_missing(store):
+    with pytest.raises(ObjectMissing):
+        store.get("runs/r1/nope")
+    with pytest.raises(ObjectMissing):
+        store.size("runs/r1/nope")
+
+
+def test_sha256_mismatch_raises(store):
+    digest = store.put(KEY, b"payload")
+    with pytest.raises(ChecksumMismatch):
+        store.get(KEY, sha256=hashlib.sha256(b"other").hexdigest())
+    # A truncated copy of the object hashes differently, so it is caught the same way.
+    store.put("runs/r1/truncated", b"payl")
+    with pytest.raises(ChecksumMismatch):
+        store.get("runs/r1/truncated", sha256=digest)
+    assert store.get(KEY, sha256=digest.upper()) == b"payload"  # hex case does not matter
+
+
+def test_max_bytes_raises_object_too_large(store):
+    store.put(KEY, b"x" * 101)
+    with pytest.raises(ObjectTooLarge):
+        store.get(KEY, max_bytes=100)
+    assert store.get(KEY, max_bytes=101) == b"x" * 101
+
+
+def test_size_exists_delete(store):
+    assert not store.exists(KEY)
+    store.put(KEY, b"12345")
+    assert store.exists(KEY)
+    assert store.size(KEY) == 5
+    store.delete(KEY)
+    assert not store.exists(KEY)
+    store.delete(KEY)  # idempotent
+    with pytest.raises(ObjectMissing):
+        store.get(KEY)
+    store.put(KEY, b"again")  # a deleted key can be created anew
+    assert store.get(KEY) == b"again"
+
+
+def test_list_prefix_sorted_and_relative(store):
+    keys = ["runs/r1/deltas/b", "runs/r1/deltas/a", "runs/r1/weights/v2", "runs/r1/weights/v1",
+            "runs/r10/x", "top"]
+    for k in keys:
+        store.put(k, k.encode())
+    assert store.list("") == sorted(keys)
+    assert store.list("runs/r1/") == sorted(k for k in keys if k.startswith("runs/r1/"))
+    assert store.list("runs/r1") == sorted(k for k in keys if k.startswith("runs/r1"))
+    assert store.list("runs/r1/weights/v") == ["runs/r1/weights/v1", "runs/r1/weights/v2"]
+    assert store.list("runs/r2/") == []
+    assert store.list("nothing") == []
+
+
+def test_list_more_than_one_page(store):
+    keys = [f"many/k{i:05d}" for i in range(1005)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.put(k, b"."), keys))
+    store.put("other/k", b".")
+    assert store.list("many/") == keys
+
+
+@pytest.mark.parametrize("bad", ["", "/abs/key", "a/../b", "..", "a\\b", "a\0b", "a//b", "./a",
+                                 "a/", "a\nb", "x" * 1025, "d/.diloco-tmp-x"])
+def test_bad_keys_rejected(store, bad):
+    for op in (lambda: store.put(bad, b"x"), lambda: store.get(bad), lambda: store.size(bad),
+               lambda: store.exists(bad), lambda: store.delete(bad)):
+        with pytest.raises(ConfigError):
+            op()
+    assert store.list("") == []
+
+
+def test_list_rejects_escaping_prefix(store):
+    with pytest.raises(ConfigError):
+        store.list("../")
+    with pytest.raises(ConfigError):
+        store.list("/etc")
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x", "redis://localhost/0", "/tmp/store",
+                                 "file://relative/dir", "s3://", "s3://user:pw@bucket/p",
+                                 "s3://bucket/p?x=1", "gs://bucket", ""])
+def test_open_store_bad_url(url):
+    with pytest.raises(ConfigError) as info:
+        open_store(url)
+    assert "s3://bucket" in str(info.value)
+    if url:
+        assert url in str(info.value)
+
+
+def test_unreachable_endpoint(s3_url, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("DILOCO_S3_ENDPOINT", endpoint)
+    store = open_store(s3_url)
+    with pytest.raises(Unreachable) as info:
+        store.check()
+    assert endpoint in str(info.value)
+    assert s3_url in str(info.value)
+
+
+def test_missing_bucket(s3_server):
+    store = open_store("s3://no-such-bucket-diloco/prefix")
+    with pytest.raises(Unreachable) as info:
+        store.check()
+    assert "no-such-bucket-diloco" in str(info.value)
+    assert s3_server.endpoint in str(info.value)
+
+
+def test_file_check_creates_directory(tmp_path):
+    root = tmp_path / "a" / "b"
+    store = open_store(root.as_uri())
+    store.check()
+    assert root.is_dir()
+
+
+def test_file_temp_files_are_not_listed(tmp_path):
+    store = open_store(tmp_path.as_uri())
+    store.put("d/k", b"x")
+    (tmp_path / "d" / ".diloco-tmp-k.1.abc").write_bytes(b"partial")  # a crashed writer's leftover
+    assert store.list("") == ["d/k"]
+
+
+def test_s3_records_sha256_metadata(s3_url, s3_server):
+    store = open_store(s3_url)
+    digest = store.put(KEY, b"meta")
+    bucket, prefix = s3_url.removeprefix("s3://").split("/", 1)
+    head = s3_server.client().head_object(Bucket=bucket, Key=f"{prefix}/{KEY}")
+    assert head["Metadata"]["sha256"] == digest
+
+
+def test_concurrent_puts_all_land(store):
+    items = {f"c/{i:03d}": bytes([i]) * (i + 1) for i in range(64)}
+    with ThreadPoolExecutor(16) as pool:
+        digests = dict(zip(items, pool.map(lambda kv: store.put(*kv), items.items()), strict=True))
+    assert store.list("c/") == sorted(items)
+    for k, v in items.items():
+        assert store.get(k, sha256=digests[k]) == v
+
+
+def test_binary_round_trip(store):
+    data = bytes(range(256)) * 64
+    digest = store.put(KEY, data)
+    assert store.get(KEY, sha256=digest) == data
+
+
+def test_empty_object_round_trip(store):
+    digest = store.put(KEY, b"")
+    assert digest == hashlib.sha256(b"").hexdigest()
+    assert store.size(KEY) == 0
+    assert store.exists(KEY)
+    assert store.get(KEY, sha256=digest, max_bytes=0) == b""

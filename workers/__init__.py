@@ -1,0 +1,1 @@
+"""The worker service: inner training loop, pseudo-gradient, upload, announce."""

@@ -1,0 +1,235 @@
+"""The worker: adopt the run's config, train H inner steps, upload the pseudo-gradient, repeat.
+
+One round: read the head version v, load its weights, train exactly `sync_every` AdamW steps (each
+step `grad_accum` micro-batches), compute `delta = theta_v - theta_local` in fp32, encode and upload
+it as shards (create-only), announce it on the deltas stream, then block on the versions stream
+until v+1 is committed. AdamW and its LR schedule persist across rounds and are never sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from diloco import keys, model, runs
+from diloco.codecs import get_codec
+from diloco.config import RunConfig, WorkerSettings
+from diloco.connect import connect_redis
+from diloco.errors import ConfigError, ModelMismatch
+from diloco.messages import Announcement
+from diloco.shards import encode_delta
+from diloco.store import open_store
+from diloco.tasks import load_task, to_device
+from workers.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundInfo:
+    """What a round did, handed to an observer (tests, benchmarks) before upload."""
+
+    version: int
+    local_state: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    optimizer_steps: int
+    micro_batches: int
+    loss: float
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, *, observer: Callable[[RoundInfo], None] | None = None):
+        self.s = settings
+        self.observer = observer
+        self.stop_event = threading.Event()
+        self.nonce = uuid.uuid4().hex[:12]
+        self.r = connect_redis(settings.redis_url)
+        self.store = open_store(settings.store_url)
+        self.cfg: RunConfig = runs.load_config(self.r, settings.run)
+        settings.check_against(self.cfg)
+        self.store.check()
+        self.codec = get_codec(self.cfg.codec)
+        self.device = torch.device(settings.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.task = load_task(self.cfg.task, self.cfg.task_options)
+        self.model = runs.build_model(self.task, self.cfg.seed).to(self.device)
+        self._check_model()
+        self.train = self.task.train_data()
+        self._check_dataset()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.inner_lr,
+                                           weight_decay=self.cfg.inner_weight_decay, betas=(0.9, 0.95))
+        warmup = self.cfg.inner_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.heartbeat = Heartbeat(self.r, settings.run, settings.worker_id, self.nonce,
+                                   timeout_s=self.cfg.heartbeat_timeout_s,
+                                   interval_s=settings.heartbeat_interval_s)
+        self.version: int | None = None       # the version whose weights the model was reset to
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.bytes_sent = self.bytes_received = self.steps_done = 0
+
+    # --- checks at start --------------------------------------------------------------------
+
+    def _check_model(self) -> None:
+        local = self.model.state_dict()
+        if model.model_hash(local) == self.cfg.model_hash:
+            return
+        head = runs.read_head(self.r, self.s.run)
+        diffs = model.describe_differences(runs.load_weights(self.store, head), local)
+        raise ModelMismatch(
+            f"the local model does not match run {self.s.run!r} (model hash "
+            f"{model.model_hash(local)} vs {self.cfg.model_hash}): " + "; ".join(diffs)
+        )
+
+    def _check_dataset(self) -> None:
+        if self.train.dataset_id != self.cfg.dataset_id:
+            raise ConfigError(
+                f"the local dataset {self.train.dataset_id} is not the run's dataset "
+                f"{self.cfg.dataset_id}: task data differs on this machine"
+            )
+        registered = self.r.hget(keys.datasets(self.s.run), self.cfg.dataset_id)
+        if registered is not None and int(registered) != len(self.train):
+            raise ConfigError(
+                f"dataset {self.cfg.dataset_id} has {len(self.train)} samples here, but the run "
+                f"registered {registered}"
+            )
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Train rounds until stopped (or `max_rounds` announced); returns rounds announced."""
+        self.heartbeat.register()
+        self.heartbeat.update(state="idle", version=-1, step=0, loss="", bytes_sent=0, bytes_received=0)
+        self.heartbeat.start()
+        rounds, state = 0, "stopped"
+        try:
+            while not self._should_stop() and (max_rounds is None or rounds < max_rounds):
+                head = runs.read_head(self.r, self.s.run)
+                self._sync_to(head)
+                ann = self._train_round(head.version)
+                if ann is None:
+                    log.info("stop requested; abandoning the round on version %d", head.version)
+                    break
+                self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000, approximate=True)
+                rounds += 1
+                log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
+                self.heartbeat.update(state="waiting")
+                self._wait_for_version_after(head.version)
+        except BaseException:
+            state = "failed"
+            raise
+        finally:
+            self.heartbeat.stop(state)
+            if self.heartbeat.lost.is_set():
+                raise ConfigError(f"worker id {self.s.worker_id!r} was taken over by another session")
+        return rounds
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _should_stop(self) -> bool:
+        return self.stop_event.is_set() or self.heartbeat.lost.is_set()
+
+    def _sync_to(self, head) -> None:
+        """Reset the model to the global weights of `head` (cached by version)."""
+        if self.version == head.version:
+            return
+        weights = runs.load_weights(self.store, head)
+        self.bytes_received += self.store.size(head.weights)
+        self.model.load_state_dict(weights)
+        self.global_state = {n: t.to(self.device, torch.float32) for n, t in weights.items()
+                             if t.is_floating_point()}
+        self.version = head.version
+        self.heartbeat.update(version=head.version, bytes_received=self.bytes_received)
+
+    def _batch_ids(self, version: int, step: int, micro: int) -> torch.Tensor:
+        # Seeded by (run seed, worker, version, step): a round is reproducible, workers differ.
+        key = f"{self.cfg.seed}:{self.s.worker_id}:{version}:{step}:{micro}".encode()
+        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        return torch.randint(len(self.train), (self.cfg.batch_size,), generator=g)
+
+    def _train_round(self, version: int) -> Announcement | None:
+        self.model.train()
+        self.heartbeat.update(state="training")
+        t0 = time.perf_counter()
+        losses, micro_batches = [], 0
+        for step in range(self.cfg.sync_every):
+            if self._should_stop():
+                return None
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(self.cfg.grad_accum):
+                batch = to_device(self.train.batch(self._batch_ids(version, step, micro).tolist()), self.device)
+                loss = self.task.loss(self.model, batch) / self.cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+                micro_batches += 1
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps_done += 1
+            losses.append(total)
+            elapsed = time.perf_counter() - t0
+            self.heartbeat.update(step=self.steps_done, loss=f"{total:.4f}",
+                                  steps_per_s=f"{(step + 1) / elapsed:.2f}")
+        train_s = time.perf_counter() - t0
+        local = self.model.state_dict()
+        delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
+        mean_loss = sum(losses) / len(losses)
+        if self.observer is not None:
+            self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
+                                    self.cfg.sync_every, micro_batches, mean_loss))
+        return self._upload(version, delta, mean_loss, train_s, micro_batches)
+
+    def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
+                micro_batches: int) -> Announcement:
+        self.heartbeat.update(state="uploading")
+        shards = encode_delta(delta, self.codec, self.cfg.shard_bytes)
+        names = [keys.delta_shard(self.s.run, version, self.s.worker_id, self.nonce, i)
+                 for i in range(len(shards))]
+        with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+            shas = list(pool.map(self.store.put, names, shards))
+        sizes = tuple(len(s) for s in shards)
+        self.bytes_sent += sum(sizes)
+        self.heartbeat.update(bytes_sent=self.bytes_sent)
+        samples = micro_batches * self.cfg.batch_size
+        return Announcement(
+            run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
+            codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
+            samples=samples, tokens=samples * self.train.tokens_per_sample,
+            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s,
+        )
+
+    def _wait_for_version_after(self, version: int) -> None:
+        """Block on the versions stream until the head moves past `version` (or stop)."""
+        stream = keys.versions(self.s.run)
+        last = "$"
+        while not self._should_stop():
+            if runs.read_head(self.r, self.s.run).version > version:
+                return
+            # Reading from the stream's current end after the head check can miss nothing: a commit
+            # after the check XADDs an entry past `last`.
+            if last == "$":
+                info = self.r.xinfo_stream(stream) if self.r.exists(stream) else None
+                last = info["last-generated-id"] if info else "0-0"
+                continue
+            reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
+            for _, entries in reply or []:
+                last = entries[-1][0]
+
+
+def default_worker_id() -> str:
+    import socket
+
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:48]
+    return host or f"worker-{os.getpid()}"
