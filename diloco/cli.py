@@ -1,0 +1,215 @@
+"""The `diloco` command: thin entry points over the library and the two services.
+
+    diloco run         the whole pipeline on this machine (local redis-server + file store)
+    diloco init        create a run (idempotent; refuses changed settings)
+    diloco worker      the worker service
+    diloco aggregator  the aggregator service
+    diloco status      a run's state, as a table or --json
+
+User mistakes and unreachable services exit with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from diloco import config as C
+from diloco.errors import ConfigError, DilocoError
+
+_NOT_FLAGS = {"run", "task_options", "model_hash", "dataset_id", "schema_version", "num_fragments"}
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+def _setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; unset flags stay None so an existing run's value is adopted."""
+    g = p.add_argument_group("run settings (set once per run; workers adopt them)")
+    for f in dataclasses.fields(C.RunConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.type == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"default {default}")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"default {default}")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option (value parsed as JSON if it can be); repeatable")
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.RunConfig)
+             if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None}
+    if args.task_option:
+        options = {}
+        for item in args.task_option:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--task-option {item!r} is not KEY=VALUE")
+            try:
+                options[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                options[key] = raw
+        given["task_options"] = options
+    return given
+
+
+def _connection_flags(p: argparse.ArgumentParser, *, store: bool = True) -> None:
+    p.add_argument("--run", default=os.environ.get(C.ENV_RUN, C.DEFAULT_RUN),
+                   help=f"run name (env {C.ENV_RUN}; default %(default)s)")
+    p.add_argument("--redis-url", default=os.environ.get(C.ENV_REDIS_URL, C.DEFAULT_REDIS_URL),
+                   help=f"Redis URL (env {C.ENV_REDIS_URL}; default {C.DEFAULT_REDIS_URL})")
+    if store:
+        p.add_argument("--store", default=os.environ.get(C.ENV_STORE),
+                       help=f"object store URL, s3://bucket/prefix or file:///dir (env {C.ENV_STORE})")
+
+
+def _require_store(args: argparse.Namespace) -> str:
+    if not args.store:
+        raise ConfigError(f"no object store: pass --store s3://bucket/prefix or file:///dir, or set {C.ENV_STORE}")
+    return args.store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diloco", description="DiLoCo training over Redis and object storage")
+    p.add_argument("--log-level", default=os.environ.get("DILOCO_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline on this machine")
+    run.add_argument("--workers", type=int, default=2, help="worker processes (default %(default)s)")
+    run.add_argument("--max-versions", type=int, default=5,
+                     help="stop once the run has committed this many versions (default %(default)s)")
+    run.add_argument("--data-dir", default="diloco-data", help="Redis data, objects and logs (default %(default)s)")
+    run.add_argument("--run", default=os.environ.get(C.ENV_RUN, "local"), help="run name (default %(default)s)")
+    _setting_flags(run)
+
+    init = sub.add_parser("init", help="create a run (idempotent)")
+    _connection_flags(init)
+    _setting_flags(init)
+
+    worker = sub.add_parser("worker", help="the worker service")
+    _connection_flags(worker)
+    worker.add_argument("--worker-id", default=os.environ.get(C.ENV_WORKER_ID),
+                        help=f"unique worker id (env {C.ENV_WORKER_ID}; default: the host name)")
+    worker.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    worker.add_argument("--heartbeat-interval-s", type=float, default=2.0)
+    worker.add_argument("--max-rounds", type=int, default=None, help="exit after this many rounds")
+
+    agg = sub.add_parser("aggregator", help="the aggregator service")
+    _connection_flags(agg)
+    agg.add_argument("--id", dest="aggregator_id", default=None, help="aggregator id (default: host-pid)")
+    agg.add_argument("--lock-ttl-s", type=float, default=30.0)
+    agg.add_argument("--concurrency", type=int, default=8, help="parallel shard downloads")
+    agg.add_argument("--max-rounds", type=int, default=None, help="exit after committing this many versions")
+
+    status = sub.add_parser("status", help="show a run's state")
+    _connection_flags(status, store=False)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _cuda() -> bool:
+    return os.environ.get("DILOCO_DEVICE") == "cuda"
+
+
+def _serve(service: Any, max_rounds: int | None) -> int:
+    """Run a service with SIGTERM/SIGINT as a graceful stop; a second signal stops at once."""
+    def handle(signum: int, _frame: Any) -> None:
+        if service.stop_event.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger("diloco").info("signal %d: stopping after the current step", signum)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    service.run(max_rounds=max_rounds)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from diloco import runs
+    from diloco.connect import connect_redis
+    from diloco.store import open_store
+
+    store = open_store(_require_store(args))
+    store.check()
+    result = runs.init_run(connect_redis(args.redis_url), store, args.run, _given_settings(args))
+    verb = "created" if result.created else "already exists with these settings:"
+    print(f"run {args.run} {verb} task {result.config.task}, model {result.config.model_hash}, "
+          f"codec {result.config.codec}, sync_every {result.config.sync_every}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import Worker, default_worker_id
+
+    settings = C.WorkerSettings(
+        redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
+        worker_id=args.worker_id or default_worker_id(), device=args.device,
+        heartbeat_interval_s=args.heartbeat_interval_s, threads=args.threads)
+    return _serve(Worker(settings), args.max_rounds)
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    import socket
+
+    from aggregator.aggregator import Aggregator
+
+    agg_id = args.aggregator_id or f"{socket.gethostname()[:40]}-{os.getpid()}"
+    settings = C.AggregatorSettings(
+        redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
+        aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency)
+    return _serve(Aggregator(settings), args.max_rounds)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from diloco.connect import connect_redis
+    from diloco.status import snapshot
+
+    snap = snapshot(connect_redis(args.redis_url), args.run)
+    if args.json:
+        print(json.dumps(snap, indent=2, sort_keys=True))
+    else:
+        from diloco.view import print_status
+
+        print_status(snap)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from diloco.local import run_local
+
+    return run_local(args, _given_settings(args))
+
+
+COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
+            "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"diloco {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DilocoError as e:
+        print(f"diloco {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`diloco run`: the whole pipeline on one machine, no Docker.
+
+Starts a redis-server (AOF on, in the data directory), uses a `file://` store in the same
+directory, creates or resumes the run, starts one aggregator and N worker processes, and prints a
+line per committed version until the run reaches --max-versions or Ctrl-C. Everything is stopped
+cleanly on the way out; running it again with the same --data-dir resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+
+from diloco import config as C
+from diloco import keys, runs
+from diloco.connect import connect_redis
+from diloco.errors import ConfigError
+from diloco.localserver import RedisServer
+from diloco.store import open_store
+
+console = Console(stderr=False, highlight=False)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
+    log = log_dir / f"{name}.log"
+    out = open(log, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "diloco", *argv], env=env, stdout=out, stderr=out,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    return Child(name, proc, log)
+
+
+def _stop_all(children: list[Child], timeout_s: float = 30.0) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.terminate()
+    for c in children:
+        try:
+            c.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _clear_stale(r: redis.Redis, run: str, worker_ids: list[str]) -> None:
+    """This process owns the local Redis, so any lock or alive key in it is left by a dead process."""
+    r.delete(keys.lock(run), *(keys.worker_alive(run, w) for w in worker_ids))
+
+
+def _progress_line(fields: dict[str, str]) -> str:
+    mb = int(fields.get("bytes", 0)) / 1e6
+    return (f"version {fields['version']:>4}  loss {float(fields.get('loss', 'nan')):.4f}  "
+            f"workers {fields.get('n')}  round {float(fields.get('duration_s', 0)):.1f}s  "
+            f"sent {mb:.2f} MB")
+
+
+def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    data = Path(args.data_dir).resolve()
+    log_dir = data / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(data / "redis", appendonly=True)
+    store_url = (data / "store").as_uri()
+    console.print(f"[dim]data in {data}; redis-server on {server.url}; logs in {log_dir}[/]")
+    server.start()
+    children: list[Child] = []
+    try:
+        r = connect_redis(server.url)
+        store = open_store(store_url)
+        store.check()
+        result = runs.init_run(r, store, args.run, given)
+        cfg = result.config
+        head = runs.read_head(r, args.run)
+        what = "created" if result.created else f"resumed at version {head.version}"
+        console.print(f"run [bold]{args.run}[/] {what}: task {cfg.task}, H={cfg.sync_every}, "
+                      f"codec {cfg.codec}, {args.workers} workers")
+        if head.version >= args.max_versions:
+            console.print(f"run {args.run} is already at version {head.version} >= --max-versions "
+                          f"{args.max_versions}; pass a larger --max-versions to train further")
+            return 0
+        worker_ids = [f"w{i}" for i in range(args.workers)]
+        _clear_stale(r, args.run, worker_ids)
+        env = {**os.environ, C.ENV_REDIS_URL: server.url, C.ENV_STORE: store_url, C.ENV_RUN: args.run}
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        children.append(_spawn("aggregator", ["aggregator", "--id", "local-aggregator"], env, log_dir))
+        for w in worker_ids:
+            children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu",
+                                       "--threads", str(threads)], env, log_dir))
+        return _follow(r, args.run, head.version, args.max_versions, children)
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted: stopping workers, aggregator and redis-server[/]")
+        return 130
+    finally:
+        _stop_all(children)
+        server.stop()
+
+
+def _follow(r: redis.Redis, run: str, version: int, max_versions: int, children: list[Child]) -> int:
+    """Print each committed version until max_versions; fail fast if a service dies."""
+    last = "0-0"
+    while version < max_versions:
+        for c in children:
+            if c.proc.poll() is not None:
+                console.print(f"[red]{c.name} exited with status {c.proc.returncode}[/]; last lines of {c.log}:")
+                console.print(_tail(c.log), markup=False)
+                return 1
+        for _, entries in r.xread({keys.versions(run): last}, block=1000) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                v = int(fields["version"])
+                if v > version:
+                    version = v
+                    console.print(_progress_line(fields))
+    console.print(f"[green]reached version {version}[/]; stopping. Resume with the same command and a "
+                  "larger --max-versions.")
+    return 0

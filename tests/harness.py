@@ -1,0 +1,102 @@
+"""Helpers that drive real services in-process: init a run, run workers and aggregators in threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from aggregator.aggregator import Aggregator
+from diloco import keys, runs
+from diloco.config import AggregatorSettings, RunConfig, WorkerSettings
+from diloco.connect import connect_redis
+from diloco.store import open_store
+from workers.worker import RoundInfo, Worker
+
+TINY = {"task": "tiny", "sync_every": 5, "inner_lr": 0.01, "inner_warmup_steps": 0, "codec": "fp32",
+        "batch_size": 8, "heartbeat_timeout_s": 10.0}
+
+
+def init(redis_url: str, store_url: str, run: str = "t", **settings: Any) -> RunConfig:
+    given = {**TINY, **settings}
+    return runs.init_run(connect_redis(redis_url), open_store(store_url), run, given).config
+
+
+class Service(threading.Thread):
+    """A worker or aggregator `run()` in a thread; `result()` re-raises what it raised."""
+
+    def __init__(self, service: Worker | Aggregator, max_rounds: int | None) -> None:
+        super().__init__(daemon=True, name=type(service).__name__)
+        self.service, self.max_rounds = service, max_rounds
+        self.value: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.service.run(max_rounds=self.max_rounds)
+        except BaseException as e:
+            self.error = e
+
+    def result(self, timeout: float = 120) -> int | None:
+        self.join(timeout)
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def stop(self) -> int | None:
+        self.service.stop()
+        return self.result()
+
+
+def worker(redis_url: str, store_url: str, worker_id: str, run: str = "t", max_rounds: int | None = None,
+           observer: Callable[[RoundInfo], None] | None = None, start: bool = True, **kw: Any) -> Service:
+    settings = WorkerSettings(redis_url, store_url, run, worker_id, heartbeat_interval_s=0.5, block_ms=200, **kw)
+    svc = Service(Worker(settings, observer=observer), max_rounds)
+    if start:
+        svc.start()
+    return svc
+
+
+def aggregator(redis_url: str, store_url: str, agg_id: str = "agg", run: str = "t",
+               max_rounds: int | None = None, start: bool = True, **kw: Any) -> Service:
+    settings = AggregatorSettings(redis_url, store_url, run, agg_id, block_ms=200, standby_poll_s=0.2, **kw)
+    svc = Service(Aggregator(settings), max_rounds)
+    if start:
+        svc.start()
+    return svc
+
+
+def wait_for_version(r: redis.Redis, run: str, version: int, timeout_s: float = 120) -> list[dict[str, str]]:
+    """Block on the versions stream until `version` is committed; returns all version entries."""
+    deadline = time.monotonic() + timeout_s
+    last, entries = "0-0", []
+    while time.monotonic() < deadline:
+        for _, batch in r.xread({keys.versions(run): last}, block=500) or []:
+            for entry_id, fields in batch:
+                last = entry_id
+                entries.append(fields)
+                if int(fields["version"]) >= version:
+                    return entries
+    raise TimeoutError(f"version {version} of run {run} not committed within {timeout_s}s")
+
+
+def wait_for_key(r: redis.Redis, key: str, timeout_s: float = 60) -> None:
+    """Wait until `key` exists (keyspace has no cheap event here; poll with a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while not r.exists(key):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{key} did not appear within {timeout_s}s")
+        time.sleep(0.02)
+
+
+def wait_for_field(r: redis.Redis, key: str, field: str, value: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while r.hget(key, field) != value:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{key} {field} did not become {value!r} within {timeout_s}s")
+        time.sleep(0.02)
