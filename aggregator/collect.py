@@ -97,7 +97,7 @@ def live_workers(r: redis.Redis, run: str) -> set[str]:
     pipe = r.pipeline(transaction=False)
     for w in ids:
         pipe.exists(keys.worker_alive(run, w))
-    return {w for w, alive in zip(ids, pipe.execute()) if alive}
+    return {w for w, alive in zip(ids, pipe.execute(), strict=True) if alive}
 
 
 def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:

@@ -41,7 +41,8 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
     limit = max_shard_object_bytes(shard_bytes)
 
     def fetch(ann: Announcement) -> list[Future]:
-        return [pool.submit(store.get, k, sha256=h, max_bytes=limit) for k, h in zip(ann.shards, ann.sha256)]
+        pairs = zip(ann.shards, ann.sha256, strict=True)
+        return [pool.submit(store.get, k, sha256=h, max_bytes=limit) for k, h in pairs]
 
     included, rejected, nbytes = [], [], 0
     pending = fetch(order[0][1]) if order else []

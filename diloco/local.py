@@ -26,7 +26,7 @@ from diloco.errors import ConfigError
 from diloco.localserver import RedisServer
 from diloco.store import open_store
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -38,9 +38,9 @@ class Child:
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
     log = log_dir / f"{name}.log"
-    out = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "diloco", *argv], env=env, stdout=out, stderr=out,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "diloco", *argv], env=env, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     return Child(name, proc, log)
 
 

@@ -6,6 +6,7 @@ server per test session). The server is a real process on a loopback port, never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -93,10 +94,9 @@ class RedisServer:
         """Graceful stop: SHUTDOWN flushes the AOF, then wait for the process."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        # SHUTDOWN closes the connection, so an error here is the expected outcome.
+        with contextlib.suppress(redis.RedisError):
             redis.Redis(host="127.0.0.1", port=self.port).shutdown(nosave=not self.appendonly)
-        except redis.RedisError:
-            pass  # SHUTDOWN closes the connection; an error here is the expected outcome
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

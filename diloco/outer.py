@@ -18,15 +18,15 @@ def outer_step(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tenso
     params = sorted(momentum)
     new_weights = {n: t.clone() for n, t in weights.items()}
     tensors = [torch.nn.Parameter(weights[n].to(torch.float32).clone()) for n in params]
-    for p, n in zip(tensors, params):
+    for p, n in zip(tensors, params, strict=True):
         p.grad = mean_delta[n].reshape(p.shape).to(torch.float32)
     opt = torch.optim.SGD(tensors, lr=lr, momentum=mu, nesterov=nesterov and mu > 0)
     if mu > 0:
-        for p, n in zip(tensors, params):
+        for p, n in zip(tensors, params, strict=True):
             opt.state[p]["momentum_buffer"] = momentum[n].to(torch.float32).clone()
     opt.step()
     new_momentum = {}
-    for p, n in zip(tensors, params):
+    for p, n in zip(tensors, params, strict=True):
         new_weights[n] = p.detach().to(weights[n].dtype)
         # With mu = 0 SGD keeps no buffer; b = 0*b + d = d keeps the formula true for a later mu.
         new_momentum[n] = opt.state[p]["momentum_buffer"].clone() if mu > 0 else p.grad.clone()

@@ -68,9 +68,9 @@ def _start_moto(log_dir: Path) -> S3Server:
     if not Path(exe).exists():
         pytest.fail(MOTO_HINT, pytrace=False)
     port = free_port()
-    log = open(log_dir / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log_dir / "moto.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

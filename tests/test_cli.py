@@ -30,7 +30,7 @@ def test_local_run_commits_versions_with_falling_loss_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr + second.stdout
     assert "resumed at version 4" in second.stdout
     assert re.findall(r"version +(\d+) +loss", second.stdout) == ["5", "6"]
-    port = int(re.search(r"redis-server on redis://127.0.0.1:(\d+)", second.stdout).group(1))
+    port = int(re.search(r"redis-server on\s+redis://127.0.0.1:(\d+)", second.stdout).group(1))
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=port, socket_connect_timeout=1).ping()  # redis-server was stopped
 

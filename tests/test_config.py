@@ -46,7 +46,8 @@ def test_default_config_round_trips_and_bool_is_lowercase():
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (st.lists(children, max_size=3)
+                      | st.dictionaries(st.text(max_size=5), children, max_size=3)),
     max_leaves=8,
 )
 _pos = st.floats(min_value=1e-9, max_value=1e9, allow_nan=False, allow_infinity=False)
@@ -138,8 +139,9 @@ def test_replace_validates():
         cfg.replace(sync_every=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: RunConfig.validate only checks `inner_weight_decay < 0`, so NaN "
-                   "(and inf) pass; to_fields then writes 'nan'/'inf', which from_fields refuses to read back")
+@pytest.mark.xfail(strict=True, reason="bug: RunConfig.validate only checks `inner_weight_decay < 0`, so "
+                   "NaN (and inf) pass; to_fields then writes 'nan'/'inf', which from_fields refuses to "
+                   "read back")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight_decay_is_rejected(value):
     with pytest.raises(ConfigError, match="inner_weight_decay"):
@@ -167,9 +169,10 @@ def test_unknown_schema_version_reports_the_version():
     assert "schema version 2" in msg and "unknown settings" not in msg
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="bug: config.py RunConfig.from_fields clears `unknown` for a newer "
-                   "schema version but then looks every field up in `known`, so a field the newer schema "
-                   "added raises KeyError instead of the schema-version ConfigError")
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="bug: config.py RunConfig.from_fields clears "
+                   "`unknown` for a newer schema version but then looks every field up in `known`, "
+                   "so a field the newer schema added raises KeyError instead of the schema-version "
+                   "ConfigError")
 def test_newer_schema_with_new_fields_reports_the_version():
     fields = {**RunConfig(run="r1").to_fields(), "schema_version": "2", "new_setting": "x"}
     with pytest.raises(ConfigError, match="schema version 2"):
@@ -254,7 +257,8 @@ def test_heartbeat_interval_above_a_third_of_the_timeout_is_rejected():
 
 @pytest.mark.parametrize("interval", [0.1, 2.0, 9.99, 10.0])
 def test_heartbeat_interval_at_most_a_third_is_accepted(interval):
-    assert _worker(heartbeat_interval_s=interval).check_against(RunConfig(run="r1", heartbeat_timeout_s=30.0)) is None
+    cfg = RunConfig(run="r1", heartbeat_timeout_s=30.0)
+    assert _worker(heartbeat_interval_s=interval).check_against(cfg) is None
 
 
 @pytest.mark.parametrize(("changes", "what"), [

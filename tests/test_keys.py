@@ -97,7 +97,7 @@ def test_object_names_sort_by_version():
     versions = [0, 1, 2, 9, 10, 11, 99, 100, 999, 1000, 12345, 99_999_999]
     tokens = [50, 3, 1000, 1, 7, 2, 9, 10, 4, 100, 8, 6]  # tokens must not disturb the order
     for fn in (keys.weights_object, keys.momentum_object):
-        names = [fn(RUN, v, t) for v, t in zip(versions, tokens)]
+        names = [fn(RUN, v, t) for v, t in zip(versions, tokens, strict=True)]
         assert sorted(names) == names
     prefixes = [keys.delta_prefix(RUN, v, WORKER) for v in versions]
     assert sorted(prefixes) == prefixes

@@ -58,7 +58,7 @@ def run_pipeline(redis_url, store_url, r, n_workers: int, versions: int, **setti
 
 
 def test_committed_weights_equal_reference_diloco(redis_url, s3_url, r):
-    cfg, head0, rec, entries = run_pipeline(redis_url, s3_url, r, 3, 3, outer_lr=0.7, outer_momentum=0.9)
+    _, head0, rec, entries = run_pipeline(redis_url, s3_url, r, 3, 3, outer_lr=0.7, outer_momentum=0.9)
     store = open_store(s3_url)
     theta = runs.load_weights(store, head0)
     b = {n: torch.zeros_like(t) for n, t in runs.load_momentum(store, head0).items()}
@@ -100,7 +100,7 @@ def test_fedavg_equivalence_and_sign(redis_url, s3_url, r):
     assert ann.version == 0
     floats = {n: t for n, t in theta0.items() if t.is_floating_point()}
     buf = DeltaBuffer(floats)
-    for key, sha in zip(ann.shards, ann.sha256):
+    for key, sha in zip(ann.shards, ann.sha256, strict=True):
         buf.add_shard(store.get(key, sha256=sha), get_codec("fp32"))
     buf.check_complete()
     local = rec.local[0][ann.worker]

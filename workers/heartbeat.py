@@ -51,13 +51,14 @@ class Heartbeat:
 
     def beat(self) -> None:
         alive = keys.worker_alive(self.run, self.worker)
-        if not self.scripts.renew_if_owner(alive, self.nonce, self.ttl_ms):
-            # Expired (we were paused longer than the timeout): register again unless taken.
-            if not self.scripts.register_worker(self.run, self.worker, self.nonce, self.ttl_ms,
-                                                socket.gethostname()):
-                log.error("worker id %s was taken by another session; stopping", self.worker)
-                self.lost.set()
-                return
+        # A renewal fails when the key expired (we were paused longer than the timeout): register
+        # again, unless another session took the id meanwhile.
+        renewed = self.scripts.renew_if_owner(alive, self.nonce, self.ttl_ms)
+        if not renewed and not self.scripts.register_worker(self.run, self.worker, self.nonce, self.ttl_ms,
+                                                            socket.gethostname()):
+            log.error("worker id %s was taken by another session; stopping", self.worker)
+            self.lost.set()
+            return
         fields = {k: str(v) for k, v in self.stats.items()}
         fields["heartbeat_ms"] = str(server_time_ms(self.r))
         self.r.hset(keys.worker_stats(self.run, self.worker), mapping=fields)

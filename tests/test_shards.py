@@ -1,0 +1,419 @@
+"""The delta shard format: encode/decode round trip, shard sizes, and every malformed shard rejected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from diloco.codecs import get_codec
+from diloco.errors import BadInput, BadShard, ConfigError
+from diloco.shards import FORMAT, DeltaBuffer, decode_shard, encode_delta, max_shard_object_bytes
+
+FP32, BF16 = get_codec("fp32"), get_codec("bf16")
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits; round to nearest halves the last one
+
+
+def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w.big": torch.randn(37, 29, generator=g),
+        "w.odd": torch.randn(7, 3, 5, generator=g),
+        "b.scalar": torch.tensor(1.25),
+        "b.empty": torch.zeros(0),
+        "b.empty2d": torch.zeros(3, 0),
+        "n.one": torch.randn(1, generator=g),
+        "n.prime": torch.randn(101, generator=g),
+    }
+
+
+def _decode(shards: list[bytes], codec, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    buf = DeltaBuffer(like)
+    for s in shards:
+        buf.add_shard(s, codec)
+    buf.check_complete()
+    return {n: buf.flat[n].reshape(t.shape) for n, t in like.items()}
+
+
+def _shard(tensors: dict[str, torch.Tensor], entries=None, *, codec: str = "fp32", fmt: str = FORMAT,
+           meta: dict[str, str] | None = None) -> bytes:
+    if meta is None:
+        raw = entries if isinstance(entries, str) else json.dumps(entries)
+        meta = {"format": fmt, "codec": codec, "entries": raw}
+    return st_save(tensors, metadata=meta)
+
+
+NUMELS = {"a": 4, "b": 2}
+
+
+def _good_tensors() -> dict[str, torch.Tensor]:
+    return {"0.v": torch.ones(4), "1.v": torch.full((2,), 2.0)}
+
+
+GOOD_ENTRIES = [["a", 0, 4], ["b", 0, 2]]
+
+
+# --- round trip --------------------------------------------------------------------------------
+
+def test_fp32_round_trip_is_exact():
+    delta = _delta()
+    out = _decode(encode_delta(delta, FP32, 64 * 1024), FP32, delta)
+    for n, t in delta.items():
+        assert out[n].shape == t.shape
+        assert torch.equal(out[n], t), n
+
+
+def test_bf16_round_trip_within_bf16_error():
+    delta = _delta(1)
+    out = _decode(encode_delta(delta, BF16, 64 * 1024), BF16, delta)
+    for n, t in delta.items():
+        assert out[n].dtype == torch.float32
+        assert torch.equal(out[n], t.to(torch.bfloat16).to(torch.float32)), n
+        assert torch.all((out[n] - t).abs() <= BF16_UNIT_ROUNDOFF * t.abs()), n
+
+
+def test_bf16_rounds_to_nearest_even():
+    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, -(1 + 2**-8)])
+    out = _decode(encode_delta({"x": x}, BF16, 1024), BF16, {"x": x})["x"]
+    assert out.tolist() == [1.0, 1 + 2**-6, 1.0, -1.0]
+
+
+def test_non_float32_inputs_are_encoded_as_float32():
+    delta = {"h": torch.tensor([0.5, -1.5], dtype=torch.float16),
+             "d": torch.tensor([0.25], dtype=torch.float64)}
+    out = _decode(encode_delta(delta, FP32, 1024), FP32, delta)
+    assert out["h"].tolist() == [0.5, -1.5] and out["d"].tolist() == [0.25]
+
+
+def test_many_tiny_tensors():
+    delta = {f"t{i:04d}": torch.tensor([float(i)]) for i in range(300)}
+    shards = encode_delta(delta, FP32, 4096)
+    out = _decode(shards, FP32, delta)
+    assert all(torch.equal(out[n], t) for n, t in delta.items())
+
+
+def test_only_empty_tensors():
+    delta = {"e": torch.zeros(0), "f": torch.zeros(2, 0, 3)}
+    shards = encode_delta(delta, FP32, 1000)
+    assert len(shards) == 1
+    out = _decode(shards, FP32, delta)
+    assert out["f"].shape == (2, 0, 3)
+
+
+def test_no_tensors_gives_no_shards():
+    assert encode_delta({}, FP32, 1000) == []
+
+
+@pytest.mark.parametrize("codec", [FP32, BF16], ids=["fp32", "bf16"])
+def test_small_shard_bytes_splits_tensors_and_every_shard_decodes_alone(codec):
+    delta = _delta(2)
+    shard_bytes = 1000
+    shards = encode_delta(delta, codec, shard_bytes)
+    numels = {n: t.numel() for n, t in delta.items()}
+    assert len(shards) >= (delta["w.big"].numel() * codec.max_bytes(1)) // shard_bytes
+    split = set()
+    for s in shards:
+        data_bytes = 0
+        for name, start, values in decode_shard(s, codec, numels):
+            expect = delta[name].reshape(-1)[start:start + values.numel()]
+            assert torch.equal(values, expect.to(torch.bfloat16).float() if codec is BF16 else expect)
+            data_bytes += codec.max_bytes(values.numel())
+            if values.numel() < numels[name]:
+                split.add(name)
+        assert data_bytes <= shard_bytes
+        assert len(s) <= max_shard_object_bytes(shard_bytes)
+    assert split == {"w.big"}  # the only tensor larger than one slice (shard_bytes // bytes per element)
+    out = _decode(shards, codec, delta)
+    want = delta["w.odd"].to(torch.bfloat16).float() if codec is BF16 else delta["w.odd"]
+    assert torch.equal(out["w.odd"], want)
+
+
+def test_shard_bytes_smaller_than_one_element():
+    delta = {"x": torch.arange(5, dtype=torch.float32)}
+    shards = encode_delta(delta, FP32, 1)
+    assert len(shards) == 5
+    assert torch.equal(_decode(shards, FP32, delta)["x"], delta["x"])
+
+
+def _layout(shard: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    header = json.loads(shard[8:8 + int.from_bytes(shard[:8], "little")])
+    return header.pop("__metadata__"), st_load(shard)
+
+
+def test_encoding_is_deterministic_up_to_metadata_order():
+    delta = _delta(3)
+    reordered = dict(reversed(list(delta.items())))
+    runs = [encode_delta(d, BF16, 1000) for d in (delta, delta, reordered)]
+    assert len({len(r) for r in runs}) == 1
+    for shards in zip(*runs, strict=True):
+        (meta0, t0), *rest = [_layout(s) for s in shards]
+        assert all(len(s) == len(shards[0]) for s in shards)
+        for meta, t in rest:
+            assert meta == meta0
+            assert t.keys() == t0.keys() and all(torch.equal(t[k], t0[k]) for k in t0)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: encode_delta's docstring promises deterministic output, but "
+                   "safetensors' save() writes __metadata__ keys in HashMap order, which varies call to call "
+                   "(format/codec/entries come out in any of 6 orders), so the bytes and sha256 differ")
+def test_encoding_is_byte_deterministic():
+    delta = {"a": torch.ones(3), "b": torch.ones(2)}
+    outputs = {encode_delta(delta, FP32, 1000)[0] for _ in range(20)}
+    assert len(outputs) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="bug: model.to_bytes (used by runs._put_idempotent, which compares "
+                   "sha256 of bytes) is not byte-deterministic: safetensors orders the metadata keys "
+                   "format/run/version differently per call, so re-running a half-done init fails")
+def test_weights_bytes_are_deterministic():
+    from diloco import model
+
+    state = {"w": torch.ones(3)}
+    assert len({model.to_bytes(state, run="r1", version="0") for _ in range(20)}) == 1
+
+
+def test_encode_leaves_input_untouched():
+    delta = _delta(4)
+    before = {n: t.clone() for n, t in delta.items()}
+    encode_delta(delta, BF16, 500)
+    assert all(torch.equal(delta[n], before[n]) for n in delta)
+
+
+_shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    shapes=st.dictionaries(st.from_regex(r"\A[a-z][a-z0-9._]{0,12}\Z"), _shapes, min_size=1, max_size=8),
+    shard_bytes=st.integers(1, 600), seed=st.integers(0, 2**31 - 1), codec=st.sampled_from(["fp32", "bf16"]),
+)
+def test_round_trip_property(shapes, shard_bytes, seed, codec):
+    c = get_codec(codec)
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}
+    shards = encode_delta(delta, c, shard_bytes)
+    assert all(len(s) <= max_shard_object_bytes(shard_bytes) for s in shards)
+    out = _decode(shards, c, delta)
+    for n, t in delta.items():
+        want = t if codec == "fp32" else t.to(torch.bfloat16).float()
+        assert torch.equal(out[n], want)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: shards.encode_delta fills a shard by data bytes only; the "
+                   "safetensors header grows ~100 bytes per entry, so a shard holding many small tensors "
+                   "exceeds max_shard_object_bytes (shard_bytes + 64 KiB) and the aggregator rejects it")
+def test_many_small_tensors_stay_within_the_object_limit():
+    shard_bytes = 8000
+    delta = {f"model.layers.{i:04d}.norm.weight": torch.ones(1) for i in range(2000)}
+    shards = encode_delta(delta, FP32, shard_bytes)
+    assert all(len(s) <= max_shard_object_bytes(shard_bytes) for s in shards), [len(s) for s in shards]
+
+
+def test_shard_layout():
+    s = encode_delta({"b": torch.ones(3), "a": torch.ones(2)}, FP32, 1000)
+    assert len(s) == 1
+    tensors = st_load(s[0])
+    assert set(tensors) == {"0.v", "1.v"}
+    header_len = int.from_bytes(s[0][:8], "little")
+    meta = json.loads(s[0][8:8 + header_len])["__metadata__"]
+    assert meta["format"] == FORMAT == "diloco-delta/1"
+    assert meta["codec"] == "fp32"
+    assert json.loads(meta["entries"]) == [["a", 0, 2], ["b", 0, 3]]
+
+
+def test_max_shard_object_bytes():
+    assert max_shard_object_bytes(1000) == 1000 + 64 * 1024
+
+
+def test_get_codec():
+    assert get_codec("fp32").name == "fp32" and get_codec("bf16").name == "bf16"
+    with pytest.raises(ConfigError, match="int8"):
+        get_codec("int8")
+
+
+# --- decode rejections -------------------------------------------------------------------------
+
+def test_hand_made_good_shard_decodes():
+    out = list(decode_shard(_shard(_good_tensors(), GOOD_ENTRIES), FP32, NUMELS))
+    assert [(n, s, v.tolist()) for n, s, v in out] == [("a", 0, [1.0] * 4), ("b", 0, [2.0, 2.0])]
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"garbage", b"\x00" * 8, b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}",
+])
+def test_garbage_bytes(data):
+    with pytest.raises(BadShard):
+        list(decode_shard(data, FP32, NUMELS))
+
+
+def test_truncated_shard():
+    data = _shard(_good_tensors(), GOOD_ENTRIES)
+    with pytest.raises(BadShard):
+        list(decode_shard(data[:-3], FP32, NUMELS))
+
+
+def test_bad_shard_is_bad_input():
+    assert issubclass(BadShard, BadInput)
+
+
+def test_wrong_codec():
+    data = encode_delta({"a": torch.ones(4)}, BF16, 1000)[0]
+    with pytest.raises(BadShard, match="codec"):
+        list(decode_shard(data, FP32, NUMELS))
+
+
+@pytest.mark.parametrize("meta", [
+    {"format": "diloco-delta/2", "codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
+    {"codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
+    {"format": "diloco-weights/1", "codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
+])
+def test_wrong_format(meta):
+    with pytest.raises(BadShard, match="format"):
+        list(decode_shard(_shard(_good_tensors(), meta=meta), FP32, NUMELS))
+
+
+def test_no_metadata_at_all():
+    with pytest.raises(BadShard, match="format"):
+        list(decode_shard(st_save(_good_tensors()), FP32, NUMELS))
+
+
+@pytest.mark.parametrize(("entries", "match"), [
+    ("not json", "not JSON"),
+    ("", "not JSON"),
+    (json.dumps({"a": [0, 4]}), "not a list"),
+    (json.dumps([["a", 0]]), "malformed"),
+    (json.dumps([["a", 0, 4, 1]]), "malformed"),
+    (json.dumps([[1, 0, 4]]), "malformed"),
+    (json.dumps([["a", "0", 4]]), "malformed"),
+    (json.dumps([["a", 0, 4.0]]), "malformed"),
+    (json.dumps([["a", False, 4]]), "malformed"),
+    (json.dumps(["a"]), "malformed"),
+])
+def test_bad_entries(entries, match):
+    with pytest.raises(BadShard, match=match):
+        list(decode_shard(_shard({"0.v": torch.ones(4)}, entries), FP32, NUMELS))
+
+
+def test_entry_naming_unknown_tensor():
+    with pytest.raises(BadShard, match="'zzz'"):
+        list(decode_shard(_shard({"0.v": torch.ones(4)}, [["zzz", 0, 4]]), FP32, NUMELS))
+
+
+@pytest.mark.parametrize("entry", [["a", 1, 4], ["a", 4, 1], ["a", -1, 1], ["a", 0, -1], ["b", 0, 3]])
+def test_slice_out_of_bounds(entry):
+    n = max(entry[2], 0)
+    with pytest.raises(BadShard, match="out of bounds"):
+        list(decode_shard(_shard({"0.v": torch.ones(n)}, [entry]), FP32, NUMELS))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("codec", [FP32, BF16], ids=["fp32", "bf16"])
+def test_non_finite_values(bad, codec):
+    x = torch.tensor([1.0, bad, 3.0, 4.0])
+    data = _shard({f"0.{k}": v for k, v in codec.encode(x).items()}, [["a", 0, 4]], codec=codec.name)
+    with pytest.raises(BadShard, match="NaN or Inf"):
+        list(decode_shard(data, codec, NUMELS))
+
+
+def test_stray_tensor():
+    tensors = {**_good_tensors(), "2.v": torch.ones(1)}
+    with pytest.raises(BadShard, match="no entry names"):
+        list(decode_shard(_shard(tensors, GOOD_ENTRIES), FP32, NUMELS))
+
+
+def test_stray_tensor_without_index():
+    tensors = {**_good_tensors(), "extra": torch.ones(1)}
+    with pytest.raises(BadShard, match="no entry names"):
+        list(decode_shard(_shard(tensors, GOOD_ENTRIES), FP32, NUMELS))
+
+
+@pytest.mark.parametrize(("part", "match"), [
+    (torch.ones(4, dtype=torch.float64), "float64"),
+    (torch.ones(4, dtype=torch.bfloat16), "bfloat16"),
+    (torch.ones(3), r"\(3,\)"),
+    (torch.ones(5), r"\(5,\)"),
+    (torch.ones(2, 2), r"\(2, 2\)"),
+    (torch.tensor(1.0), r"\(\)"),
+])
+def test_part_with_wrong_dtype_or_shape(part, match):
+    with pytest.raises(BadShard, match=match):
+        list(decode_shard(_shard({"0.v": part}, [["a", 0, 4]]), FP32, NUMELS))
+
+
+def test_missing_part():
+    with pytest.raises(BadShard, match="'v' is missing"):
+        list(decode_shard(_shard({"0.w": torch.ones(4)}, [["a", 0, 4]]), FP32, NUMELS))
+
+
+def test_bf16_part_must_be_bf16():
+    with pytest.raises(BadShard, match="bfloat16"):
+        list(decode_shard(_shard({"0.v": torch.ones(4)}, [["a", 0, 4]], codec="bf16"), BF16, NUMELS))
+
+
+# --- DeltaBuffer completeness ------------------------------------------------------------------
+
+def _split(delta, n_min: int = 3) -> list[bytes]:
+    shards = encode_delta(delta, FP32, 40)
+    assert len(shards) >= n_min
+    return shards
+
+
+def test_check_complete_detects_a_gap():
+    delta = {"a": torch.arange(30, dtype=torch.float32)}
+    shards = _split(delta)
+    buf = DeltaBuffer(delta)
+    for s in shards[:1] + shards[2:]:
+        buf.add_shard(s, FP32)
+    with pytest.raises(BadShard, match="gap"):
+        buf.check_complete()
+
+
+def test_check_complete_detects_a_missing_last_shard():
+    delta = {"a": torch.arange(30, dtype=torch.float32)}
+    shards = _split(delta)
+    buf = DeltaBuffer(delta)
+    for s in shards[:-1]:
+        buf.add_shard(s, FP32)
+    with pytest.raises(BadShard, match="covers 20 of 30"):
+        buf.check_complete()
+
+
+def test_check_complete_detects_a_missing_tensor():
+    like = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    buf = DeltaBuffer(like)
+    buf.add_shard(encode_delta({"a": torch.ones(3)}, FP32, 1000)[0], FP32)
+    with pytest.raises(BadShard, match="'b' covers 0 of 2"):
+        buf.check_complete()
+
+
+def test_check_complete_detects_a_duplicated_shard():
+    delta = {"a": torch.arange(30, dtype=torch.float32)}
+    shards = _split(delta)
+    buf = DeltaBuffer(delta)
+    for s in [*shards, shards[1]]:
+        buf.add_shard(s, FP32)
+    with pytest.raises(BadShard, match="overlap"):
+        buf.check_complete()
+
+
+def test_check_complete_detects_overlap_within_a_shard():
+    buf = DeltaBuffer({"a": torch.zeros(4)})
+    data = _shard({"0.v": torch.ones(3), "1.v": torch.ones(2)}, [["a", 0, 3], ["a", 2, 2]])
+    buf.add_shard(data, FP32)
+    with pytest.raises(BadShard, match="overlap"):
+        buf.check_complete()
+
+
+def test_shards_in_any_order_are_complete():
+    delta = {"a": torch.arange(30, dtype=torch.float32), "b": torch.ones(7)}
+    shards = _split(delta)
+    buf = DeltaBuffer(delta)
+    for s in reversed(shards):
+        buf.add_shard(s, FP32)
+    buf.check_complete()
+    assert torch.equal(buf.flat["a"], delta["a"])
