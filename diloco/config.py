@@ -66,6 +66,7 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_types(self)
         try:
             keys.check_name("run name", self.run)
         except ValueError as e:
@@ -74,8 +75,10 @@ class RunConfig:
         _positive_num(self, "inner_lr", "outer_lr", "shard_mb", "round_timeout_s", "heartbeat_timeout_s")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        if self.inner_weight_decay < 0 or self.inner_warmup_steps < 0 or self.seed < 0:
-            raise ConfigError("inner_weight_decay, inner_warmup_steps and seed must be >= 0")
+        for name in ("inner_weight_decay", "inner_warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.codec not in KNOWN_CODECS:
             raise ConfigError(f"unknown codec {self.codec!r}; known codecs: {', '.join(KNOWN_CODECS)}")
         if self.num_fragments != 1:
@@ -109,9 +112,14 @@ class RunConfig:
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
+        if fields.get("schema_version", str(SCHEMA_VERSION)) != str(SCHEMA_VERSION):
+            # A newer schema may add fields; the version is the real cause, report it first.
+            raise ConfigError(
+                f"run {fields.get('run', '?')!r} has config schema version {fields['schema_version']} "
+                f"(field schema_version), but this diloco understands version {SCHEMA_VERSION}: "
+                "use a diloco release that matches the run"
+            )
         unknown = sorted(set(fields) - set(known))
-        if "schema_version" in fields and fields["schema_version"] != str(SCHEMA_VERSION):
-            unknown = []  # let validate() report the version, the real cause
         if unknown:
             raise ConfigError(f"run config has unknown settings: {', '.join(unknown)}")
         values = {name: _parse(name, known[name].type, raw) for name, raw in fields.items()}
@@ -160,6 +168,18 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
         return str(raw)
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"run config field {name!r} has an invalid value {raw!r}") from None
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict[str, Any]": (dict,)}
+
+
+def _check_types(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        allowed = _TYPES.get(str(f.type))
+        value = getattr(cfg, f.name)
+        wrong_bool = isinstance(value, bool) and str(f.type) != "bool"
+        if allowed is not None and (not isinstance(value, allowed) or wrong_bool):
+            raise ConfigError(f"{f.name} must be of type {f.type}, got {value!r}")
 
 
 def _positive_int(cfg: Any, *names: str) -> None:

@@ -14,7 +14,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(kind: str, value: str) -> str:
     """Run names and worker ids appear in keys; keep them to a safe alphabet."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(
             f"invalid {kind} {value!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
             "letter or digit"

@@ -118,7 +118,7 @@ class Announcement:
             raise BadMessage("field 'sizes' holds a non-integer") from None
         if any(s < 0 for s in size_values):
             raise BadMessage("field 'sizes' holds a negative size")
-        if not all(_SHA256.match(h) for h in sha):
+        if not all(_SHA256.fullmatch(h) for h in sha):
             raise BadMessage("field 'sha256' holds a value that is not 64 lowercase hex digits")
         try:
             units = tuple(int(u) for u in _list(fields, "units")) if fields.get("units") else ()

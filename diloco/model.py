@@ -59,8 +59,10 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
+    """Deterministic bytes: one metadata key, since safetensors orders several keys at random."""
     cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-    return st_save(cpu, metadata={"format": WEIGHTS_FORMAT, **metadata})
+    meta = json.dumps({"format": WEIGHTS_FORMAT, **metadata}, sort_keys=True, separators=(",", ":"))
+    return st_save(cpu, metadata={"diloco": meta})
 
 
 def from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:

@@ -1,9 +1,11 @@
 """The delta shard format: a pseudo-gradient cut into safetensors objects of at most `shard_bytes`.
 
 Each tensor is flattened and cut into slices; each slice is encoded by the run's codec and stored
-as tensors named `{i}.{part}`. The metadata says which slice entry `i` is:
-`entries = [[name, start, numel], ...]`, plus the format and codec names. Every shard decodes on
-its own, so the aggregator can verify and reduce shard by shard.
+as tensors named `{i}.{part}`. The safetensors metadata has one key, `diloco`, holding JSON:
+`{"format", "codec", "entries": [[name, start, numel], ...]}` (entry `i` says which slice `{i}.*`
+is). One key, because safetensors writes several metadata keys in a random order and shards must be
+byte-identical when re-encoded. Every shard decodes on its own, so the aggregator can verify and
+reduce shard by shard.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from diloco.errors import BadShard
 
 FORMAT = "diloco-delta/1"
 _HEADER_SLACK = 64 * 1024  # safetensors JSON header; bounds how far a shard may exceed shard_bytes
+_PART_HEADER = 128         # upper bound on one tensor's entry in the safetensors header
+_ENTRY_HEADER = 64         # upper bound on one [name, start, numel] entry, besides the name
 
 
 def max_shard_object_bytes(shard_bytes: int) -> int:
@@ -40,19 +44,22 @@ def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int)
     def flush() -> None:
         nonlocal tensors, entries, used
         if entries:
-            meta = {"format": FORMAT, "codec": codec.name, "entries": json.dumps(entries)}
-            shards.append(st_save(tensors, metadata=meta))
+            meta = json.dumps({"format": FORMAT, "codec": codec.name, "entries": entries}, separators=(",", ":"))
+            shards.append(st_save(tensors, metadata={"diloco": meta}))
         tensors, entries, used = {}, [], 0
 
     for name in sorted(delta):
         flat = delta[name].detach().reshape(-1).to(torch.float32)
         for start in range(0, max(flat.numel(), 1), max_slice):
             piece = flat[start:start + max_slice]
-            size = codec.max_bytes(piece.numel())
+            parts = codec.encode(piece.contiguous())
+            # Count header bytes too: many tiny tensors would otherwise overflow the object limit.
+            size = sum(t.numel() * t.element_size() + _PART_HEADER for t in parts.values())
+            size += _ENTRY_HEADER + 2 * len(name.encode())
             if entries and used + size > shard_bytes:
                 flush()
             i = len(entries)
-            for part, t in codec.encode(piece.contiguous()).items():
+            for part, t in parts.items():
                 tensors[f"{i}.{part}"] = t.cpu().contiguous()
             entries.append([name, start, piece.numel()])
             used += size
@@ -71,14 +78,12 @@ def decode_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> Iterator[
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise BadShard(f"not a safetensors object: {e}") from None
     meta = _metadata(data)
-    if meta.get("format") != FORMAT:
-        raise BadShard(f"shard format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise BadShard(f"shard format is {found!r}, expected {FORMAT!r}")
     if meta.get("codec") != codec.name:
         raise BadShard(f"shard codec is {meta.get('codec')!r}, the run's codec is {codec.name!r}")
-    try:
-        entries = json.loads(meta.get("entries", ""))
-    except json.JSONDecodeError:
-        raise BadShard("shard metadata 'entries' is not JSON") from None
+    entries = meta.get("entries")
     if not isinstance(entries, list):
         raise BadShard("shard metadata 'entries' is not a list")
     seen: set[str] = set()
@@ -86,6 +91,8 @@ def decode_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> Iterator[
         name, start, numel = _check_entry(entry, numels)
         prefix = f"{i}."
         parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if set(parts) != set(codec.parts):
+            raise BadShard(f"entry {i} has parts {sorted(parts)[:5]}, the {codec.name} codec has {list(codec.parts)}")
         seen.update(prefix + p for p in parts)
         values = codec.decode(parts, numel)
         if not torch.isfinite(values).all():
@@ -108,14 +115,16 @@ def _check_entry(entry: object, numels: dict[str, int]) -> tuple[str, int, int]:
     return name, start, numel
 
 
-def _metadata(data: bytes) -> dict[str, str]:
+def _metadata(data: bytes) -> object:
     # safetensors: 8-byte little-endian header length, then the JSON header holding __metadata__.
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise BadShard("shard metadata is not a mapping")
-    return meta
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if not isinstance(meta, dict) or "diloco" not in meta:
+        return None
+    try:
+        return json.loads(meta["diloco"])
+    except json.JSONDecodeError:
+        raise BadShard("shard metadata 'diloco' is not JSON") from None
 
 
 class DeltaBuffer:

@@ -139,9 +139,6 @@ def test_replace_validates():
         cfg.replace(sync_every=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: RunConfig.validate only checks `inner_weight_decay < 0`, so "
-                   "NaN (and inf) pass; to_fields then writes 'nan'/'inf', which from_fields refuses to "
-                   "read back")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight_decay_is_rejected(value):
     with pytest.raises(ConfigError, match="inner_weight_decay"):
@@ -169,10 +166,6 @@ def test_unknown_schema_version_reports_the_version():
     assert "schema version 2" in msg and "unknown settings" not in msg
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="bug: config.py RunConfig.from_fields clears "
-                   "`unknown` for a newer schema version but then looks every field up in `known`, "
-                   "so a field the newer schema added raises KeyError instead of the schema-version "
-                   "ConfigError")
 def test_newer_schema_with_new_fields_reports_the_version():
     fields = {**RunConfig(run="r1").to_fields(), "schema_version": "2", "new_setting": "x"}
     with pytest.raises(ConfigError, match="schema version 2"):

@@ -238,9 +238,6 @@ def test_head_ill_typed_field_is_named(name, raw):
         Head.from_fields({**HEAD, name: raw})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: messages._SHA256 ends in '$', which also matches before a "
-                   "trailing newline, so a sha256 of 64 hex digits plus '\\n' passes "
-                   "(use re.fullmatch or '\\Z')")
 def test_sha256_with_trailing_newline_is_rejected():
     with pytest.raises(BadMessage, match="sha256"):
         Announcement.from_fields(_fields(sha256=f"{SHA},{SHA2}\n"))

@@ -16,6 +16,7 @@ from diloco.errors import BadShard, ConfigError
 
 class Codec(ABC):
     name: str
+    parts: tuple[str, ...]      # the names of the tensors one encoded slice consists of
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """bf16: fp32 rounded to bfloat16 (round to nearest even), half the bytes, 8 bits of mantissa.
 
 Pseudo-gradients are differences of weights over H steps, large enough that bf16's relative error
-(2^-9) is far below the noise between workers.
+(at most 2^-8) is far below the noise between workers.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from diloco.codecs import Codec, expect_part
 
 class Bf16(Codec):
     name = "bf16"
+    parts = ("v",)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"v": x.to(torch.bfloat16).contiguous()}

@@ -9,6 +9,7 @@ from diloco.codecs import Codec, expect_part
 
 class Fp32(Codec):
     name = "fp32"
+    parts = ("v",)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"v": x.to(torch.float32).contiguous()}
