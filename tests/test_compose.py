@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -344,16 +345,13 @@ def _local_env(svc: dict[str, Any], redis_url: str, s3_endpoint: str, bucket: st
     Nothing DILOCO_* or AWS_* leaks in from the test process, so a variable missing from compose
     makes the command fail here too."""
     env = env_of(svc)
-    assert urlsplit(env["DILOCO_REDIS_URL"]).hostname == "redis"
-    assert urlsplit(env["DILOCO_S3_ENDPOINT"]).hostname == "minio"
-    store = urlsplit(env["DILOCO_STORE"])
-    env.update(
-        DILOCO_REDIS_URL=redis_url,  # the test redis has no password: swap the whole URL
-        DILOCO_S3_ENDPOINT=s3_endpoint,
-        DILOCO_STORE=store._replace(netloc=bucket).geturl(),
-        AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
-        AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"],
-    )
+    local = {"DILOCO_REDIS_URL": redis_url,  # the test redis has no password: swap the whole URL
+             "DILOCO_S3_ENDPOINT": s3_endpoint,
+             "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+             "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}
+    if "DILOCO_STORE" in env:  # same prefix, the test's bucket
+        local["DILOCO_STORE"] = urlsplit(env["DILOCO_STORE"])._replace(netloc=bucket).geturl()
+    env.update({k: v for k, v in local.items() if k in env})  # what compose lacks stays missing
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DILOCO_", "AWS_"))}
     return {**base, **env}
 
@@ -394,16 +392,8 @@ def test_commands_run_against_real_services(raw, dotenv, redis_url, s3_server, s
     [out] = _diloco((cmd["init"], env["init"]), cwd=tmp_path)
     assert f"run {run} created" in out
 
-    # The monitor (both forms) and init once more, as on every `docker compose up`: idempotent.
-    snap, table, again = _diloco(status_json, (cmd["monitor"], env["monitor"]), (cmd["init"], env["init"]),
-                                 cwd=tmp_path)
-    snap = json.loads(snap)
-    assert snap["run"] == run and snap["version"] == 0
-    assert (snap["config"]["task"], snap["config"]["sync_every"]) == ("tiny", 5)
-    assert run in table
-    assert f"run {run} already exists" in again
-
-    # An aggregator and a worker, for one round.
+    # An aggregator and a worker for one round; meanwhile the monitor (both forms), and init once
+    # more, as on every `docker compose up`: it must accept the run it created.
     procs = {}
     try:
         for name in ("aggregator", "worker"):
@@ -413,12 +403,25 @@ def test_commands_run_against_real_services(raw, dotenv, redis_url, s3_server, s
                     [sys.executable, "-m", "diloco", *cmd[name], "--max-rounds", "1"],
                     env=env[name], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL), log)
+        snap, table, again = _diloco(status_json, (cmd["monitor"], env["monitor"]), (cmd["init"], env["init"]),
+                                     cwd=tmp_path)
+        snap = json.loads(snap)
+        assert snap["run"] == run and snap["version"] in (0, 1)
+        assert (snap["config"]["task"], snap["config"]["sync_every"]) == ("tiny", 5)
+        assert run in table
+        assert f"run {run} already exists" in again
+
+        deadline = time.monotonic() + 120
+        while any(proc.poll() is None for proc, _ in procs.values()):
+            for name, (proc, log) in procs.items():  # fail on the first to fail, not at the deadline
+                assert proc.poll() in (None, 0), f"{name} exited {proc.returncode}:\n{_tail(log)}"
+            if time.monotonic() > deadline:
+                running = [name for name, (proc, _) in procs.items() if proc.poll() is None]
+                pytest.fail(f"{running} did not finish one round in 120 s:\n"
+                            + "\n".join(_tail(log) for _, log in procs.values()))
+            time.sleep(0.1)  # no event to wait on for "either process exits"
         for name, (proc, log) in procs.items():
-            try:
-                rc = proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{name} did not finish one round in 120 s:\n{_tail(log)}")
-            assert rc == 0, f"{name} exited {rc}:\n{_tail(log)}"
+            assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{_tail(log)}"
     finally:
         for proc, _ in procs.values():
             if proc.poll() is None:
@@ -429,3 +432,7 @@ def test_commands_run_against_real_services(raw, dotenv, redis_url, s3_server, s
     snap = json.loads(snap)
     assert snap["version"] == 1, json.dumps(snap["rounds"])
     assert len(snap["workers"]) == 1, snap["workers"]
+    # ...and the objects sit in the bucket under the store prefix compose sets
+    prefix = urlsplit(env["worker"]["DILOCO_STORE"]).path.strip("/")
+    listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/runs/{run}/weights/")
+    assert [o["Key"].rsplit("/", 1)[-1][:9] for o in listing.get("Contents", [])] == ["v00000000", "v00000001"]
