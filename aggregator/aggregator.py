@@ -18,11 +18,11 @@ import redis
 from aggregator.collect import Round, collect, reject
 from aggregator.lock import RoundLock
 from aggregator.reduce import reduce_round
-from diloco import keys, model, runs
+from diloco import keys, model, runs, snapshot, units
 from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import connect_redis, server_time_ms
-from diloco.errors import LockLost, Unreachable
+from diloco.errors import DilocoError, LockLost, ObjectExists, UnitConflict, Unreachable
 from diloco.faults import crash_point
 from diloco.outer import outer_step
 from diloco.scripts import Scripts
@@ -36,6 +36,7 @@ class Aggregator:
         self.s = settings
         self.stop_event = threading.Event()
         self.r = connect_redis(settings.redis_url)
+        self.raw = connect_redis(settings.redis_url, decode=False)  # for snapshots: bitmaps are bytes
         self.cfg = runs.load_config(self.r, settings.run)
         self.store = open_store(settings.store_url, concurrency=settings.concurrency)
         self.store.check()
@@ -79,28 +80,40 @@ class Aggregator:
     def _round(self) -> bool:
         """Run one round; True if it committed a version."""
         self.cfg = runs.load_config(self.r, self.s.run)   # settings changed by control take effect now
+        plan = units.plan_for(self.r, self.cfg)
         head = runs.read_head(self.r, self.s.run)
         rnd = Round(head=head, last_id=head.deltas_since)
         t0 = time.perf_counter()
         weights = runs.load_weights(self.store, head)
         momentum = runs.load_momentum(self.store, head)
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
-        codec = get_codec(self.cfg.codec)
+        codec = get_codec(self.cfg.codec, self.cfg.codec_options)
         while True:
-            if not collect(self.r, self.cfg, rnd, block_ms=self.s.block_ms, stop=self.stop_event):
+            if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event):
                 return False
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
             t_reduce = time.perf_counter()
             red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
                                self.cfg.shard_bytes, self.pool)
-            for entry_id, ann, reason in red.rejected:
-                reject(self.r, self.s.run, ann.worker, reason, entry_id, ann.version)
-                del rnd.accepted[ann.worker]
-                rnd.rejected += 1
-            if len(red.included) >= self.cfg.min_workers:
-                break
-        reduce_s = time.perf_counter() - t_reduce
+            for _, ann, reason in red.rejected:
+                self._drop(rnd, ann.worker, reason)
+            if len(red.included) < self.cfg.min_workers:
+                continue
+            try:
+                self._step_and_commit(rnd, red, weights, momentum, plan, reduce_s=time.perf_counter() - t_reduce,
+                                      t0=t0)
+                return True
+            except UnitConflict as e:  # a lease ended while we reduced: that delta cannot count
+                self._drop(rnd, e.worker, f"work units: {e.reason}")
+
+    def _drop(self, rnd: Round, worker: str, reason: str) -> None:
+        entry_id, ann = rnd.accepted.pop(worker)
+        reject(self.r, self.s.run, worker, reason, entry_id, ann.version)
+        rnd.rejected += 1
+
+    def _step_and_commit(self, rnd: Round, red, weights, momentum, plan, *, reduce_s: float, t0: float) -> None:
+        head = rnd.head
         new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr,
                                   mu=self.cfg.outer_momentum, nesterov=self.cfg.nesterov)
         version = head.version + 1
@@ -110,6 +123,10 @@ class Aggregator:
         m_sha = self.store.put(m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
         crash_point("after_write")
         inc = red.included
+        trained: dict[int, list[tuple[int, str]]] = {}
+        for ann in inc:
+            for epoch, bit in ann.units:
+                trained.setdefault(epoch, []).append((bit, ann.worker))
         stats = {
             "aggregator": self.s.aggregator_id, "participants": ",".join(a.worker for a in inc),
             "n": str(len(inc)), "bytes": str(red.nbytes), "rejected": str(rnd.rejected),
@@ -117,10 +134,27 @@ class Aggregator:
             "samples": str(sum(a.samples for a in inc)), "tokens": str(sum(a.tokens for a in inc)),
             "duration_s": f"{(server_time_ms(self.r) - head.committed_ms) / 1000:.3f}",
             "reduce_s": f"{reduce_s:.3f}", "aggregate_s": f"{time.perf_counter() - t0:.3f}",
+            "units": str(sum(len(a.units) for a in inc)),
+            "entries": ",".join(rnd.accepted[a.worker][0] for a in inc),
         }
-        self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version,
-                            token=token, weights=(w_key, w_sha), momentum=(m_key, m_sha), stats=stats)
+        try:
+            self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,
+                                weights=(w_key, w_sha), momentum=(m_key, m_sha), stats=stats,
+                                dataset=plan.dataset, units=trained)
+        except UnitConflict:
+            for key in (w_key, m_key):  # ours, never committed: the retry writes them again
+                self.store.delete(key)
+            raise
         crash_point("after_commit")
         log.info("committed version %d: %d workers, loss %s, %s bytes, round %ss",
                  version, len(inc), stats["loss"], stats["bytes"], stats["duration_s"])
-        return True
+        self._snapshot(version)
+
+    def _snapshot(self, version: int) -> None:
+        """Best effort: a missing snapshot only means `recover` restores the version before."""
+        try:
+            snapshot.write(self.store, self.raw, self.s.run)
+        except ObjectExists:
+            pass
+        except (DilocoError, redis.RedisError) as e:
+            log.warning("could not write the snapshot of version %d: %s", version, e)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import redis
 
+from aggregator.units_check import units_problem
 from diloco import keys
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage
 from diloco.messages import Announcement, Head
 from diloco.shards import max_shard_object_bytes
+from diloco.units import UnitPlan
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
     return None
 
 
-def take(r: redis.Redis, cfg: RunConfig, rnd: Round, entry_id: str, fields: dict[str, str]) -> None:
+def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: str, fields: dict[str, str]) -> None:
     """Accept or reject one stream entry into the round."""
     worker = str(fields.get("worker", "?"))[:64]
     try:
@@ -80,6 +82,8 @@ def take(r: redis.Redis, cfg: RunConfig, rnd: Round, entry_id: str, fields: dict
         rnd.rejected += 1
         return
     reason = check(ann, cfg, rnd)
+    if reason is None:
+        reason = units_problem(r, cfg, plan, ann)
     if reason is not None:
         reject(r, cfg.run, ann.worker, reason, entry_id, ann.version)
         rnd.rejected += 1
@@ -108,7 +112,8 @@ def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
     return server_time_ms(r) >= rnd.head.committed_ms + cfg.round_timeout_s * 1000
 
 
-def collect(r: redis.Redis, cfg: RunConfig, rnd: Round, *, block_ms: int, stop: threading.Event) -> bool:
+def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
+            stop: threading.Event) -> bool:
     """Read announcements into `rnd` until the round closes (True) or stop is set (False)."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
@@ -118,5 +123,5 @@ def collect(r: redis.Redis, cfg: RunConfig, rnd: Round, *, block_ms: int, stop: 
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 rnd.last_id = entry_id
-                take(r, cfg, rnd, entry_id, fields)
+                take(r, cfg, plan, rnd, entry_id, fields)
     return False

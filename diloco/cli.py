@@ -23,7 +23,7 @@ from typing import Any
 from diloco import config as C
 from diloco.errors import ConfigError, DilocoError
 
-_NOT_FLAGS = {"run", "task_options", "model_hash", "dataset_id", "schema_version", "num_fragments"}
+_NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id", "schema_version", "num_fragments"}
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -43,23 +43,31 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"default {default}")
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON if it can be); repeatable")
+    g.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a codec option, e.g. density=0.01 for topk; repeatable")
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.RunConfig)
              if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None}
     if args.task_option:
-        options = {}
-        for item in args.task_option:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--task-option {item!r} is not KEY=VALUE")
-            try:
-                options[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                options[key] = raw
-        given["task_options"] = options
+        given["task_options"] = _key_values("--task-option", args.task_option)
+    if args.codec_option:
+        given["codec_options"] = _key_values("--codec-option", args.codec_option)
     return given
+
+
+def _key_values(flag: str, items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
 
 
 def _connection_flags(p: argparse.ArgumentParser, *, store: bool = True) -> None:

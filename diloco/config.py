@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from diloco import keys
+from diloco.codecs import get_codec
 from diloco.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -29,7 +30,6 @@ ENV_CRASH_AT = "DILOCO_CRASH_AT"
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RUN = "default"
-KNOWN_CODECS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class RunConfig:
     sync_every: int = 500       # H: inner optimizer steps per round
     batch_size: int = 16        # samples per micro-batch
     grad_accum: int = 1         # micro-batches per optimizer step
+    unit_samples: int = 0       # samples per work unit; 0 = one optimizer step's worth (set by init)
     inner_lr: float = 1e-3
     inner_weight_decay: float = 0.1
     inner_warmup_steps: int = 100
@@ -50,6 +51,7 @@ class RunConfig:
     outer_momentum: float = 0.9
     nesterov: bool = True
     codec: str = "bf16"
+    codec_options: dict[str, Any] = field(default_factory=dict)   # e.g. {"density": 0.015} for topk
     shard_mb: float = 64.0
     min_workers: int = 1
     round_timeout_s: float = 600.0
@@ -79,8 +81,13 @@ class RunConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.codec not in KNOWN_CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}; known codecs: {', '.join(KNOWN_CODECS)}")
+        per_round = self.sync_every * self.grad_accum * self.batch_size
+        if self.unit_samples < 0 or (self.unit_samples and per_round % self.unit_samples):
+            raise ConfigError(
+                f"unit_samples ({self.unit_samples}) must divide the samples of one round "
+                f"(sync_every * grad_accum * batch_size = {per_round}), so rounds train on whole units"
+            )
+        get_codec(self.codec, self.codec_options)  # ConfigError naming an unknown codec or option
         if self.num_fragments != 1:
             raise ConfigError("num_fragments must be 1: streaming fragments are not built yet")
         if self.schema_version != SCHEMA_VERSION:

@@ -25,11 +25,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect_redis(url: str, *, check: bool = True) -> redis.Redis:
+def connect_redis(url: str, *, check: bool = True, decode: bool = True) -> redis.Redis:
     """A client with bounded retries; Unreachable (naming the URL) if the first PING fails."""
     try:
         client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True,
+            url, decode_responses=decode, socket_connect_timeout=5, socket_keepalive=True,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],

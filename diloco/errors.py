@@ -37,6 +37,15 @@ class LockLost(DilocoError):
     """The aggregator's fencing token is no longer the lock holder; its round must not commit."""
 
 
+class UnitConflict(DilocoError):
+    """A delta trained on a unit its worker no longer leases (or one already done): it cannot commit."""
+
+    def __init__(self, worker: str, reason: str) -> None:
+        super().__init__(f"worker {worker}: {reason}")
+        self.worker = worker
+        self.reason = reason
+
+
 class BadInput(DilocoError):
     """Data written by another process is malformed; it is rejected, never trusted."""
 

@@ -88,6 +88,37 @@ def datasets(run: str) -> str:
     return _k(run, "datasets")
 
 
+def units_meta(run: str, dataset: str) -> str:
+    """Hash: num_units, unit_samples, length, epoch_lo (oldest epoch not all done), epoch_hi (newest opened)."""
+    return _k(run, "units", dataset)
+
+
+def units_claimed(run: str, dataset: str, epoch: int) -> str:
+    """Bitmap: bit i set = the i-th unit of the epoch's order is claimed (leased or done)."""
+    return _k(run, "units", dataset, str(epoch), "claimed")
+
+
+def units_done(run: str, dataset: str, epoch: int) -> str:
+    """Bitmap: bit i set = the i-th unit is in a committed version. Set only by the commit script."""
+    return _k(run, "units", dataset, str(epoch), "done")
+
+
+def units_leases(run: str, dataset: str, epoch: int) -> str:
+    """Sorted set: unit bit -> lease expiry (Redis clock, ms)."""
+    return _k(run, "units", dataset, str(epoch), "leases")
+
+
+def units_owners(run: str, dataset: str, epoch: int) -> str:
+    """Hash: unit bit -> id of the worker holding its lease."""
+    return _k(run, "units", dataset, str(epoch), "owners")
+
+
+def epoch_keys(run: str, dataset: str, epoch: int) -> list[str]:
+    """The four keys of one epoch, in the order the unit scripts take them."""
+    return [units_claimed(run, dataset, epoch), units_done(run, dataset, epoch),
+            units_leases(run, dataset, epoch), units_owners(run, dataset, epoch)]
+
+
 # --- Object store ------------------------------------------------------------------------------
 
 def run_prefix(run: str) -> str:
@@ -101,6 +132,19 @@ def weights_object(run: str, version: int, token: int) -> str:
 
 def momentum_object(run: str, version: int, token: int) -> str:
     return f"runs/{run}/momentum/v{version:08d}-t{token}.safetensors"
+
+
+def snapshot_object(run: str, version: int) -> str:
+    """msgpack snapshot of the run's Redis state as of a committed version (for `diloco recover`)."""
+    return f"runs/{run}/state/v{version:08d}.msgpack"
+
+
+def snapshot_prefix(run: str) -> str:
+    return f"runs/{run}/state/"
+
+
+def weights_prefix(run: str) -> str:
+    return f"runs/{run}/weights/"
 
 
 def delta_prefix(run: str, version: int, worker: str) -> str:

@@ -59,6 +59,18 @@ def _list(fields: dict[str, str], name: str) -> list[str]:
     return raw.split(",") if raw else []
 
 
+def _units(fields: dict[str, str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in _list(fields, "units") if fields.get("units") else []:
+        epoch, sep, bit = item.partition(":")
+        if not (sep and epoch.isdigit() and bit.isdigit() and len(item) <= 24):
+            raise BadMessage(f"field 'units' holds {item[:40]!r}, not 'epoch:bit'")
+        out.append((int(epoch), int(bit)))
+    if len(set(out)) != len(out):
+        raise BadMessage("field 'units' lists a unit twice")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Announcement:
     """A worker's pseudo-gradient for one base version, uploaded as shards."""
@@ -78,7 +90,7 @@ class Announcement:
     train_s: float = 0.0
     fragment: int = 0
     kind: Kind = Kind.DELTA
-    units: tuple[int, ...] = field(default=())
+    units: tuple[tuple[int, int], ...] = field(default=())   # (epoch, bit) of each unit trained on
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +103,7 @@ class Announcement:
             "shards": ",".join(self.shards), "sizes": ",".join(map(str, self.sizes)),
             "sha256": ",".join(self.sha256), "samples": str(self.samples), "tokens": str(self.tokens),
             "inner_steps": str(self.inner_steps), "loss": repr(self.loss),
-            "train_s": f"{self.train_s:.3f}", "units": ",".join(map(str, self.units)),
+            "train_s": f"{self.train_s:.3f}", "units": ",".join(f"{e}:{b}" for e, b in self.units),
         }
 
     @classmethod
@@ -120,10 +132,7 @@ class Announcement:
             raise BadMessage("field 'sizes' holds a negative size")
         if not all(_SHA256.fullmatch(h) for h in sha):
             raise BadMessage("field 'sha256' holds a value that is not 64 lowercase hex digits")
-        try:
-            units = tuple(int(u) for u in _list(fields, "units")) if fields.get("units") else ()
-        except ValueError:
-            raise BadMessage("field 'units' holds a non-integer") from None
+        units = _units(fields)
         return cls(
             run=run, worker=worker, nonce=nonce, version=_int(fields, "version"),
             codec=_get(fields, "codec"), shards=tuple(shards), sizes=size_values, sha256=tuple(sha),

@@ -22,6 +22,7 @@ from diloco.messages import Head
 from diloco.scripts import Scripts
 from diloco.store import ObjectStore
 from diloco.tasks import Task, load_task
+from diloco.units import UnitPlan, units_per_round
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,14 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     net = build_model(task, cfg.seed)
     state = model.state_to_cpu(net)
     train = task.train_data()
-    cfg = cfg.replace(model_hash=model.model_hash(state), dataset_id=train.dataset_id)
+    cfg = cfg.replace(model_hash=model.model_hash(state), dataset_id=train.dataset_id,
+                      unit_samples=cfg.unit_samples or cfg.batch_size * cfg.grad_accum)
+    plan = UnitPlan(train.dataset_id, len(train), cfg.unit_samples, cfg.seed)
+    if units_per_round(cfg) > plan.num_units:
+        raise ConfigError(
+            f"a round trains on {units_per_round(cfg)} work units of {cfg.unit_samples} samples, but the dataset "
+            f"has only {plan.num_units} units ({len(train)} samples): lower sync_every or batch_size"
+        )
     momentum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in net.named_parameters()}
     w_key, m_key = keys.weights_object(run, 0, 0), keys.momentum_object(run, 0, 0)
     w_sha = _put_idempotent(store, w_key, model.to_bytes(state, run=run, version="0"))
@@ -84,7 +92,11 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     head = {"version": "0", "token": "0", "weights": w_key, "weights_sha256": w_sha,
             "momentum": m_key, "momentum_sha256": m_sha,
             "committed_ms": str(server_time_ms(r)), "deltas_since": "0-0"}
-    created = Scripts(r).init_run(run, cfg.to_fields(), head, train.dataset_id, len(train))
+    created = Scripts(r).init_run(run, {
+        keys.config(run): cfg.to_fields(), keys.head(run): head,
+        keys.datasets(run): {train.dataset_id: str(len(train))},
+        keys.units_meta(run, train.dataset_id): plan.meta(),
+    })
     if not created:  # another init won the race; hold it to the same rule
         return InitResult(_check_same(load_config(r, run), given), created=False)
     log.info("created run %s: task %s, model %s, %d samples", run, cfg.task, cfg.model_hash, len(train))

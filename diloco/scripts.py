@@ -10,7 +10,7 @@ from __future__ import annotations
 import redis
 
 from diloco import keys
-from diloco.errors import LockLost
+from diloco.errors import LockLost, UnitConflict
 
 ACQUIRE_LOCK = """
 -- KEYS[1] lock, KEYS[2] fencing-token counter; ARGV[1] aggregator id, ARGV[2] ttl ms.
@@ -51,28 +51,55 @@ return 1
 """
 
 INIT_RUN = """
--- KEYS[1] config hash, KEYS[2] head hash, KEYS[3] datasets hash;
--- ARGV = {n, n config field/value pairs, m, m head field/value pairs, dataset id, dataset length}.
--- Creates the run only if it has no config yet. 1 if created, 0 if it existed.
+-- KEYS[1] config hash, KEYS[2..] further hashes of a new run (head, datasets, units meta).
+-- ARGV = for each KEYS[j] in order: n, then n field/value pairs.
+-- Creates the run only if it has no config yet, all at once. 1 if created, 0 if it existed.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[1])
-local i = 2
-for _ = 1, n do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
-local m = tonumber(ARGV[i]); i = i + 1
-for _ = 1, m do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2 end
-redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1])
+local i = 1
+for j = 1, #KEYS do
+  local n = tonumber(ARGV[i]); i = i + 1
+  for _ = 1, n do redis.call('HSET', KEYS[j], ARGV[i], ARGV[i + 1]); i = i + 2 end
+end
 return 1
 """
 
 COMMIT = """
--- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream, KEYS[4] deltas stream.
+-- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream, KEYS[4] deltas stream,
+-- KEYS[5..] for each epoch whose units the round trained on: done bitmap, leases, owners.
 -- ARGV[1] lock value '<token>:<aggregator>', ARGV[2] base version, ARGV[3] fencing token,
 -- ARGV[4] weights key, ARGV[5] weights sha256, ARGV[6] momentum key, ARGV[7] momentum sha256,
--- ARGV[8..] round-stat field/value pairs for the versions stream.
--- Returns the new version, or an error 'LOCK_LOST' / 'STALE <current version>'.
+-- ARGV[8] m, then m round-stat field/value pairs for the versions stream,
+-- then k (epochs), then for each epoch: c, then c (unit bit, worker id) pairs.
+-- Returns the new version, or an error: 'LOCK_LOST', 'STALE <current version>', or
+-- 'UNIT <worker> <bit> <why>' when a unit is not leased by the worker that trained it or is
+-- already done; then nothing changes, so no unit is ever committed twice.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LOCK_LOST') end
 local current = redis.call('HGET', KEYS[2], 'version')
 if current ~= ARGV[2] then return redis.error_reply('STALE ' .. tostring(current)) end
+local m = tonumber(ARGV[8])
+local i = 9 + 2 * m
+local k = tonumber(ARGV[i]); i = i + 1
+local units = {}
+for e = 0, k - 1 do
+  local done, owners = KEYS[5 + 3 * e], KEYS[7 + 3 * e]
+  local c = tonumber(ARGV[i]); i = i + 1
+  for _ = 1, c do
+    local bit, worker = ARGV[i], ARGV[i + 1]; i = i + 2
+    if redis.call('GETBIT', done, bit) == 1 then
+      return redis.error_reply('UNIT ' .. worker .. ' ' .. bit .. ' already done')
+    end
+    if redis.call('HGET', owners, bit) ~= worker then
+      return redis.error_reply('UNIT ' .. worker .. ' ' .. bit .. ' not leased by this worker')
+    end
+    units[#units + 1] = {e, bit}
+  end
+end
+for _, u in ipairs(units) do
+  local base = 5 + 3 * u[1]
+  redis.call('SETBIT', KEYS[base], u[2], 1)
+  redis.call('ZREM', KEYS[base + 1], u[2])
+  redis.call('HDEL', KEYS[base + 2], u[2])
+end
 local new = tostring(tonumber(ARGV[2]) + 1)
 local t = redis.call('TIME')
 local ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
@@ -86,9 +113,95 @@ redis.call('HSET', KEYS[2], 'version', new, 'token', ARGV[3], 'weights', ARGV[4]
            'committed_ms', ms, 'deltas_since', since)
 local entry = {'version', new, 'token', ARGV[3], 'weights', ARGV[4], 'weights_sha256', ARGV[5],
                'momentum', ARGV[6], 'momentum_sha256', ARGV[7], 'committed_ms', ms}
-for i = 8, #ARGV do entry[#entry + 1] = ARGV[i] end
+for j = 9, 8 + 2 * m do entry[#entry + 1] = ARGV[j] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return tonumber(new)
+"""
+
+
+CLAIM_UNITS = """
+-- KEYS[1] units meta hash; KEYS[2..5] claimed, done, leases, owners of epoch lo;
+-- KEYS[6..9] the same four of epoch lo+1.
+-- ARGV[1] the epoch_lo the caller read, ARGV[2] units wanted, ARGV[3] worker id, ARGV[4] lease ms.
+-- First releases expired leases of units not done and moves epoch_lo past a fully done epoch; then
+-- claims up to ARGV[2] units, oldest epoch first, in bit order (bit i = the i-th unit of the epoch's
+-- order, so progress reads as a prefix). Returns {'e:bit', ...}, or {'RETRY'} when epoch_lo moved
+-- (the caller's KEYS name other epochs and it must read the meta again).
+local lo = tonumber(redis.call('HGET', KEYS[1], 'epoch_lo'))
+if lo ~= tonumber(ARGV[1]) then return {'RETRY'} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'num_units'))
+local hi = tonumber(redis.call('HGET', KEYS[1], 'epoch_hi'))
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for j = 0, 1 do
+  local claimed, done, leases, owners = KEYS[2 + 4 * j], KEYS[3 + 4 * j], KEYS[4 + 4 * j], KEYS[5 + 4 * j]
+  for _, u in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+    if redis.call('GETBIT', done, u) == 0 then redis.call('SETBIT', claimed, u, 0) end
+    redis.call('ZREM', leases, u)
+    redis.call('HDEL', owners, u)
+  end
+end
+if redis.call('BITCOUNT', KEYS[3], 0, n - 1, 'BIT') == n then
+  redis.call('HSET', KEYS[1], 'epoch_lo', lo + 1)
+  if hi < lo + 1 then redis.call('HSET', KEYS[1], 'epoch_hi', lo + 1) end
+  return {'RETRY'}
+end
+local out = {}
+local want = tonumber(ARGV[2])
+for j = 0, 1 do
+  local e = lo + j
+  local claimed, leases, owners = KEYS[2 + 4 * j], KEYS[4 + 4 * j], KEYS[5 + 4 * j]
+  if e > hi then
+    redis.call('HSET', KEYS[1], 'epoch_hi', e)  -- open the next epoch: the current one is all claimed
+    hi = e
+  end
+  -- BITPOS with an explicit range finds no clear bit past the string's end: give it full length.
+  if redis.call('STRLEN', claimed) < math.ceil(n / 8) then redis.call('SETBIT', claimed, n - 1, 0) end
+  local pos = 0
+  while #out < want and pos < n do
+    local p = redis.call('BITPOS', claimed, 0, pos, n - 1, 'BIT')
+    if p < 0 then break end
+    redis.call('SETBIT', claimed, p, 1)
+    redis.call('ZADD', leases, now + tonumber(ARGV[4]), p)
+    redis.call('HSET', owners, p, ARGV[3])
+    out[#out + 1] = e .. ':' .. p
+    pos = p + 1
+  end
+  if #out >= want then break end
+end
+return out
+"""
+
+RENEW_UNITS = """
+-- KEYS[1] leases of one epoch, KEYS[2] owners of that epoch; ARGV[1] worker id, ARGV[2] lease ms,
+-- ARGV[3..] unit bits. Extends the leases the worker still holds; returns how many it holds.
+local t = redis.call('TIME')
+local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+local held = 0
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    held = held + 1
+  end
+end
+return held
+"""
+
+RELEASE_UNITS = """
+-- KEYS[1] claimed, KEYS[2] done, KEYS[3] leases, KEYS[4] owners of one epoch; ARGV[1] worker id,
+-- ARGV[2..] unit bits. Gives back the units the worker holds that are not done, so they are issued
+-- again now rather than when the lease would end. Returns how many were released.
+local released = 0
+for i = 2, #ARGV do
+  local u = ARGV[i]
+  if redis.call('HGET', KEYS[4], u) == ARGV[1] and redis.call('GETBIT', KEYS[2], u) == 0 then
+    redis.call('SETBIT', KEYS[1], u, 0)
+    redis.call('ZREM', KEYS[3], u)
+    redis.call('HDEL', KEYS[4], u)
+    released = released + 1
+  end
+end
+return released
 """
 
 
@@ -103,6 +216,9 @@ class Scripts:
         self.register = client.register_script(REGISTER_WORKER)
         self.init = client.register_script(INIT_RUN)
         self.commit_script = client.register_script(COMMIT)
+        self.claim = client.register_script(CLAIM_UNITS)
+        self.renew_units_script = client.register_script(RENEW_UNITS)
+        self.release_units_script = client.register_script(RELEASE_UNITS)
 
     def acquire_lock(self, run: str, aggregator: str, ttl_ms: int) -> int:
         return int(self.acquire(keys=[keys.lock(run), keys.lock_token(run)], args=[aggregator, ttl_ms]))
@@ -117,28 +233,61 @@ class Scripts:
         k = [keys.worker_alive(run, worker), keys.workers(run), keys.worker_stats(run, worker)]
         return bool(self.register(keys=k, args=[worker, nonce, ttl_ms, host]))
 
-    def init_run(self, run: str, config: dict[str, str], head: dict[str, str],
-                 dataset_id: str, dataset_len: int) -> bool:
-        args: list[str | int] = [len(config)]
-        for k, v in config.items():
-            args += [k, v]
-        args.append(len(head))
-        for k, v in head.items():
-            args += [k, v]
-        args += [dataset_id, dataset_len]
-        return bool(self.init(keys=[keys.config(run), keys.head(run), keys.datasets(run)], args=args))
+    def init_run(self, run: str, hashes: dict[str, dict[str, str]]) -> bool:
+        """Create every hash in `hashes` (key -> fields), the run's config first, if the run is new."""
+        if next(iter(hashes)) != keys.config(run):
+            raise ValueError("the config hash must come first: its existence is the test")
+        args: list[str | int] = []
+        for fields in hashes.values():
+            args.append(len(fields))
+            for k, v in fields.items():
+                args += [k, v]
+        return bool(self.init(keys=list(hashes), args=args))
 
     def commit(self, run: str, *, lock_value: str, base_version: int, token: int,
-               weights: tuple[str, str], momentum: tuple[str, str], stats: dict[str, str]) -> int:
-        """Advance the version pointer; LockLost if our lock or base version is gone."""
-        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum]
+               weights: tuple[str, str], momentum: tuple[str, str], stats: dict[str, str],
+               dataset: str = "", units: dict[int, list[tuple[int, str]]] | None = None) -> int:
+        """Advance the version pointer and mark the round's units done.
+
+        `units` maps epoch -> [(unit bit, worker id)]. Raises LockLost if our lock or base version
+        is gone, UnitConflict (naming the worker) if a unit is not that worker's to commit.
+        """
+        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, len(stats)]
         for k, v in stats.items():
             args += [k, v]
+        ks = [keys.lock(run), keys.head(run), keys.versions(run), keys.deltas(run)]
+        epochs = sorted(units or {})
+        args.append(len(epochs))
+        for e in epochs:
+            ks += [keys.units_done(run, dataset, e), keys.units_leases(run, dataset, e),
+                   keys.units_owners(run, dataset, e)]
+            args.append(len(units[e]))
+            for bit, worker in units[e]:
+                args += [bit, worker]
         try:
-            return int(self.commit_script(keys=[keys.lock(run), keys.head(run), keys.versions(run), keys.deltas(run)],
-                                          args=args))
+            return int(self.commit_script(keys=ks, args=args))
         except redis.ResponseError as e:
             msg = str(e)
             if msg.startswith(("LOCK_LOST", "STALE")):
                 raise LockLost(f"commit of version {base_version + 1} refused: {msg}") from None
+            if msg.startswith("UNIT "):
+                _, worker, bit, why = msg.split(" ", 3)
+                raise UnitConflict(worker, f"unit {bit} {why}") from None
             raise
+
+    def claim_units(self, run: str, dataset: str, epoch_lo: int, want: int, worker: str,
+                    lease_ms: int) -> list[tuple[int, int]] | None:
+        """Claim up to `want` units as [(epoch, bit)]; None if epoch_lo moved (read it again)."""
+        ks = [keys.units_meta(run, dataset), *keys.epoch_keys(run, dataset, epoch_lo),
+              *keys.epoch_keys(run, dataset, epoch_lo + 1)]
+        out = self.claim(keys=ks, args=[epoch_lo, want, worker, lease_ms])
+        if out == ["RETRY"]:
+            return None
+        return [(int(e), int(b)) for e, b in (item.split(":") for item in out)]
+
+    def renew_units(self, run: str, dataset: str, epoch: int, worker: str, bits: list[int], lease_ms: int) -> int:
+        ks = [keys.units_leases(run, dataset, epoch), keys.units_owners(run, dataset, epoch)]
+        return int(self.renew_units_script(keys=ks, args=[worker, lease_ms, *bits]))
+
+    def release_units(self, run: str, dataset: str, epoch: int, worker: str, bits: list[int]) -> int:
+        return int(self.release_units_script(keys=keys.epoch_keys(run, dataset, epoch), args=[worker, *bits]))

@@ -38,8 +38,7 @@ def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int)
     tensors: dict[str, torch.Tensor] = {}
     entries: list[list] = []
     used = 0
-    per_elem = max(1, codec.max_bytes(1024) // 1024)
-    max_slice = max(1, shard_bytes // per_elem)
+    max_slice = _max_slice(codec, shard_bytes)
 
     def flush() -> None:
         nonlocal tensors, entries, used
@@ -65,6 +64,19 @@ def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int)
             used += size
     flush()
     return shards
+
+
+def _max_slice(codec: Codec, shard_bytes: int) -> int:
+    """The most elements whose encoding fits `shard_bytes` (max_bytes is monotone: double, then bisect)."""
+    hi = 1
+    while codec.max_bytes(hi * 2) <= shard_bytes and hi < 1 << 40:
+        hi *= 2
+    lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if codec.max_bytes(mid) <= shard_bytes else (lo, mid)
+    # Align to 4096 so slices line up with the block and chunk sizes of int8, int4 and topk.
+    return lo - lo % 4096 if lo >= 4096 else lo
 
 
 def decode_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> Iterator[tuple[str, int, torch.Tensor]]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from diloco import keys
+from diloco import keys, runs, units
 from diloco.config import WorkerSettings
 from diloco.errors import ConfigError, DuplicateWorker, ModelMismatch, RunNotFound, Unreachable
 from diloco.localserver import free_port
@@ -79,19 +80,23 @@ def test_unreachable_store_names_the_endpoint(redis_url, s3_url, monkeypatch):
         Worker(WorkerSettings(redis_url, s3_url, "t", "w0"))
 
 
-def _evil_announcement(store, payload: bytes, claimed_sha: str) -> Announcement:
+def _evil_announcement(r, store, payload: bytes, claimed_sha: str) -> Announcement:
+    """A well-formed announcement from 'evil', with real leases on its units, carrying `payload`."""
+    cfg = runs.load_config(r, "t")
+    leases = units.Leases(r, "t", units.plan_for(r, cfg), "evil", lease_ms=60_000)
+    claimed = leases.claim(units.units_per_round(cfg), threading.Event())
     key = keys.delta_shard("t", 0, "evil", "n1", 0)
     store.put(key, payload)
     return Announcement(run="t", worker="evil", nonce="n1", version=0, codec="fp32", shards=(key,),
                         sizes=(len(payload),), sha256=(claimed_sha,), samples=8, tokens=8, inner_steps=5,
-                        loss=0.5)
+                        loss=0.5, units=tuple(claimed))
 
 
 def test_corrupt_shard_is_rejected_counted_and_the_aggregator_goes_on(redis_url, s3_url, r):
     harness.init(redis_url, s3_url)
     store = open_store(s3_url)
     payload = b"not a safetensors shard"
-    bad_sum = _evil_announcement(store, payload, hashlib.sha256(b"something else").hexdigest())
+    bad_sum = _evil_announcement(r, store, payload, hashlib.sha256(b"something else").hexdigest())
     r.xadd(keys.deltas("t"), bad_sum.to_fields())
     r.xadd(keys.deltas("t"), {"kind": "delta", "worker": "garbage"})  # malformed entry
     agg = harness.aggregator(redis_url, s3_url)
@@ -111,7 +116,7 @@ def test_undecodable_shard_with_valid_checksum_is_rejected(redis_url, file_url, 
     harness.init(redis_url, file_url)
     store = open_store(file_url)
     payload = b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"
-    r.xadd(keys.deltas("t"), _evil_announcement(store, payload, hashlib.sha256(payload).hexdigest()).to_fields())
+    r.xadd(keys.deltas("t"), _evil_announcement(r, store, payload, hashlib.sha256(payload).hexdigest()).to_fields())
     agg = harness.aggregator(redis_url, file_url, max_rounds=1)
     w = harness.worker(redis_url, file_url, "w1", max_rounds=1)
     assert agg.result() == 1 and w.result() == 1

@@ -44,7 +44,9 @@ def test_local_run_refuses_changed_settings(tmp_path):
 
 
 def test_worker_exits_cleanly_on_sigterm(redis_url, file_url, r):
-    harness.init(redis_url, file_url, sync_every=10**6)  # a round that never ends by itself
+    # A round long enough that only the signal ends it.
+    harness.init(redis_url, file_url, sync_every=10**5, batch_size=2, unit_samples=1000,
+                 task_options={"num_samples": 200_000})
     proc = subprocess.Popen([*DILOCO, "worker", "--run", "t", "--redis-url", redis_url, "--store", file_url,
                              "--worker-id", "w9", "--heartbeat-interval-s", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -116,7 +116,8 @@ def test_shard_bytes_from_shard_mb():
     ({"heartbeat_timeout_s": 0}, "heartbeat_timeout_s"),
     ({"inner_weight_decay": -0.1}, "inner_weight_decay"),
     ({"seed": -1}, "seed"),
-    ({"codec": "int8"}, "codec"),
+    ({"codec": "int3"}, "codec"),
+    ({"codec": "topk", "codec_options": {"densty": 0.1}}, "densty"),
     ({"num_fragments": 2}, "num_fragments"),
     ({"run": "bad/name"}, "run name"),
     ({"run": ""}, "run name"),
@@ -128,8 +129,8 @@ def test_validation_errors_name_the_field(changes, field):
 
 def test_unknown_codec_lists_known_codecs():
     with pytest.raises(ConfigError) as e:
-        RunConfig(run="r1", codec="int8")
-    assert "'int8'" in str(e.value) and "fp32" in str(e.value) and "bf16" in str(e.value)
+        RunConfig(run="r1", codec="int3")
+    assert "'int3'" in str(e.value) and all(c in str(e.value) for c in ("fp32", "bf16", "int8", "int4", "topk"))
 
 
 def test_replace_validates():

@@ -13,13 +13,14 @@ from diloco import keys
 RUN, WORKER = "r1", "w1"
 
 # Arguments by parameter name, so every public key function can be called generically.
-ARGS = {"run": RUN, "worker": WORKER, "version": 3, "token": 7, "nonce": "n1", "index": 2}
+ARGS = {"run": RUN, "worker": WORKER, "version": 3, "token": 7, "nonce": "n1", "index": 2, "dataset": "ds1",
+        "epoch": 2}
 
 
 def _public_key_functions():
     return [
         (name, fn) for name, fn in inspect.getmembers(keys, inspect.isfunction)
-        if not name.startswith("_") and fn.__module__ == keys.__name__ and name != "check_name"
+        if not name.startswith("_") and fn.__module__ == keys.__name__ and name not in ("check_name", "epoch_keys")
     ]
 
 
@@ -40,6 +41,11 @@ REDIS_KEYS = {
     "worker_alive": "diloco:{r1}:worker:w1:alive",
     "worker_stats": "diloco:{r1}:worker:w1",
     "datasets": "diloco:{r1}:datasets",
+    "units_meta": "diloco:{r1}:units:ds1",
+    "units_claimed": "diloco:{r1}:units:ds1:2:claimed",
+    "units_done": "diloco:{r1}:units:ds1:2:done",
+    "units_leases": "diloco:{r1}:units:ds1:2:leases",
+    "units_owners": "diloco:{r1}:units:ds1:2:owners",
 }
 
 OBJECT_KEYS = {
@@ -48,7 +54,15 @@ OBJECT_KEYS = {
     "momentum_object": "runs/r1/momentum/v00000003-t7.safetensors",
     "delta_prefix": "runs/r1/deltas/v00000003/w1/",
     "delta_shard": "runs/r1/deltas/v00000003/w1/n1-0002.safetensors",
+    "snapshot_object": "runs/r1/state/v00000003.msgpack",
+    "snapshot_prefix": "runs/r1/state/",
+    "weights_prefix": "runs/r1/weights/",
 }
+
+
+def test_epoch_keys_are_the_four_unit_keys_in_script_order():
+    assert keys.epoch_keys(RUN, "ds1", 2) == [REDIS_KEYS[k] for k in
+                                              ("units_claimed", "units_done", "units_leases", "units_owners")]
 
 
 @pytest.mark.parametrize(("name", "expected"), sorted(REDIS_KEYS.items()))

@@ -48,9 +48,9 @@ def test_round_trip():
 
 
 def test_round_trip_with_units_and_fragment():
-    ann = _ann(units=(0, 3, 7), fragment=0)
+    ann = _ann(units=((0, 3), (0, 7), (1, 0)), fragment=0)
     back = Announcement.from_fields(ann.to_fields())
-    assert back.units == (0, 3, 7)
+    assert back.units == ((0, 3), (0, 7), (1, 0))
     assert back == ann
 
 
@@ -78,7 +78,8 @@ _name = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,15}\Z")
                               st.binary(max_size=4)), min_size=1, max_size=20),
     samples=st.integers(0, 10**9), tokens=st.integers(0, 10**12), inner_steps=st.integers(1, 10**6),
     loss=st.floats(allow_nan=False, allow_infinity=False),
-    train_ms=st.integers(0, 10**9), units=st.lists(st.integers(0, 1000), max_size=5),
+    train_ms=st.integers(0, 10**9),
+    units=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 1000)), max_size=5, unique=True),
 )
 def test_round_trip_property(run, worker, nonce, version, codec, shards, samples, tokens, inner_steps, loss,
                              train_ms, units):
@@ -162,9 +163,10 @@ def test_non_integer_sizes(sizes):
         Announcement.from_fields(_fields(sizes=sizes))
 
 
-def test_non_integer_units():
+@pytest.mark.parametrize("units", ["1,a", "0:1,0:a", "0:-1", "-1:2", "0:1:2", "0:1,0:1", "x" * 30])
+def test_malformed_units(units):
     with pytest.raises(BadMessage, match="units"):
-        Announcement.from_fields(_fields(units="1,a"))
+        Announcement.from_fields(_fields(units=units))
 
 
 def test_too_many_shards():

@@ -215,25 +215,25 @@ def test_other_worker_ids_do_not_conflict(r, s):
 def test_init_run_creates_only_once(r, s):
     config = {"run": RUN, "sync_every": "5", "codec": "fp32"}
     head = {"version": "0", "token": "0", "weights": "wk", "weights_sha256": SHA_W}
-    assert s.init_run(RUN, config, head, "ds1", 100)
+    assert s.init_run(RUN, {keys.config(RUN): config, keys.head(RUN): head, keys.datasets(RUN): {"ds1": "100"}})
     assert r.hgetall(keys.config(RUN)) == config
     assert r.hgetall(keys.head(RUN)) == head
     assert r.hgetall(keys.datasets(RUN)) == {"ds1": "100"}
 
-    assert not s.init_run(RUN, {"run": RUN, "sync_every": "9"}, {"version": "7"}, "ds2", 5)
+    assert not s.init_run(RUN, {keys.config(RUN): {"run": RUN, "sync_every": "9"}, keys.head(RUN): {"version": "7"},
+                                keys.datasets(RUN): {"ds2": "5"}})
     assert r.hgetall(keys.config(RUN)) == config
     assert r.hgetall(keys.head(RUN)) == head
     assert r.hgetall(keys.datasets(RUN)) == {"ds1": "100"}
 
 
-def test_init_run_keeps_an_existing_dataset_length(r, s):
-    r.hset(keys.datasets(RUN), "ds1", "42")
-    assert s.init_run(RUN, {"run": RUN}, {"version": "0"}, "ds1", 100)
-    assert r.hget(keys.datasets(RUN), "ds1") == "42"
+def test_init_run_needs_the_config_first(s):
+    with pytest.raises(ValueError, match="config"):
+        s.init_run(RUN, {keys.head(RUN): {"version": "0"}, keys.config(RUN): {"run": RUN}})
 
 
 def test_init_run_with_values_holding_separators(r, s):
     config = {"task_options": '{"a": [1, 2], "b": "x:y"}', "run": RUN}
-    assert s.init_run(RUN, config, {}, "ds", 1)
+    assert s.init_run(RUN, {keys.config(RUN): config, keys.head(RUN): {}})
     assert r.hgetall(keys.config(RUN)) == config
     assert not r.exists(keys.head(RUN))

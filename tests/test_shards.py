@@ -226,8 +226,8 @@ def test_max_shard_object_bytes():
 
 def test_get_codec():
     assert get_codec("fp32").name == "fp32" and get_codec("bf16").name == "bf16"
-    with pytest.raises(ConfigError, match="int8"):
-        get_codec("int8")
+    with pytest.raises(ConfigError, match="int3"):
+        get_codec("int3")
 
 
 # --- decode rejections -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -23,11 +24,12 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, r: redis.Redis, run: str, worker: str, nonce: str, *, timeout_s: float,
-                 interval_s: float) -> None:
+                 interval_s: float, on_beat: Callable[[], None] | None = None) -> None:
         self.r, self.run, self.worker, self.nonce = r, run, worker, nonce
         self.ttl_ms = int(timeout_s * 1000)
         self.interval_s = interval_s
         self.scripts = Scripts(r)
+        self.on_beat = on_beat          # e.g. renew the worker's work-unit leases
         self.stats: dict[str, Any] = {}
         self.lost = threading.Event()     # set when another session took our id
         self._stop = threading.Event()
@@ -59,6 +61,8 @@ class Heartbeat:
             log.error("worker id %s was taken by another session; stopping", self.worker)
             self.lost.set()
             return
+        if self.on_beat is not None:
+            self.on_beat()
         fields = {k: str(v) for k, v in self.stats.items()}
         fields["heartbeat_ms"] = str(server_time_ms(self.r))
         self.r.hset(keys.worker_stats(self.run, self.worker), mapping=fields)

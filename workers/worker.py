@@ -1,9 +1,10 @@
 """The worker: adopt the run's config, train H inner steps, upload the pseudo-gradient, repeat.
 
-One round: read the head version v, load its weights, train exactly `sync_every` AdamW steps (each
-step `grad_accum` micro-batches), compute `delta = theta_v - theta_local` in fp32, encode and upload
-it as shards (create-only), announce it on the deltas stream, then block on the versions stream
-until v+1 is committed. AdamW and its LR schedule persist across rounds and are never sent.
+One round: read the head version v, load its weights, claim the round's work units, train exactly
+`sync_every` AdamW steps (each step `grad_accum` micro-batches) on their samples, compute
+`delta = theta_v - theta_local` in fp32, encode and upload it as shards (create-only), announce it
+on the deltas stream, then block on the versions stream until v+1 is committed. Units the commit
+did not include are released. AdamW and its LR schedule persist across rounds and are never sent.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import keys, model, runs
+from diloco import keys, model, runs, units
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import connect_redis
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.messages import Announcement
-from diloco.shards import encode_delta
+from diloco.shards import DeltaBuffer, encode_delta
 from diloco.store import open_store
 from diloco.tasks import load_task, to_device
 from workers.heartbeat import Heartbeat
@@ -58,7 +59,8 @@ class Worker:
         self.cfg: RunConfig = runs.load_config(self.r, settings.run)
         settings.check_against(self.cfg)
         self.store.check()
-        self.codec = get_codec(self.cfg.codec)
+        self.codec = self._make_codec()
+        self.residual: dict[str, torch.Tensor] = {}   # error feedback: what lossy encoding did not send
         self.device = torch.device(settings.device)
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -72,12 +74,24 @@ class Worker:
         warmup = self.cfg.inner_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.plan = units.plan_for(self.r, self.cfg)
+        self.leases = units.Leases(self.r, settings.run, self.plan, settings.worker_id,
+                                   lease_ms=int(self.cfg.heartbeat_timeout_s * 1000))
         self.heartbeat = Heartbeat(self.r, settings.run, settings.worker_id, self.nonce,
                                    timeout_s=self.cfg.heartbeat_timeout_s,
-                                   interval_s=settings.heartbeat_interval_s)
+                                   interval_s=settings.heartbeat_interval_s, on_beat=self.leases.renew)
         self.version: int | None = None       # the version whose weights the model was reset to
         self.global_state: dict[str, torch.Tensor] = {}
         self.bytes_sent = self.bytes_received = self.steps_done = 0
+
+    def _make_codec(self):
+        options = dict(self.cfg.codec_options)
+        cls_options = get_codec(self.cfg.codec, options).option_types
+        if "seed" in cls_options and options.get("seed") is None:
+            # Stochastic rounding must differ between workers, or its errors would not average out.
+            key = f"{self.cfg.seed}:{self.s.worker_id}".encode()
+            options["seed"] = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+        return get_codec(self.cfg.codec, options)
 
     # --- checks at start --------------------------------------------------------------------
 
@@ -126,10 +140,14 @@ class Worker:
                 log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
                 self.heartbeat.update(state="waiting")
                 self._wait_for_version_after(head.version)
+                # Units the new version did not commit (our delta was dropped) go back to the pool.
+                if released := self.leases.release():
+                    log.warning("%d work units of version %d were not committed; released", released, head.version)
         except BaseException:
             state = "failed"
             raise
         finally:
+            self._release_units()
             self.heartbeat.stop(state)
             if self.heartbeat.lost.is_set():
                 raise ConfigError(f"worker id {self.s.worker_id!r} was taken over by another session")
@@ -137,6 +155,12 @@ class Worker:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _release_units(self) -> None:
+        try:
+            self.leases.release()
+        except Exception as e:  # leases end by themselves; never mask the real exit reason
+            log.warning("could not release work units: %s", e)
 
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or self.heartbeat.lost.is_set()
@@ -153,14 +177,21 @@ class Worker:
         self.version = head.version
         self.heartbeat.update(version=head.version, bytes_received=self.bytes_received)
 
-    def _batch_ids(self, version: int, step: int, micro: int) -> torch.Tensor:
-        # Seeded by (run seed, worker, version, step): a round is reproducible, workers differ.
-        key = f"{self.cfg.seed}:{self.s.worker_id}:{version}:{step}:{micro}".encode()
+    def _round_samples(self, version: int, claimed: list[units.Unit]) -> list[int]:
+        """The round's sample ids: its units' samples, shuffled with a seed of (run, worker, version)."""
+        ids = [i for u in claimed for i in self.plan.samples(u)]
+        key = f"{self.cfg.seed}:{self.s.worker_id}:{version}".encode()
         g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
-        return torch.randint(len(self.train), (self.cfg.batch_size,), generator=g)
+        return [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
 
     def _train_round(self, version: int) -> Announcement | None:
         self.model.train()
+        self.heartbeat.update(state="claiming")
+        claimed = self.leases.claim(units.units_per_round(self.cfg), self.stop_event)
+        if claimed is None:
+            return None
+        ids = self._round_samples(version, claimed)
+        batch_size, accum = self.cfg.batch_size, self.cfg.grad_accum
         self.heartbeat.update(state="training")
         t0 = time.perf_counter()
         losses, micro_batches = [], 0
@@ -169,8 +200,9 @@ class Worker:
                 return None
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for micro in range(self.cfg.grad_accum):
-                batch = to_device(self.train.batch(self._batch_ids(version, step, micro).tolist()), self.device)
+            for micro in range(accum):
+                start = (step * accum + micro) * batch_size
+                batch = to_device(self.train.batch(ids[start:start + batch_size]), self.device)
                 loss = self.task.loss(self.model, batch) / self.cfg.grad_accum
                 loss.backward()
                 total += loss.item()
@@ -189,12 +221,12 @@ class Worker:
         if self.observer is not None:
             self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
                                     self.cfg.sync_every, micro_batches, mean_loss))
-        return self._upload(version, delta, mean_loss, train_s, micro_batches)
+        return self._upload(version, delta, mean_loss, train_s, micro_batches, claimed)
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
-                micro_batches: int) -> Announcement:
+                micro_batches: int, claimed: list[units.Unit]) -> Announcement:
         self.heartbeat.update(state="uploading")
-        shards = encode_delta(delta, self.codec, self.cfg.shard_bytes)
+        shards = self._encode_with_feedback(delta)
         names = [keys.delta_shard(self.s.run, version, self.s.worker_id, self.nonce, i)
                  for i in range(len(shards))]
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
@@ -207,15 +239,28 @@ class Worker:
             run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
             codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
-            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s,
+            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed),
         )
+
+    def _encode_with_feedback(self, delta: dict[str, torch.Tensor]) -> list[bytes]:
+        """Encode delta + residual; keep as the new residual what the aggregator will not see."""
+        if self.codec.name == "fp32":
+            return encode_delta(delta, self.codec, self.cfg.shard_bytes)
+        target = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
+        shards = encode_delta(target, self.codec, self.cfg.shard_bytes)
+        sent = DeltaBuffer(target)
+        for shard in shards:
+            sent.add_shard(shard, self.codec)
+        self.residual = {n: t - sent.flat[n].reshape(t.shape) for n, t in target.items()}
+        return shards
 
     def _wait_for_version_after(self, version: int) -> None:
         """Block on the versions stream until the head moves past `version` (or stop)."""
         stream = keys.versions(self.s.run)
         last = "$"
         while not self._should_stop():
-            if runs.read_head(self.r, self.s.run).version > version:
+            # A head below `version` means Redis was restored to an older version: retrain from it.
+            if runs.read_head(self.r, self.s.run).version != version:
                 return
             # Reading from the stream's current end after the head check can miss nothing: a commit
             # after the check XADDs an entry past `last`.

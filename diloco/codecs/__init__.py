@@ -3,11 +3,15 @@
 A codec turns a 1-D fp32 slice of a tensor into named tensors (the parts stored in a shard) and
 back. Working on flat slices keeps every shard decodable on its own, so the aggregator reduces
 shard by shard. Decoding validates what it reads: parts come from other processes.
+
+`get_codec(name, options)` builds one of `CODEC_NAMES` (fp32, bf16, int8, int4, topk) with the run's
+codec options as constructor keywords; every worker and the aggregator must use the same ones.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,6 +21,8 @@ from diloco.errors import BadShard, ConfigError
 class Codec(ABC):
     name: str
     parts: tuple[str, ...]      # the names of the tensors one encoded slice consists of
+    # constructor keywords a run config may set, with the types each accepts (bool is never an int here)
+    option_types: ClassVar[dict[str, tuple[type, ...]]] = {}
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,12 +49,33 @@ def expect_part(parts: dict[str, torch.Tensor], name: str, dtype: torch.dtype, n
     return t
 
 
-def get_codec(name: str) -> Codec:
+CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk")
+
+
+def _codec_class(name: str) -> type[Codec]:
     from diloco.codecs.bf16 import Bf16
     from diloco.codecs.fp32 import Fp32
+    from diloco.codecs.int4 import Int4
+    from diloco.codecs.int8 import Int8
+    from diloco.codecs.topk import TopK
 
-    codecs: dict[str, Codec] = {"fp32": Fp32(), "bf16": Bf16()}
-    try:
-        return codecs[name]
-    except KeyError:
-        raise ConfigError(f"unknown codec {name!r}; known codecs: {', '.join(codecs)}") from None
+    return {"fp32": Fp32, "bf16": Bf16, "int8": Int8, "int4": Int4, "topk": TopK}[name]
+
+
+def get_codec(name: str, options: dict[str, Any] | None = None) -> Codec:
+    """The codec `name` built with `options` as constructor keywords; ConfigError if either is unknown or ill-typed."""
+    if name not in CODEC_NAMES:
+        raise ConfigError(f"unknown codec {name!r}; known codecs: {', '.join(CODEC_NAMES)}")
+    cls = _codec_class(name)
+    options = options or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"codec options must be a mapping, got {type(options).__name__}")
+    valid = ", ".join(cls.option_types) or "none"
+    for key, value in options.items():
+        types = cls.option_types.get(key)
+        if types is None:
+            raise ConfigError(f"unknown option {key!r} for codec {name!r}; valid options: {valid}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ConfigError(f"codec {name!r} option {key!r} must be {want}, got {value!r}")
+    return cls(**options)

@@ -1,0 +1,42 @@
+"""Checks of an announcement's work units before its delta is reduced.
+
+Cheap reads first: the count, the ranges, and whether each unit is still leased by the worker
+and not done. The commit script checks ownership again atomically; this pass only keeps a doomed
+delta from costing a download and a retried commit.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from diloco import keys
+from diloco.config import RunConfig
+from diloco.messages import Announcement
+from diloco.units import UnitPlan, by_epoch, units_per_round
+
+
+def units_problem(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, ann: Announcement) -> str | None:
+    """Why the announcement's units cannot be committed, or None."""
+    want = units_per_round(cfg)
+    if len(ann.units) != want:
+        return f"lists {len(ann.units)} work units, a round trains on {want}"
+    meta = r.hmget(keys.units_meta(cfg.run, plan.dataset), "epoch_lo", "epoch_hi")
+    lo, hi = int(meta[0] or 0), int(meta[1] or 0)
+    for epoch, bit in ann.units:
+        if not lo <= epoch <= hi or not 0 <= bit < plan.num_units:
+            return f"work unit {epoch}:{bit} is out of range (epochs {lo}..{hi}, {plan.num_units} units)"
+    pipe = r.pipeline(transaction=False)
+    grouped = by_epoch(list(ann.units))
+    for epoch, bits in grouped.items():
+        pipe.hmget(keys.units_owners(cfg.run, plan.dataset, epoch), bits)
+        for b in bits:
+            pipe.getbit(keys.units_done(cfg.run, plan.dataset, epoch), b)
+    replies = iter(pipe.execute())
+    for epoch, bits in grouped.items():
+        owners = next(replies)
+        for b, owner in zip(bits, owners, strict=True):
+            if next(replies):
+                return f"work unit {epoch}:{b} is already done"
+            if owner != ann.worker:
+                return f"work unit {epoch}:{b} is not leased by {ann.worker} (lease ended or given to {owner})"
+    return None
