@@ -17,14 +17,14 @@ import redis
 
 from aggregator.collect import Round, collect, reject
 from aggregator.lock import RoundLock
-from aggregator.reduce import reduce_round
 from diloco import keys, model, runs, snapshot, units
 from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings
-from diloco.connect import connect_redis, server_time_ms
-from diloco.errors import DilocoError, LockLost, ObjectExists, UnitConflict, Unreachable
+from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
+from diloco.errors import DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
 from diloco.faults import crash_point
 from diloco.outer import outer_step
+from diloco.reduce import reduce_round
 from diloco.scripts import Scripts
 from diloco.store import open_store
 
@@ -49,7 +49,8 @@ class Aggregator:
 
     def run(self, max_rounds: int | None = None) -> int:
         """Serve rounds until stopped (or `max_rounds` committed); returns versions committed."""
-        committed, backoff = 0, 0.5
+        committed = 0
+        outage = Outage(self.s.outage_limit_s, self.stop_event)
         try:
             while not self.stop_event.is_set() and (max_rounds is None or committed < max_rounds):
                 try:
@@ -57,14 +58,14 @@ class Aggregator:
                         continue
                     if self._round():
                         committed += 1
-                    backoff = 0.5
+                    outage.ok()
                 except LockLost as e:
                     log.warning("%s; back to standby", e)
                     self.lock.release()
-                except (Unreachable, redis.ConnectionError, redis.TimeoutError) as e:
-                    log.warning("waiting for a service: %s; retrying in %.1fs", e, backoff)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                except RunNotFound as e:  # Redis wiped: wait (within the limit) for `diloco recover`
+                    outage.failed("the run to reappear in Redis (diloco recover)", e)
+                except OUTAGE_ERRORS as e:  # the round is redone from Redis and the store once back
+                    outage.failed("Redis and the object store", e)
         finally:
             self.lock.release()
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -135,6 +136,7 @@ class Aggregator:
             "duration_s": f"{(server_time_ms(self.r) - head.committed_ms) / 1000:.3f}",
             "reduce_s": f"{reduce_s:.3f}", "aggregate_s": f"{time.perf_counter() - t0:.3f}",
             "units": str(sum(len(a.units) for a in inc)),
+            "outer_lr": repr(self.cfg.outer_lr), "outer_momentum": repr(self.cfg.outer_momentum),
             "entries": ",".join(rnd.accepted[a.worker][0] for a in inc),
         }
         try:

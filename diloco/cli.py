@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     worker.add_argument("--heartbeat-interval-s", type=float, default=2.0)
     worker.add_argument("--max-rounds", type=int, default=None, help="exit after this many rounds")
+    worker.add_argument("--checkpoint-dir", default=os.environ.get("DILOCO_CHECKPOINT_DIR"),
+                        help="keep inner optimizer state here, so a restarted worker resumes it")
+    worker.add_argument("--outage-limit-s", type=float, default=600.0,
+                        help="exit once Redis or the store has been unreachable this long")
 
     agg = sub.add_parser("aggregator", help="the aggregator service")
     _connection_flags(agg)
@@ -118,10 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--lock-ttl-s", type=float, default=30.0)
     agg.add_argument("--concurrency", type=int, default=8, help="parallel shard downloads")
     agg.add_argument("--max-rounds", type=int, default=None, help="exit after committing this many versions")
+    agg.add_argument("--outage-limit-s", type=float, default=600.0,
+                     help="exit once Redis or the store has been unreachable this long")
 
     status = sub.add_parser("status", help="show a run's state")
     _connection_flags(status, store=False)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    units = sub.add_parser("units", help="work-unit progress per epoch: claimed, done, leases, ETA")
+    _connection_flags(units, store=False)
+    units.add_argument("--json", action="store_true", help="machine-readable output")
+
+    recover = sub.add_parser("recover", help="rebuild a wiped Redis from the newest state snapshot")
+    _connection_flags(recover)
+    recover.add_argument("--force", action="store_true", help="replace the run's keys if it exists in Redis")
     return p
 
 
@@ -163,7 +177,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = C.WorkerSettings(
         redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
         worker_id=args.worker_id or default_worker_id(), device=args.device,
-        heartbeat_interval_s=args.heartbeat_interval_s, threads=args.threads)
+        heartbeat_interval_s=args.heartbeat_interval_s, threads=args.threads,
+        checkpoint_dir=args.checkpoint_dir, outage_limit_s=args.outage_limit_s)
     return _serve(Worker(settings), args.max_rounds)
 
 
@@ -175,7 +190,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     agg_id = args.aggregator_id or f"{socket.gethostname()[:40]}-{os.getpid()}"
     settings = C.AggregatorSettings(
         redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
-        aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency)
+        aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency,
+        outage_limit_s=args.outage_limit_s)
     return _serve(Aggregator(settings), args.max_rounds)
 
 
@@ -193,6 +209,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_units(args: argparse.Namespace) -> int:
+    from diloco import runs, units
+    from diloco.connect import connect_redis
+
+    r = connect_redis(args.redis_url)
+    rep = units.report(r, runs.load_config(r, args.run))
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    else:
+        from diloco.view import print_units
+
+        print_units(rep)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from diloco import snapshot
+    from diloco.connect import connect_redis
+    from diloco.store import open_store
+
+    store = open_store(_require_store(args))
+    store.check()
+    version = snapshot.recover(connect_redis(args.redis_url), store, args.run, force=args.force)
+    print(f"run {args.run} recovered at version {version}; start the aggregator and workers again")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from diloco.local import run_local
 
@@ -200,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
-            "status": cmd_status}
+            "status": cmd_status, "units": cmd_units, "recover": cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,6 +215,8 @@ class WorkerSettings:
     heartbeat_interval_s: float = 2.0
     threads: int = 0            # torch intra-op threads; 0 = torch's default
     block_ms: int = 1000        # how long one XREAD waits before re-checking for stop
+    outage_limit_s: float = 600.0   # give up (exit non-zero) once Redis or the store is gone this long
+    checkpoint_dir: str | None = None  # keep inner optimizer state here across restarts
 
     def __post_init__(self) -> None:
         try:
@@ -244,6 +246,7 @@ class AggregatorSettings:
     concurrency: int = 8        # parallel shard downloads
     block_ms: int = 1000        # how long one XREAD waits before re-checking liveness and deadline
     standby_poll_s: float = 1.0  # how often a standby aggregator tries the lock
+    outage_limit_s: float = 600.0   # give up (exit non-zero) once Redis or the store is gone this long
 
     def __post_init__(self) -> None:
         try:

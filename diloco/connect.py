@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -13,6 +16,7 @@ from redis.retry import Retry
 from diloco.errors import Unreachable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def redact(url: str) -> str:
@@ -50,16 +54,48 @@ def server_time_ms(client: redis.Redis) -> int:
     return sec * 1000 + usec // 1000
 
 
-def retrying(what: str, fn, *, max_wait_s: float = 60.0, stop=None):
-    """Call fn, retrying connection errors with bounded exponential backoff for up to max_wait_s."""
-    delay, waited = 0.1, 0.0
-    while True:
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            if waited >= max_wait_s or (stop is not None and stop.is_set()):
-                raise Unreachable(f"{what}: Redis unreachable for {waited:.0f}s: {e}") from None
-            log.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, e, delay)
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, Unreachable)
+
+
+class Outage:
+    """Bounded exponential backoff across an outage of Redis or the object store.
+
+    `failed()` logs what the service waits for and sleeps (interruptibly); once the outage has
+    lasted longer than `limit_s` it raises Unreachable, so a service gives up only after the limit.
+    `ok()` ends the outage.
+    """
+
+    def __init__(self, limit_s: float, stop: threading.Event | None = None) -> None:
+        self.limit_s = limit_s
+        self.stop = stop or threading.Event()
+        self.since: float | None = None
+        self.delay = 0.2
+
+    def failed(self, what: str, err: BaseException) -> None:
+        now = time.monotonic()
+        self.since = self.since or now
+        lasted = now - self.since
+        if lasted > self.limit_s:
+            raise Unreachable(f"gave up after {lasted:.0f}s waiting for {what}: {err}") from None
+        log.warning("waiting for %s (%.0fs so far, limit %.0fs): %s; retrying in %.1fs",
+                    what, lasted, self.limit_s, err, self.delay)
+        self.stop.wait(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("service back after %.0fs", time.monotonic() - self.since)
+        self.since, self.delay = None, 0.2
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), retried through outages (not through other errors) until it succeeds or the limit."""
+        while True:
+            try:
+                result = fn()
+            except OUTAGE_ERRORS as e:
+                if self.stop.is_set():
+                    raise
+                self.failed(what, e)
+                continue
+            self.ok()
+            return result

@@ -106,8 +106,8 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         children.append(_spawn("aggregator", ["aggregator", "--id", "local-aggregator"], env, log_dir))
         for w in worker_ids:
-            children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu",
-                                       "--threads", str(threads)], env, log_dir))
+            children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu", "--threads", str(threads),
+                                       "--checkpoint-dir", str(data / "checkpoints")], env, log_dir))
         return _follow(r, args.run, head.version, args.max_versions, children)
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted: stopping workers, aggregator and redis-server[/]")

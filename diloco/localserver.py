@@ -60,7 +60,9 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--appendonly", "yes" if self.appendonly else "no",
+            # fsync every write: a commit acknowledged is on disk, even if the machine dies next.
+            "--appendfsync", "always",
             "--save", "", "--daemonize", "no", "--protected-mode", "no",
             "--logfile", str(self.data_dir / "redis.log"), *self.extra_args,
         ]

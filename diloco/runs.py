@@ -6,7 +6,6 @@ refuses and names every difference. Settings left out adopt the run's values.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from diloco.connect import server_time_ms
 from diloco.errors import ConfigError, ObjectExists, RunNotFound
 from diloco.messages import Head
 from diloco.scripts import Scripts
-from diloco.store import ObjectStore
+from diloco.store import ObjectStore, put_idempotent
 from diloco.tasks import Task, load_task
 from diloco.units import UnitPlan, units_per_round
 
@@ -121,19 +120,10 @@ def _check_same(existing: RunConfig, given: dict[str, Any]) -> RunConfig:
 
 def _put_idempotent(store: ObjectStore, key: str, data: bytes) -> str:
     """Create-only write that accepts an identical object left by an init that died midway."""
-
-
-    sha = hashlib.sha256(data).hexdigest()
     try:
-        return store.put(key, data)
+        return put_idempotent(store, key, data)
     except ObjectExists:
-        if hashlib.sha256(store.get(key)).hexdigest() != sha:
-            raise ConfigError(
-                f"{store.url}/{key} exists with other content (left by an earlier init with other "
-                f"settings?): delete {keys.run_prefix(run_of(key))} or use another run name"
-            ) from None
-        return sha
-
-
-def run_of(key: str) -> str:
-    return key.split("/")[1]
+        raise ConfigError(
+            f"{store.url}/{key} exists with other content (left by an earlier init with other "
+            f"settings?): delete {keys.run_prefix(key.split('/')[1])} or use another run name"
+        ) from None

@@ -393,3 +393,17 @@ def open_store(url: str, *, concurrency: int = 16) -> ObjectStore:
             validate_key(prefix, what="prefix")
         return S3Store(url, parts.netloc, prefix, concurrency=concurrency)
     raise ConfigError(f"object store URL {url!r} is not supported; use {ACCEPTED_FORMS}")
+
+
+def put_idempotent(store: ObjectStore, key: str, data: bytes) -> str:
+    """Create-only write that accepts an identical object already there (a retried write landed).
+
+    ObjectExists only if the existing object differs: immutable objects are never replaced.
+    """
+    try:
+        return store.put(key, data)
+    except ObjectExists:
+        sha = hashlib.sha256(data).hexdigest()
+        if hashlib.sha256(store.get(key)).hexdigest() != sha:
+            raise
+        return sha

@@ -120,3 +120,37 @@ class Leases:
             held, self.held = self.held, []
         return sum(self.scripts.release_units(self.run, self.plan.dataset, e, self.worker, bits)
                    for e, bits in by_epoch(held).items())
+
+
+def report(r: redis.Redis, cfg: RunConfig) -> dict:
+    """Per epoch: total, claimed, done, leases (unit, worker, seconds left) and an ETA from recent rounds."""
+    plan = plan_for(r, cfg)
+    meta = r.hgetall(keys.units_meta(cfg.run, plan.dataset))
+    lo, hi, n = int(meta["epoch_lo"]), int(meta["epoch_hi"]), plan.num_units
+    now_s, now_us = r.time()
+    now_ms = now_s * 1000 + now_us // 1000
+    rate = _units_per_second(r, cfg.run)
+    epochs = []
+    for e in range(lo, hi + 1):
+        pipe = r.pipeline(transaction=False)
+        pipe.bitcount(keys.units_claimed(cfg.run, plan.dataset, e), 0, n - 1, "BIT")
+        pipe.bitcount(keys.units_done(cfg.run, plan.dataset, e), 0, n - 1, "BIT")
+        pipe.zrange(keys.units_leases(cfg.run, plan.dataset, e), 0, -1, withscores=True)
+        pipe.hgetall(keys.units_owners(cfg.run, plan.dataset, e))
+        claimed, done, leases, owners = pipe.execute()
+        leased = [{"unit": int(u), "worker": owners.get(u), "expires_in_s": round((exp - now_ms) / 1000, 1)}
+                  for u, exp in leases]
+        eta = round((n - done) / rate, 1) if rate else None
+        epochs.append({"epoch": e, "total": n, "claimed": claimed, "done": done, "leased": leased, "eta_s": eta})
+    return {"run": cfg.run, "dataset": plan.dataset, "samples": plan.length, "unit_samples": plan.unit_samples,
+            "num_units": n, "epoch_lo": lo, "epoch_hi": hi, "units_per_s": rate, "epochs": epochs}
+
+
+def _units_per_second(r: redis.Redis, run: str, last: int = 10) -> float | None:
+    """Units committed per second over the last few versions (Redis clock), or None if unknown."""
+    entries = r.xrevrange(keys.versions(run), count=last)
+    if len(entries) < 2:
+        return None
+    done = sum(int(f.get("units", 0)) for _, f in entries[:-1])
+    span_ms = int(entries[0][1]["committed_ms"]) - int(entries[-1][1]["committed_ms"])
+    return round(done * 1000 / span_ms, 3) if span_ms > 0 else None

@@ -59,3 +59,20 @@ def status_view(snap: dict[str, Any]) -> Group:
 
 def print_status(snap: dict[str, Any], console: Console | None = None) -> None:
     (console or Console()).print(status_view(snap))
+
+
+def units_table(rep: dict[str, Any]) -> Table:
+    t = Table(title=f"work units of dataset {rep['dataset']} "
+                    f"({rep['num_units']} units of {rep['unit_samples']} samples)")
+    for col in ("epoch", "done", "claimed", "leased", "holders", "ETA"):
+        t.add_column(col)
+    for e in rep["epochs"]:
+        holders = sorted({lease["worker"] or "?" for lease in e["leased"]})
+        eta = f"{e['eta_s']:.0f}s" if e["eta_s"] is not None else "-"
+        t.add_row(str(e["epoch"]), f"{e['done']}/{e['total']}", str(e["claimed"]), str(len(e["leased"])),
+                  ", ".join(holders[:6]) + (" ..." if len(holders) > 6 else ""), eta)
+    return t
+
+
+def print_units(rep: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(units_table(rep))

@@ -24,12 +24,13 @@ import torch
 from diloco import keys, model, runs, units
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
-from diloco.connect import connect_redis
-from diloco.errors import ConfigError, ModelMismatch
+from diloco.connect import Outage, connect_redis
+from diloco.errors import ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
 from diloco.shards import DeltaBuffer, encode_delta
-from diloco.store import open_store
+from diloco.store import open_store, put_idempotent
 from diloco.tasks import load_task, to_device
+from workers.checkpoint import Checkpoint
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Worker:
         self.heartbeat = Heartbeat(self.r, settings.run, settings.worker_id, self.nonce,
                                    timeout_s=self.cfg.heartbeat_timeout_s,
                                    interval_s=settings.heartbeat_interval_s, on_beat=self.leases.renew)
+        self.outage = Outage(settings.outage_limit_s, self.stop_event)
+        self.checkpoint = Checkpoint(settings.checkpoint_dir, settings.worker_id) if settings.checkpoint_dir else None
         self.version: int | None = None       # the version whose weights the model was reset to
         self.global_state: dict[str, torch.Tensor] = {}
         self.bytes_sent = self.bytes_received = self.steps_done = 0
@@ -123,26 +126,20 @@ class Worker:
 
     def run(self, max_rounds: int | None = None) -> int:
         """Train rounds until stopped (or `max_rounds` announced); returns rounds announced."""
+        if self.checkpoint is not None:
+            self.checkpoint.load(self)
         self.heartbeat.register()
         self.heartbeat.update(state="idle", version=-1, step=0, loss="", bytes_sent=0, bytes_received=0)
         self.heartbeat.start()
         rounds, state = 0, "stopped"
         try:
             while not self._should_stop() and (max_rounds is None or rounds < max_rounds):
-                head = runs.read_head(self.r, self.s.run)
-                self._sync_to(head)
-                ann = self._train_round(head.version)
-                if ann is None:
-                    log.info("stop requested; abandoning the round on version %d", head.version)
-                    break
-                self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000, approximate=True)
-                rounds += 1
-                log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
-                self.heartbeat.update(state="waiting")
-                self._wait_for_version_after(head.version)
-                # Units the new version did not commit (our delta was dropped) go back to the pool.
-                if released := self.leases.release():
-                    log.warning("%d work units of version %d were not committed; released", released, head.version)
+                try:
+                    if not self._one_round():
+                        break
+                    rounds += 1
+                except RunNotFound as e:  # Redis was wiped: wait (within the limit) for `diloco recover`
+                    self.outage.failed("the run to reappear in Redis (diloco recover)", e)
         except BaseException:
             state = "failed"
             raise
@@ -152,6 +149,26 @@ class Worker:
             if self.heartbeat.lost.is_set():
                 raise ConfigError(f"worker id {self.s.worker_id!r} was taken over by another session")
         return rounds
+
+    def _one_round(self) -> bool:
+        """Train, announce and wait for the next version; False if stopped during the round."""
+        io = self.outage.call
+        head = io("Redis", lambda: runs.read_head(self.r, self.s.run))
+        io("the object store", lambda: self._sync_to(head))
+        ann = self._train_round(head.version)
+        if ann is None:
+            log.info("stop requested; abandoning the round on version %d", head.version)
+            return False
+        io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000, approximate=True))
+        log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self)
+        self.heartbeat.update(state="waiting")
+        io("Redis", lambda: self._wait_for_version_after(head.version))
+        # Units the new version did not commit (our delta was dropped) go back to the pool.
+        if released := io("Redis", self.leases.release):
+            log.warning("%d work units of version %d were not committed; released", released, head.version)
+        return True
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -187,7 +204,7 @@ class Worker:
     def _train_round(self, version: int) -> Announcement | None:
         self.model.train()
         self.heartbeat.update(state="claiming")
-        claimed = self.leases.claim(units.units_per_round(self.cfg), self.stop_event)
+        claimed = self.outage.call("Redis", lambda: self.leases.claim(units.units_per_round(self.cfg), self.stop_event))
         if claimed is None:
             return None
         ids = self._round_samples(version, claimed)
@@ -229,8 +246,11 @@ class Worker:
         shards = self._encode_with_feedback(delta)
         names = [keys.delta_shard(self.s.run, version, self.s.worker_id, self.nonce, i)
                  for i in range(len(shards))]
+        def put(key: str, data: bytes) -> str:
+            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data))
+
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
-            shas = list(pool.map(self.store.put, names, shards))
+            shas = list(pool.map(put, names, shards))
         sizes = tuple(len(s) for s in shards)
         self.bytes_sent += sum(sizes)
         self.heartbeat.update(bytes_sent=self.bytes_sent)
