@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from aggregator.collect import Round, collect, reject
+from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
 from diloco import keys, model, runs, snapshot, units
 from diloco.codecs import get_codec
@@ -94,6 +94,10 @@ class Aggregator:
                 return False
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
+            for worker, reason in outliers(rnd, self.cfg.outlier_factor):
+                self._drop(rnd, worker, reason)
+            if len(rnd.accepted) < self.cfg.min_workers:
+                continue
             t_reduce = time.perf_counter()
             red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
                                self.cfg.shard_bytes, self.pool)

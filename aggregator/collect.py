@@ -81,6 +81,8 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
         reject(r, cfg.run, worker, f"malformed announcement: {e}", entry_id, fields.get("version", "?"))
         rnd.rejected += 1
         return
+    if ann.worker in rnd.accepted and rnd.accepted[ann.worker][1] == ann:
+        return  # the same announcement again (a retried XADD that had landed): nothing to count
     reason = check(ann, cfg, rnd)
     if reason is None:
         reason = units_problem(r, cfg, plan, ann)
@@ -105,11 +107,41 @@ def live_workers(r: redis.Redis, run: str) -> set[str]:
 
 
 def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
+    """Apply the quorum rule, and publish why the round is still open (status and monitor read it)."""
+    live = live_workers(r, cfg.run)
+    now = server_time_ms(r)
+    deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
+    missing = sorted(live - rnd.answered)
     if len(rnd.accepted) < cfg.min_workers:
-        return False
-    if live_workers(r, cfg.run) <= rnd.answered:
-        return True
-    return server_time_ms(r) >= rnd.head.committed_ms + cfg.round_timeout_s * 1000
+        waiting = f"min_workers: {len(rnd.accepted)} of {cfg.min_workers} deltas accepted"
+    elif missing and now < deadline:
+        waiting = f"{len(missing)} live workers ({', '.join(missing[:5])}) until the deadline"
+    else:
+        waiting = ""
+    r.hset(keys.round_state(cfg.run), mapping={
+        "version": str(rnd.version), "phase": "collecting" if waiting else "reducing",
+        "accepted": str(len(rnd.accepted)), "answered": str(len(rnd.answered)), "live": str(len(live)),
+        "min_workers": str(cfg.min_workers), "deadline_ms": str(deadline), "waiting": waiting,
+        "rejected": str(rnd.rejected),
+    })
+    return not waiting
+
+
+def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
+    """(worker, reason) for each delta whose announced norm is `factor` times the round's median or more.
+
+    A robust rule needs a majority to define normal, so it applies from three deltas on. The norm
+    each worker announces is checked against the decoded delta during the reduce.
+    """
+    if factor <= 0 or len(rnd.accepted) < 3:
+        return []
+    norms = sorted(ann.norm for _, ann in rnd.accepted.values())
+    median = norms[len(norms) // 2] if len(norms) % 2 else (norms[len(norms) // 2 - 1] + norms[len(norms) // 2]) / 2
+    if median <= 0:
+        return []
+    return [(w, f"outlier: delta norm {ann.norm:.4g} is {ann.norm / median:.1f}x the round's median {median:.4g} "
+                f"(limit {factor}x)")
+            for w, (_, ann) in sorted(rnd.accepted.items()) if ann.norm > factor * median]
 
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,

@@ -56,12 +56,13 @@ class RunConfig:
     min_workers: int = 1
     round_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 30.0
+    outlier_factor: float = 10.0  # reject a delta whose norm exceeds this many times the round's median; 0 = off
     num_fragments: int = 1
     schema_version: int = SCHEMA_VERSION
 
     # Settings a worker never needs to agree on; every other field must match across the group.
     TUNABLE: ClassVar[frozenset[str]] = frozenset(
-        {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s"}
+        {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s", "outlier_factor"}
     )
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ class RunConfig:
         _positive_num(self, "inner_lr", "outer_lr", "shard_mb", "round_timeout_s", "heartbeat_timeout_s")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        for name in ("inner_weight_decay", "inner_warmup_steps", "seed"):
+        for name in ("inner_weight_decay", "inner_warmup_steps", "seed", "outlier_factor"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -58,6 +58,11 @@ def rejected_counts(run: str) -> str:
     return _k(run, "rejected")
 
 
+def round_state(run: str) -> str:
+    """Hash: the open round as the aggregator sees it (version, phase, accepted, expected, deadline, waiting)."""
+    return _k(run, "round")
+
+
 def lock(run: str) -> str:
     """String with TTL: the aggregator lock; value '<token>:<aggregator id>'."""
     return _k(run, "lock")

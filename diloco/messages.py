@@ -88,6 +88,7 @@ class Announcement:
     inner_steps: int
     loss: float
     train_s: float = 0.0
+    norm: float = 0.0           # L2 norm of the delta as encoded (what the aggregator decodes)
     fragment: int = 0
     kind: Kind = Kind.DELTA
     units: tuple[tuple[int, int], ...] = field(default=())   # (epoch, bit) of each unit trained on
@@ -103,7 +104,8 @@ class Announcement:
             "shards": ",".join(self.shards), "sizes": ",".join(map(str, self.sizes)),
             "sha256": ",".join(self.sha256), "samples": str(self.samples), "tokens": str(self.tokens),
             "inner_steps": str(self.inner_steps), "loss": repr(self.loss),
-            "train_s": f"{self.train_s:.3f}", "units": ",".join(f"{e}:{b}" for e, b in self.units),
+            "train_s": f"{self.train_s:.3f}", "norm": repr(self.norm),
+            "units": ",".join(f"{e}:{b}" for e, b in self.units),
         }
 
     @classmethod
@@ -139,6 +141,7 @@ class Announcement:
             samples=_int(fields, "samples"), tokens=_int(fields, "tokens"),
             inner_steps=_int(fields, "inner_steps", lo=1), loss=_float(fields, "loss"),
             train_s=_float(fields, "train_s") if "train_s" in fields else 0.0,
+            norm=_float(fields, "norm") if "norm" in fields else 0.0,
             fragment=_int(fields, "fragment") if "fragment" in fields else 0, units=units,
         )
 

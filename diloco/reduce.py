@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from diloco.codecs import Codec
-from diloco.errors import BadInput
+from diloco.errors import BadInput, BadShard
 from diloco.faults import crash_point
 from diloco.messages import Announcement
-from diloco.shards import DeltaBuffer, max_shard_object_bytes
+from diloco.shards import DeltaBuffer, l2_norm, max_shard_object_bytes
 from diloco.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
             for f in futures:
                 buf.add_shard(f.result(), codec)
             buf.check_complete()
+            norm = l2_norm(buf.flat.values())
+            if abs(norm - ann.norm) > 1e-4 * max(1.0, norm):
+                raise BadShard(f"the delta's norm is {norm:.6g}, the announcement claims {ann.norm:.6g}")
         except BadInput as e:
             for f in futures:
                 f.cancel()

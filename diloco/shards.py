@@ -161,3 +161,8 @@ class DeltaBuffer:
                 pos += numel
             if pos != self.numels[name]:
                 raise BadShard(f"tensor {name!r} covers {pos} of {self.numels[name]} elements")
+
+
+def l2_norm(tensors) -> float:
+    """L2 norm over several tensors, accumulated in float64 so workers and aggregator agree."""
+    return float(sum(t.double().pow(2).sum() for t in tensors) ** 0.5)

@@ -1,7 +1,7 @@
 """A run's state in one snapshot: what `diloco status` prints and `--json` emits.
 
 The JSON keys are stable (documented in docs/architecture.md): run, version, config, head,
-workers, rounds, lock, rejections, server_time_ms.
+workers, rounds, lock, rejections, round, server_time_ms.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def snapshot(r: redis.Redis, run: str, *, rounds: int = 20, rejections: int = 10
     pipe.xrevrange(keys.versions(run), count=rounds)
     pipe.xrevrange(keys.rejections(run), count=rejections)
     pipe.xlen(keys.rejections(run))
-    *per_worker, rejected, lock, lock_ttl, versions, recent_rej, rej_total = pipe.execute()
+    pipe.hgetall(keys.round_state(run))
+    *per_worker, rejected, lock, lock_ttl, versions, recent_rej, rej_total, round_state = pipe.execute()
     workers = []
     for i, w in enumerate(ids):
         alive, stats = per_worker[2 * i], per_worker[2 * i + 1]
@@ -71,5 +72,7 @@ def snapshot(r: redis.Redis, run: str, *, rounds: int = 20, rejections: int = 10
                  "ttl_ms": lock_ttl if lock else None},
         "rejections": {"total": int(rej_total), "by_worker": {k: int(v) for k, v in rejected.items()},
                        "recent": [f | {"id": i} for i, f in recent_rej]},
+        "round": _typed(round_state, ("version", "accepted", "answered", "live", "min_workers", "deadline_ms",
+                                      "rejected"), ()) if round_state else None,
         "server_time_ms": now,
     }

@@ -49,7 +49,13 @@ def rounds_table(snap: dict[str, Any], last: int = 10) -> Table:
 
 
 def status_view(snap: dict[str, Any]) -> Group:
-    parts: list[Any] = [header(snap), workers_table(snap), rounds_table(snap)]
+    parts: list[Any] = [header(snap)]
+    rnd = snap.get("round")
+    if rnd and rnd.get("version") == snap["version"]:
+        why = f": waiting for {rnd['waiting']}" if rnd.get("waiting") else ""
+        parts.append(Text(f"round for version {rnd['version']}: {rnd.get('phase')}, {rnd.get('accepted')} accepted "
+                          f"of {rnd.get('live')} live workers{why}"))
+    parts += [workers_table(snap), rounds_table(snap)]
     rej = snap["rejections"]
     if rej["total"]:
         parts.append(Text(f"rejections: {rej['total']} in all; latest: "

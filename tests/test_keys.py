@@ -36,6 +36,7 @@ REDIS_KEYS = {
     "rejections": "diloco:{r1}:rejections",
     "rejected_counts": "diloco:{r1}:rejected",
     "lock": "diloco:{r1}:lock",
+    "round_state": "diloco:{r1}:round",
     "lock_token": "diloco:{r1}:lock:token",
     "workers": "diloco:{r1}:workers",
     "worker_alive": "diloco:{r1}:worker:w1:alive",

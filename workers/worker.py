@@ -27,7 +27,7 @@ from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
 from diloco.errors import ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
-from diloco.shards import DeltaBuffer, encode_delta
+from diloco.shards import DeltaBuffer, encode_delta, l2_norm
 from diloco.store import open_store, put_idempotent
 from diloco.tasks import load_task, to_device
 from workers.checkpoint import Checkpoint
@@ -243,7 +243,7 @@ class Worker:
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
                 micro_batches: int, claimed: list[units.Unit]) -> Announcement:
         self.heartbeat.update(state="uploading")
-        shards = self._encode_with_feedback(delta)
+        shards, norm = self._encode_with_feedback(delta)
         names = [keys.delta_shard(self.s.run, version, self.s.worker_id, self.nonce, i)
                  for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
@@ -259,20 +259,23 @@ class Worker:
             run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
             codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
-            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed),
+            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed), norm=norm,
         )
 
-    def _encode_with_feedback(self, delta: dict[str, torch.Tensor]) -> list[bytes]:
-        """Encode delta + residual; keep as the new residual what the aggregator will not see."""
+    def _encode_with_feedback(self, delta: dict[str, torch.Tensor]) -> tuple[list[bytes], float]:
+        """Encode delta + residual; keep as the new residual what the aggregator will not see.
+
+        Returns the shards and the L2 norm of what they decode to (announced, checked by the aggregator).
+        """
         if self.codec.name == "fp32":
-            return encode_delta(delta, self.codec, self.cfg.shard_bytes)
+            return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
         target = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
         shards = encode_delta(target, self.codec, self.cfg.shard_bytes)
         sent = DeltaBuffer(target)
         for shard in shards:
             sent.add_shard(shard, self.codec)
         self.residual = {n: t - sent.flat[n].reshape(t.shape) for n, t in target.items()}
-        return shards
+        return shards, l2_norm(sent.flat.values())
 
     def _wait_for_version_after(self, version: int) -> None:
         """Block on the versions stream until the head moves past `version` (or stop)."""
