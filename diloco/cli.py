@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(status, store=False)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ev = sub.add_parser("eval", help="record the held-out loss of each committed version")
+    _connection_flags(ev)
+    ev.add_argument("--max-samples", type=int, default=512, help="evaluation samples per version")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--max-rounds", type=int, default=None, help="exit after evaluating this many versions")
+
     units = sub.add_parser("units", help="work-unit progress per epoch: claimed, done, leases, ETA")
     _connection_flags(units, store=False)
     units.add_argument("--json", action="store_true", help="machine-readable output")
@@ -209,6 +215,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from diloco.evaluate import Evaluator
+
+    return _serve(Evaluator(args.redis_url, _require_store(args), args.run, max_samples=args.max_samples,
+                            device=args.device), args.max_rounds)
+
+
 def cmd_units(args: argparse.Namespace) -> int:
     from diloco import runs, units
     from diloco.connect import connect_redis
@@ -243,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
-            "status": cmd_status, "units": cmd_units, "recover": cmd_recover}
+            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "recover": cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:

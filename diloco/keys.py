@@ -63,6 +63,11 @@ def round_state(run: str) -> str:
     return _k(run, "round")
 
 
+def eval_losses(run: str) -> str:
+    """Hash: version -> held-out loss, written by `diloco eval`."""
+    return _k(run, "eval")
+
+
 def lock(run: str) -> str:
     """String with TTL: the aggregator lock; value '<token>:<aggregator id>'."""
     return _k(run, "lock")

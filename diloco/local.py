@@ -12,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         env = {**os.environ, C.ENV_REDIS_URL: server.url, C.ENV_STORE: store_url, C.ENV_RUN: args.run}
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         children.append(_spawn("aggregator", ["aggregator", "--id", "local-aggregator"], env, log_dir))
+        children.append(_spawn("evaluator", ["eval", "--max-samples", "256"], env, log_dir))
         for w in worker_ids:
             children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu", "--threads", str(threads),
                                        "--checkpoint-dir", str(data / "checkpoints")], env, log_dir))
@@ -118,21 +120,30 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
 
 def _follow(r: redis.Redis, run: str, version: int, max_versions: int, children: list[Child]) -> int:
-    """Print each committed version until max_versions; fail fast if a service dies."""
-    last = "0-0"
-    while version < max_versions:
+    """Print each committed version and its eval loss until max_versions; fail fast if a service dies."""
+    last, shown = "0-0", set(r.hkeys(keys.eval_losses(run)))
+    deadline = None
+    while deadline is None or time.monotonic() < deadline:
         for c in children:
             if c.proc.poll() is not None:
                 console.print(f"[red]{c.name} exited with status {c.proc.returncode}[/]; last lines of {c.log}:")
                 console.print(_tail(c.log), markup=False)
                 return 1
-        for _, entries in r.xread({keys.versions(run): last}, block=1000) or []:
+        for _, entries in r.xread({keys.versions(run): last}, block=500) or []:
             for entry_id, fields in entries:
                 last = entry_id
                 v = int(fields["version"])
-                if v > version:
+                if version < v <= max_versions:
                     version = v
                     console.print(_progress_line(fields))
+        evals = r.hgetall(keys.eval_losses(run))
+        for v in sorted((k for k in evals if k not in shown), key=int):
+            shown.add(v)
+            console.print(f"version {v:>4}  [bold]eval loss {float(evals[v]):.4f}[/] (held-out)")
+        if str(max_versions) in shown:
+            break
+        if version >= max_versions and deadline is None:
+            deadline = time.monotonic() + 60  # give the evaluator a minute for the last version
     console.print(f"[green]reached version {version}[/]; stopping. Resume with the same command and a "
                   "larger --max-versions.")
     return 0

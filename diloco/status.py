@@ -1,7 +1,7 @@
 """A run's state in one snapshot: what `diloco status` prints and `--json` emits.
 
 The JSON keys are stable (documented in docs/architecture.md): run, version, config, head,
-workers, rounds, lock, rejections, round, server_time_ms.
+workers, rounds, lock, rejections, round, eval, server_time_ms.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def snapshot(r: redis.Redis, run: str, *, rounds: int = 20, rejections: int = 10
     pipe.xrevrange(keys.rejections(run), count=rejections)
     pipe.xlen(keys.rejections(run))
     pipe.hgetall(keys.round_state(run))
-    *per_worker, rejected, lock, lock_ttl, versions, recent_rej, rej_total, round_state = pipe.execute()
+    pipe.hgetall(keys.eval_losses(run))
+    *per_worker, rejected, lock, lock_ttl, versions, recent_rej, rej_total, round_state, evals = pipe.execute()
     workers = []
     for i, w in enumerate(ids):
         alive, stats = per_worker[2 * i], per_worker[2 * i + 1]
@@ -67,7 +68,9 @@ def snapshot(r: redis.Redis, run: str, *, rounds: int = 20, rejections: int = 10
         "config": {k: v for k, v in vars(cfg).items()},
         "head": vars(head),
         "workers": workers,
-        "rounds": [_typed(f, _ROUND_INTS, _ROUND_FLOATS) | {"id": i} for i, f in reversed(versions)],
+        "rounds": [_typed(f, _ROUND_INTS, _ROUND_FLOATS) | {"id": i, "eval_loss": _num(evals.get(f["version"]), float)}
+                   for i, f in reversed(versions)],
+        "eval": {int(v): float(x) for v, x in evals.items()},
         "lock": {"holder": holder or None, "token": int(token) if token else None,
                  "ttl_ms": lock_ttl if lock else None},
         "rejections": {"total": int(rej_total), "by_worker": {k: int(v) for k, v in rejected.items()},

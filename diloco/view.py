@@ -40,10 +40,12 @@ def workers_table(snap: dict[str, Any]) -> Table:
 
 def rounds_table(snap: dict[str, Any], last: int = 10) -> Table:
     t = Table(title="recent versions")
-    for col in ("version", "workers", "loss", "round s", "bytes", "rejected", "aggregator"):
+    for col in ("version", "workers", "loss", "eval loss", "round s", "bytes", "rejected", "aggregator"):
         t.add_column(col)
     for rd in snap["rounds"][-last:]:
+        ev = rd.get("eval_loss")
         t.add_row(str(rd.get("version")), str(rd.get("n")), f"{rd['loss']:.4f}" if rd.get("loss") is not None else "-",
+                  f"{ev:.4f}" if ev is not None else "-",
                   str(rd.get("duration_s")), _mb(rd.get("bytes")), str(rd.get("rejected")), str(rd.get("aggregator")))
     return t
 

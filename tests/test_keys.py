@@ -37,6 +37,7 @@ REDIS_KEYS = {
     "rejected_counts": "diloco:{r1}:rejected",
     "lock": "diloco:{r1}:lock",
     "round_state": "diloco:{r1}:round",
+    "eval_losses": "diloco:{r1}:eval",
     "lock_token": "diloco:{r1}:lock:token",
     "workers": "diloco:{r1}:workers",
     "worker_alive": "diloco:{r1}:worker:w1:alive",

@@ -1,0 +1,88 @@
+"""Held-out evaluation: the loss of a weights version on the task's evaluation split.
+
+`diloco eval` follows the versions stream and records each version's eval loss in the hash
+`diloco:{run}:eval` (version -> loss), where `diloco status` and the monitor read it. It evaluates
+the same fixed samples every time, so losses of different versions compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+import torch
+
+from diloco import keys, runs
+from diloco.config import RunConfig
+from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis
+from diloco.errors import RunNotFound
+from diloco.messages import Head
+from diloco.store import open_store
+from diloco.tasks import Task, load_task, to_device
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def eval_loss(task: Task, model: torch.nn.Module, *, max_samples: int = 512, batch_size: int = 64,
+              device: str | torch.device = "cpu") -> float:
+    """Mean loss over the first `max_samples` samples of the evaluation split."""
+    data = task.eval_data()
+    n = min(max_samples, len(data))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        ids = list(range(start, min(start + batch_size, n)))
+        total += float(task.loss(model, to_device(data.batch(ids), device))) * len(ids)
+        count += len(ids)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Evaluator:
+    """Follows the versions stream and records the eval loss of every committed version."""
+
+    def __init__(self, redis_url: str, store_url: str, run: str, *, max_samples: int = 512, device: str = "cpu",
+                 block_ms: int = 1000, outage_limit_s: float = 600.0) -> None:
+        self.stop_event = threading.Event()
+        self.r = connect_redis(redis_url)
+        self.store = open_store(store_url)
+        self.run_name, self.max_samples, self.device, self.block_ms = run, max_samples, device, block_ms
+        self.cfg: RunConfig = runs.load_config(self.r, run)
+        self.task = load_task(self.cfg.task, self.cfg.task_options)
+        self.model = runs.build_model(self.task, self.cfg.seed).to(device)
+        self.outage = Outage(outage_limit_s, self.stop_event)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def evaluate(self, head: Head) -> float:
+        self.model.load_state_dict(runs.load_weights(self.store, head))
+        loss = eval_loss(self.task, self.model, max_samples=self.max_samples, device=self.device)
+        self.r.hset(keys.eval_losses(self.run_name), str(head.version), f"{loss:.6f}")
+        log.info("version %d: eval loss %.4f", head.version, loss)
+        return loss
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Evaluate versions as they are committed (the newest first if several wait); returns how many."""
+        done = 0
+        while not self.stop_event.is_set() and (max_rounds is None or done < max_rounds):
+            try:
+                head = runs.read_head(self.r, self.run_name)
+                if not self.r.hexists(keys.eval_losses(self.run_name), str(head.version)):
+                    self.evaluate(head)
+                    done += 1
+                    continue
+                last = self.r.xinfo_stream(keys.versions(self.run_name))["last-generated-id"] \
+                    if self.r.exists(keys.versions(self.run_name)) else "0-0"
+                self.r.xread({keys.versions(self.run_name): last}, block=self.block_ms)
+                self.outage.ok()
+            except RunNotFound as e:
+                self.outage.failed("the run to reappear in Redis", e)
+            except OUTAGE_ERRORS as e:
+                self.outage.failed("Redis and the object store", e)
+            except redis.ResponseError as e:
+                self.outage.failed("Redis", e)
+        return done
