@@ -105,7 +105,9 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         _clear_stale(r, args.run, worker_ids)
         env = {**os.environ, C.ENV_REDIS_URL: server.url, C.ENV_STORE: store_url, C.ENV_RUN: args.run}
         threads = max(1, (os.cpu_count() or 1) // args.workers)
-        children.append(_spawn("aggregator", ["aggregator", "--id", "local-aggregator"], env, log_dir))
+        # The aggregator stops by itself after the last version, so the run never overshoots it.
+        children.append(_spawn("aggregator", ["aggregator", "--id", "local-aggregator",
+                                              "--max-rounds", str(args.max_versions - head.version)], env, log_dir))
         children.append(_spawn("evaluator", ["eval", "--max-samples", "256"], env, log_dir))
         for w in worker_ids:
             children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu", "--threads", str(threads),
@@ -125,7 +127,7 @@ def _follow(r: redis.Redis, run: str, version: int, max_versions: int, children:
     deadline = None
     while deadline is None or time.monotonic() < deadline:
         for c in children:
-            if c.proc.poll() is not None:
+            if c.proc.poll() not in (None, 0):
                 console.print(f"[red]{c.name} exited with status {c.proc.returncode}[/]; last lines of {c.log}:")
                 console.print(_tail(c.log), markup=False)
                 return 1
