@@ -109,8 +109,12 @@ def units_claimed(run: str, dataset: str, epoch: int) -> str:
 
 
 def units_done(run: str, dataset: str, epoch: int) -> str:
-    """Bitmap: bit i set = the i-th unit is in a committed version. Set only by the commit script."""
-    return _k(run, "units", dataset, str(epoch), "done")
+    """Bitmap: bit i set = the i-th unit is in a committed version. Set only by the commit script.
+
+    Outside the `units:` namespace on purpose: workers may write `units:*` (claims, leases) but
+    only read `done:*`, which a Redis ACL can express with key patterns.
+    """
+    return _k(run, "done", dataset, str(epoch))
 
 
 def units_leases(run: str, dataset: str, epoch: int) -> str:

@@ -45,7 +45,7 @@ REDIS_KEYS = {
     "datasets": "diloco:{r1}:datasets",
     "units_meta": "diloco:{r1}:units:ds1",
     "units_claimed": "diloco:{r1}:units:ds1:2:claimed",
-    "units_done": "diloco:{r1}:units:ds1:2:done",
+    "units_done": "diloco:{r1}:done:ds1:2",
     "units_leases": "diloco:{r1}:units:ds1:2:leases",
     "units_owners": "diloco:{r1}:units:ds1:2:owners",
 }
