@@ -17,7 +17,7 @@ import redis
 
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
-from diloco import keys, model, runs, snapshot, units
+from diloco import control, keys, model, retention, runs, snapshot, units
 from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
@@ -54,6 +54,9 @@ class Aggregator:
         try:
             while not self.stop_event.is_set() and (max_rounds is None or committed < max_rounds):
                 try:
+                    if control.state(self.r, self.s.run) == control.STOPPED:
+                        log.info("run %s is stopped; the aggregator exits", self.s.run)
+                        break
                     if not self.lock.held and not self._acquire():
                         continue
                     if self._round():
@@ -155,6 +158,15 @@ class Aggregator:
         log.info("committed version %d: %d workers, loss %s, %s bytes, round %ss",
                  version, len(inc), stats["loss"], stats["bytes"], stats["duration_s"])
         self._snapshot(version)
+        self._retention(version)
+        self._check_budget(version)
+
+    def _check_budget(self, version: int) -> None:
+        tokens = sum(int(f.get("tokens", 0)) for _, f in self.r.xrange(keys.versions(self.s.run)))
+        reason = control.budget_reached(self.cfg, version, tokens)
+        if reason:
+            log.info("%s: stopping the run", reason)
+            control.set_state(self.r, self.s.run, control.STOPPED, f"aggregator {self.s.aggregator_id}", reason)
 
     def _snapshot(self, version: int) -> None:
         """Best effort: a missing snapshot only means `recover` restores the version before."""
@@ -164,3 +176,16 @@ class Aggregator:
             pass
         except (DilocoError, redis.RedisError) as e:
             log.warning("could not write the snapshot of version %d: %s", version, e)
+
+    def _retention(self, version: int) -> None:
+        """Best effort, after every `retention_every`-th version: a failure leaves work for the next pass."""
+        every = self.cfg.retention_every
+        if not every or version % every:
+            return
+        try:
+            doomed = retention.plan(self.r, self.store, self.s.run)
+            if doomed:
+                summary = retention.apply(self.store, doomed, sizes=False, pool=self.pool)
+                log.info("retention after version %d deleted %s", version, summary.describe())
+        except Exception as e:  # housekeeping must never stop the run
+            log.warning("retention after version %d failed (the next pass retries): %s", version, e)

@@ -84,6 +84,8 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     if ann.worker in rnd.accepted and rnd.accepted[ann.worker][1] == ann:
         return  # the same announcement again (a retried XADD that had landed): nothing to count
     reason = check(ann, cfg, rnd)
+    if reason is None and r.exists(keys.worker_kicked(cfg.run, ann.worker)):
+        reason = "the worker was kicked by an operator"
     if reason is None:
         reason = units_problem(r, cfg, plan, ann)
     if reason is not None:

@@ -27,11 +27,11 @@ _NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id"
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
-def _setting_flags(p: argparse.ArgumentParser) -> None:
+def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
     """One flag per RunConfig field; unset flags stay None so an existing run's value is adopted."""
     g = p.add_argument_group("run settings (set once per run; workers adopt them)")
     for f in dataclasses.fields(C.RunConfig):
-        if f.name in _NOT_FLAGS:
+        if f.name in _NOT_FLAGS or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -49,7 +49,8 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(C.RunConfig)
-             if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None}
+             if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None
+             and not (args.command == "run" and f.name == "max_versions")}
     if args.task_option:
         given["task_options"] = _key_values("--task-option", args.task_option)
     if args.codec_option:
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop once the run has committed this many versions (default %(default)s)")
     run.add_argument("--data-dir", default="diloco-data", help="Redis data, objects and logs (default %(default)s)")
     run.add_argument("--run", default=os.environ.get(C.ENV_RUN, "local"), help="run name (default %(default)s)")
-    _setting_flags(run)
+    # --max-versions above is this command's stopping point, not the run's stored budget.
+    _setting_flags(run, exclude=frozenset({"max_versions"}))
 
     init = sub.add_parser("init", help="create a run (idempotent)")
     _connection_flags(init)
@@ -128,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a run's state")
     _connection_flags(status, store=False)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ctl = sub.add_parser("control", help="stop, pause, resume, kick a worker, or set a tunable setting")
+    _connection_flags(ctl, store=False)
+    ctl.add_argument("action", choices=["stop", "pause", "resume", "kick", "set"])
+    ctl.add_argument("target", nargs="?", help="the worker id for kick; NAME=VALUE for set")
+    ctl.add_argument("--who", default=None, help="recorded in the audit stream (default: user@host)")
 
     ev = sub.add_parser("eval", help="record the held-out loss of each committed version")
     _connection_flags(ev)
@@ -215,6 +223,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from diloco import control, runs
+    from diloco.connect import connect_redis
+
+    r = connect_redis(args.redis_url)
+    runs.load_config(r, args.run)  # a clear error for a missing run
+    who = args.who or control.default_who()
+    if args.action in ("kick", "set") and not args.target:
+        raise ConfigError(f"control {args.action} needs a {'worker id' if args.action == 'kick' else 'NAME=VALUE'}")
+    if args.action == "kick":
+        control.kick(r, args.run, args.target, who)
+    elif args.action == "set":
+        control.set_setting(r, args.run, args.target, who)
+    else:
+        new = {"stop": control.STOPPED, "pause": control.PAUSED, "resume": control.RUNNING}[args.action]
+        control.set_state(r, args.run, new, who)
+    print(f"run {args.run}: {args.action} {args.target or ''}".rstrip() + "; takes effect at the next round")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from diloco.evaluate import Evaluator
 
@@ -256,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
-            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "recover": cmd_recover}
+            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "recover": cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,12 +57,19 @@ class RunConfig:
     round_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 30.0
     outlier_factor: float = 10.0  # reject a delta whose norm exceeds this many times the round's median; 0 = off
+    max_versions: int = 0       # stop the run cleanly at this version; 0 = no budget
+    max_tokens: int = 0         # stop the run cleanly once this many tokens are committed; 0 = no budget
+    keep_last: int = 5          # retention: keep the last K versions' weights, momentum and snapshot
+    keep_every: int = 100       # retention: also keep every M-th version; 0 = none
+    delta_grace_s: float = 3600.0  # retention: delete deltas/v{b}/ this long after version b+1 was committed
+    retention_every: int = 10   # the aggregator runs retention after every N-th commit; 0 = never (diloco gc)
     num_fragments: int = 1
     schema_version: int = SCHEMA_VERSION
 
     # Settings a worker never needs to agree on; every other field must match across the group.
     TUNABLE: ClassVar[frozenset[str]] = frozenset(
-        {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s", "outlier_factor"}
+        {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s", "outlier_factor",
+         "max_versions", "max_tokens", "keep_last", "keep_every", "delta_grace_s", "retention_every"}
     )
 
     def __post_init__(self) -> None:
@@ -74,11 +81,13 @@ class RunConfig:
             keys.check_name("run name", self.run)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        _positive_int(self, "sync_every", "batch_size", "grad_accum", "min_workers", "num_fragments")
+        _positive_int(self, "sync_every", "batch_size", "grad_accum", "min_workers", "num_fragments", "keep_last")
         _positive_num(self, "inner_lr", "outer_lr", "shard_mb", "round_timeout_s", "heartbeat_timeout_s")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        for name in ("inner_weight_decay", "inner_warmup_steps", "seed", "outlier_factor"):
+        nonneg = ("inner_weight_decay", "inner_warmup_steps", "seed", "outlier_factor", "max_versions", "max_tokens",
+                  "keep_every", "delta_grace_s", "retention_every")
+        for name in nonneg:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -68,6 +68,16 @@ def eval_losses(run: str) -> str:
     return _k(run, "eval")
 
 
+def control(run: str) -> str:
+    """Hash: `state` (running, paused, stopped) and `reason`, set by `diloco control` or a budget."""
+    return _k(run, "control")
+
+
+def audit(run: str) -> str:
+    """Stream: every operator command (who, what, when)."""
+    return _k(run, "audit")
+
+
 def lock(run: str) -> str:
     """String with TTL: the aggregator lock; value '<token>:<aggregator id>'."""
     return _k(run, "lock")
@@ -86,6 +96,11 @@ def workers(run: str) -> str:
 def worker_alive(run: str, worker: str) -> str:
     """String with TTL: present while the worker heartbeats; value is its session nonce."""
     return _k(run, "worker", worker, "alive")
+
+
+def worker_kicked(run: str, worker: str) -> str:
+    """String with TTL: set by `diloco control kick`; the worker exits and may not rejoin until it expires."""
+    return _k(run, "worker", worker, "kicked")
 
 
 def worker_stats(run: str, worker: str) -> str:

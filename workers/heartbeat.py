@@ -31,11 +31,17 @@ class Heartbeat:
         self.scripts = Scripts(r)
         self.on_beat = on_beat          # e.g. renew the worker's work-unit leases
         self.stats: dict[str, Any] = {}
-        self.lost = threading.Event()     # set when another session took our id
+        self.lost = threading.Event()     # set when another session took our id, or we were kicked
+        self.lost_reason = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{worker}", daemon=True)
 
     def register(self) -> None:
+        kicked_by = self.r.get(keys.worker_kicked(self.run, self.worker))
+        if kicked_by:
+            ttl = self.r.ttl(keys.worker_kicked(self.run, self.worker))
+            raise DuplicateWorker(f"worker {self.worker!r} was kicked from run {self.run!r} by {kicked_by}; "
+                                  f"it may rejoin in {ttl}s")
         ok = self.scripts.register_worker(self.run, self.worker, self.nonce, self.ttl_ms, socket.gethostname())
         if not ok:
             raise DuplicateWorker(
@@ -52,20 +58,27 @@ class Heartbeat:
         self.stats.update(stats)
 
     def beat(self) -> None:
+        if self.r.exists(keys.worker_kicked(self.run, self.worker)):
+            self._lose(f"worker {self.worker!r} was kicked from run {self.run!r} by an operator")
+            return
         alive = keys.worker_alive(self.run, self.worker)
         # A renewal fails when the key expired (we were paused longer than the timeout): register
         # again, unless another session took the id meanwhile.
         renewed = self.scripts.renew_if_owner(alive, self.nonce, self.ttl_ms)
         if not renewed and not self.scripts.register_worker(self.run, self.worker, self.nonce, self.ttl_ms,
                                                             socket.gethostname()):
-            log.error("worker id %s was taken by another session; stopping", self.worker)
-            self.lost.set()
+            self._lose(f"worker id {self.worker!r} was taken over by another session")
             return
         if self.on_beat is not None:
             self.on_beat()
         fields = {k: str(v) for k, v in self.stats.items()}
         fields["heartbeat_ms"] = str(server_time_ms(self.r))
         self.r.hset(keys.worker_stats(self.run, self.worker), mapping=fields)
+
+    def _lose(self, reason: str) -> None:
+        log.error("%s; stopping", reason)
+        self.lost_reason = reason
+        self.lost.set()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import keys, model, runs, units
+from diloco import control, keys, model, runs, units
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
@@ -147,12 +147,14 @@ class Worker:
             self._release_units()
             self.heartbeat.stop(state)
             if self.heartbeat.lost.is_set():
-                raise ConfigError(f"worker id {self.s.worker_id!r} was taken over by another session")
+                raise ConfigError(self.heartbeat.lost_reason)
         return rounds
 
     def _one_round(self) -> bool:
         """Train, announce and wait for the next version; False if stopped during the round."""
         io = self.outage.call
+        if not io("Redis", self._wait_while_paused):
+            return False
         head = io("Redis", lambda: runs.read_head(self.r, self.s.run))
         io("the object store", lambda: self._sync_to(head))
         ann = self._train_round(head.version)
@@ -169,6 +171,19 @@ class Worker:
         if released := io("Redis", self.leases.release):
             log.warning("%d work units of version %d were not committed; released", released, head.version)
         return True
+
+    def _wait_while_paused(self) -> bool:
+        """Operator control, read at the start of each round: False once the run is stopped."""
+        while not self._should_stop():
+            st = control.state(self.r, self.s.run)
+            if st == control.STOPPED:
+                log.info("run %s is stopped (%s); exiting", self.s.run, self.r.hget(keys.control(self.s.run), "reason"))
+                return False
+            if st != control.PAUSED:
+                return True
+            self.heartbeat.update(state="paused")
+            self.stop_event.wait(self.s.block_ms / 1000)
+        return False
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -283,7 +298,7 @@ class Worker:
         last = "$"
         while not self._should_stop():
             # A head below `version` means Redis was restored to an older version: retrain from it.
-            if runs.read_head(self.r, self.s.run).version != version:
+            if runs.read_head(self.r, self.s.run).version != version or control.state(self.r, self.s.run) == "stopped":
                 return
             # Reading from the stream's current end after the head check can miss nothing: a commit
             # after the check XADDs an entry past `last`.
