@@ -5,6 +5,8 @@
     diloco worker      the worker service
     diloco aggregator  the aggregator service
     diloco status      a run's state, as a table or --json
+    diloco export      a committed version's weights as a plain safetensors file
+    diloco gc          delete what storage retention does not keep
 
 User mistakes and unreachable services exit with a one-line message, never a traceback.
 """
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(status, store=False)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    acl = sub.add_parser("acl", help="create the worker, aggregator and evaluator Redis users (admin credentials)")
+    acl.add_argument("--redis-url", default=os.environ.get(C.ENV_REDIS_URL, C.DEFAULT_REDIS_URL))
+    acl.add_argument("--save", action="store_true", help="ACL SAVE afterwards (the server needs an aclfile)")
+
     ctl = sub.add_parser("control", help="stop, pause, resume, kick a worker, or set a tunable setting")
     _connection_flags(ctl, store=False)
     ctl.add_argument("action", choices=["stop", "pause", "resume", "kick", "set"])
@@ -150,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     recover = sub.add_parser("recover", help="rebuild a wiped Redis from the newest state snapshot")
     _connection_flags(recover)
     recover.add_argument("--force", action="store_true", help="replace the run's keys if it exists in Redis")
+
+    export = sub.add_parser("export", help="write a committed version's weights as a plain safetensors file")
+    _connection_flags(export)
+    export.add_argument("out", metavar="OUT.safetensors", help="the file to write")
+    export.add_argument("--version", type=int, default=None, help="the version to export (default: the head)")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    gc = sub.add_parser("gc", help="delete the objects retention does not keep (keep_last, keep_every, delta_grace_s)")
+    _connection_flags(gc)
+    gc.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    gc.add_argument("--verbose", "-v", action="store_true", help="list every object and why it goes")
     return p
 
 
@@ -223,6 +240,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acl(args: argparse.Namespace) -> int:
+    """Passwords come from DILOCO_<ROLE>_REDIS_PASSWORD (or the file named by ..._FILE), never flags."""
+    from diloco import acl
+    from diloco.connect import connect_redis
+
+    passwords = {}
+    for role in acl.ROLES:
+        env = f"DILOCO_{role.upper()}_REDIS_PASSWORD"
+        value = os.environ.get(env)
+        if value is None and os.environ.get(env + "_FILE"):
+            with open(os.environ[env + "_FILE"]) as f:
+                value = f.read().strip()
+        if value:
+            passwords[role] = value
+    if not passwords:
+        raise ConfigError("no passwords: set DILOCO_WORKER_REDIS_PASSWORD, DILOCO_AGGREGATOR_REDIS_PASSWORD and "
+                          "DILOCO_EVALUATOR_REDIS_PASSWORD (or *_FILE)")
+    acl.apply(connect_redis(args.redis_url), passwords, save=args.save)
+    print(f"Redis users ready: {', '.join(sorted(passwords))}")
+    return 0
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     from diloco import control, runs
     from diloco.connect import connect_redis
@@ -277,6 +316,43 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from diloco.connect import connect_redis
+    from diloco.export import export
+    from diloco.store import open_store
+
+    store = open_store(_require_store(args))
+    store.check()
+    out = export(connect_redis(args.redis_url), store, args.run, args.out, version=args.version, force=args.force)
+    meta = out.metadata
+    print(f"exported version {out.version} of run {args.run} to {out.path} ({out.nbytes} bytes, sha256 "
+          f"{out.sha256}); task {meta['task']}, model {meta['model_hash']}. Load it with "
+          "diloco.export.load_model(path), or safetensors.torch.load_file(path) into "
+          "load_task(task, task_options).build_model()")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from diloco import retention, runs
+    from diloco.connect import connect_redis
+    from diloco.store import open_store
+
+    store = open_store(_require_store(args))
+    store.check()
+    r = connect_redis(args.redis_url)
+    cfg = runs.load_config(r, args.run)
+    doomed = retention.plan(r, store, args.run)
+    if args.verbose:
+        for item in doomed:
+            print(f"{item.key}  ({item.reason})")
+    summary = (retention.measure if args.dry_run else retention.apply)(store, doomed)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"run {args.run} (keep_last {cfg.keep_last}, keep_every {cfg.keep_every}, "
+          f"delta_grace_s {cfg.delta_grace_s:g}): {verb}")
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from diloco.local import run_local
 
@@ -284,7 +360,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
-            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "recover": cmd_recover}
+            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "acl": cmd_acl, "recover": cmd_recover,
+            "export": cmd_export, "gc": cmd_gc}
 
 
 def main(argv: list[str] | None = None) -> int:
