@@ -360,8 +360,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
-            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "acl": cmd_acl, "recover": cmd_recover,
-            "export": cmd_export, "gc": cmd_gc}
+            "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "acl": cmd_acl,
+            "recover": cmd_recover, "export": cmd_export, "gc": cmd_gc}
 
 
 def main(argv: list[str] | None = None) -> int:
