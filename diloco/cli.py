@@ -5,6 +5,14 @@
     diloco worker      the worker service
     diloco aggregator  the aggregator service
     diloco status      a run's state, as a table or --json
+    diloco monitor     the same, live, full screen
+    diloco units       work-unit progress per epoch
+    diloco eval        the evaluator service (held-out loss per version)
+    diloco control     stop, pause, resume, kick, set a tunable setting
+    diloco export      the weights of a version as a safetensors file
+    diloco gc          retention: delete what the run no longer needs
+    diloco recover     rebuild a wiped Redis from the newest snapshot
+    diloco acl         Redis users per role
     diloco export      a committed version's weights as a plain safetensors file
     diloco gc          delete what storage retention does not keep
 
@@ -102,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", default=os.environ.get(C.ENV_RUN, "local"), help="run name (default %(default)s)")
     # --max-versions above is this command's stopping point, not the run's stored budget.
     _setting_flags(run, exclude=frozenset({"max_versions"}))
+    run.add_argument("--no-monitor", action="store_true",
+                     help="print a line per version instead of the live dashboard (always so when not a terminal)")
+
+    monitor = sub.add_parser("monitor", help="a live dashboard of a run in the terminal")
+    _connection_flags(monitor, store=False)
+    monitor.add_argument("--refresh-s", type=float, default=1.0, help="seconds between refreshes (default %(default)s)")
+    monitor.add_argument("--once", action="store_true", help="print one frame and exit (1 if the run cannot be read)")
 
     init = sub.add_parser("init", help="create a run (idempotent)")
     _connection_flags(init)
@@ -359,7 +374,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(args, _given_settings(args))
 
 
-COMMANDS = {"run": cmd_run, "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from diloco.monitor import watch
+
+    return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
+
+
+COMMANDS = {"run": cmd_run, "monitor": cmd_monitor,
+            "init": cmd_init, "worker": cmd_worker, "aggregator": cmd_aggregator,
             "status": cmd_status, "units": cmd_units, "eval": cmd_eval, "control": cmd_control, "acl": cmd_acl,
             "recover": cmd_recover, "export": cmd_export, "gc": cmd_gc}
 

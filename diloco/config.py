@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from diloco import keys
-from diloco.codecs import get_codec
 from diloco.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -97,6 +96,8 @@ class RunConfig:
                 f"unit_samples ({self.unit_samples}) must divide the samples of one round "
                 f"(sync_every * grad_accum * batch_size = {per_round}), so rounds train on whole units"
             )
+        from diloco.codecs import get_codec  # here, not at import: it imports torch, which status does not need
+
         get_codec(self.codec, self.codec_options)  # ConfigError naming an unknown codec or option
         if self.num_fragments != 1:
             raise ConfigError("num_fragments must be 1: streaming fragments are not built yet")

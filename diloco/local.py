@@ -112,6 +112,11 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         for w in worker_ids:
             children.append(_spawn(w, ["worker", "--worker-id", w, "--device", "cpu", "--threads", str(threads),
                                        "--checkpoint-dir", str(data / "checkpoints")], env, log_dir))
+        if sys.stdout.isatty() and not getattr(args, "no_monitor", False):
+            from diloco.monitor import alongside  # _follow's lines are held back until the dashboard closes
+
+            return alongside(lambda: _follow(r, args.run, head.version, args.max_versions, children),
+                             server.url, args.run, console)
         return _follow(r, args.run, head.version, args.max_versions, children)
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted: stopping workers, aggregator and redis-server[/]")
