@@ -162,7 +162,9 @@ class Aggregator:
         self._check_budget(version)
 
     def _check_budget(self, version: int) -> None:
-        tokens = sum(int(f.get("tokens", 0)) for _, f in self.r.xrange(keys.versions(self.s.run)))
+        tokens = 0
+        if self.cfg.max_tokens:  # only then is the versions stream worth reading every round
+            tokens = sum(int(f.get("tokens", 0)) for _, f in self.r.xrange(keys.versions(self.s.run)))
         reason = control.budget_reached(self.cfg, version, tokens)
         if reason:
             log.info("%s: stopping the run", reason)

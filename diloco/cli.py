@@ -13,8 +13,6 @@
     diloco gc          retention: delete what the run no longer needs
     diloco recover     rebuild a wiped Redis from the newest snapshot
     diloco acl         Redis users per role
-    diloco export      a committed version's weights as a plain safetensors file
-    diloco gc          delete what storage retention does not keep
 
 User mistakes and unreachable services exit with a one-line message, never a traceback.
 """
