@@ -1,4 +1,5 @@
-# The diloco image: one image for init, worker, aggregator and status (ENTRYPOINT is `diloco`).
+# The diloco image: one image for every diloco service of compose.yaml (acl, init, aggregator,
+# worker, eval, status/monitor) and the operator commands (ENTRYPOINT is `diloco`).
 #
 #   docker build -t diloco:latest .                     # CPU torch (the default)
 #   docker build -t diloco:gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .

@@ -149,7 +149,7 @@ class Aggregator:
         try:
             self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,
                                 weights=(w_key, w_sha), momentum=(m_key, m_sha), stats=stats,
-                                dataset=plan.dataset, units=trained)
+                                dataset=plan.dataset, units=trained, deltas_read=rnd.last_id)
         except UnitConflict:
             for key in (w_key, m_key):  # ours, never committed: the retry writes them again
                 self.store.delete(key)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import redis
 
+from diloco.errors import ConfigError
+
 ROLES = ("worker", "aggregator", "evaluator")
 
 _COMMANDS = "+@all -@admin -@dangerous"
@@ -36,7 +38,10 @@ def rules(role: str, password: str) -> list[str]:
 def apply(r: redis.Redis, passwords: dict[str, str], *, save: bool = False) -> None:
     """Create or replace the users for the given roles; ACL SAVE if the server has an aclfile."""
     for role, password in passwords.items():
-        r.acl_setuser(role, reset=True)  # drop old rules before the new ones
+        # One SETUSER starting with `reset`: a user in use never has an empty rule set in between.
         r.execute_command("ACL", "SETUSER", role, *rules(role, password))
     if save:
-        r.execute_command("ACL", "SAVE")
+        try:
+            r.execute_command("ACL", "SAVE")
+        except redis.ResponseError as e:
+            raise ConfigError(f"ACL SAVE failed ({e}): start redis-server with --aclfile to keep the users") from None

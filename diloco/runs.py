@@ -70,6 +70,13 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     existing = r.hgetall(keys.config(run))
     if existing:
         return InitResult(_check_same(RunConfig.from_fields(existing), given), created=False)
+    if store.list(keys.snapshot_prefix(run)):
+        # Redis lost the run but the store has its history: starting over at version 0 would
+        # silently throw away every committed version.
+        raise ConfigError(
+            f"run {run!r} is not in Redis but the store has its snapshots ({store.url}/{keys.snapshot_prefix(run)}): "
+            f"restore it with `diloco recover --run {run}`, or use another run name"
+        )
 
     task = load_task(given.get("task", RunConfig.task), given.get("task_options") or {})
     cfg = RunConfig.from_options(run, {**given, "task": given.get("task", "gpt"), "task_options": task.options})

@@ -64,11 +64,13 @@ return 1
 """
 
 COMMIT = """
--- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream, KEYS[4] deltas stream,
--- KEYS[5..] for each epoch whose units the round trained on: done bitmap, leases, owners.
+-- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream,
+-- KEYS[4..] for each epoch whose units the round trained on: done bitmap, leases, owners.
 -- ARGV[1] lock value '<token>:<aggregator>', ARGV[2] base version, ARGV[3] fencing token,
 -- ARGV[4] weights key, ARGV[5] weights sha256, ARGV[6] momentum key, ARGV[7] momentum sha256,
--- ARGV[8] m, then m round-stat field/value pairs for the versions stream,
+-- ARGV[8] the id of the last deltas-stream entry the round read (the next round reads after it,
+-- so an announcement that landed during the reduce is read, and rejected as late, not skipped),
+-- ARGV[9] m, then m round-stat field/value pairs for the versions stream,
 -- then k (epochs), then for each epoch: c, then c (unit bit, worker id) pairs.
 -- Returns the new version, or an error: 'LOCK_LOST', 'STALE <current version>', or
 -- 'UNIT <worker> <bit> <why>' when a unit is not leased by the worker that trained it or is
@@ -76,12 +78,12 @@ COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LOCK_LOST') end
 local current = redis.call('HGET', KEYS[2], 'version')
 if current ~= ARGV[2] then return redis.error_reply('STALE ' .. tostring(current)) end
-local m = tonumber(ARGV[8])
-local i = 9 + 2 * m
+local m = tonumber(ARGV[9])
+local i = 10 + 2 * m
 local k = tonumber(ARGV[i]); i = i + 1
 local units = {}
 for e = 0, k - 1 do
-  local done, owners = KEYS[5 + 3 * e], KEYS[7 + 3 * e]
+  local done, owners = KEYS[4 + 3 * e], KEYS[6 + 3 * e]
   local c = tonumber(ARGV[i]); i = i + 1
   for _ = 1, c do
     local bit, worker = ARGV[i], ARGV[i + 1]; i = i + 2
@@ -95,7 +97,7 @@ for e = 0, k - 1 do
   end
 end
 for _, u in ipairs(units) do
-  local base = 5 + 3 * u[1]
+  local base = 4 + 3 * u[1]
   redis.call('SETBIT', KEYS[base], u[2], 1)
   redis.call('ZREM', KEYS[base + 1], u[2])
   redis.call('HDEL', KEYS[base + 2], u[2])
@@ -103,26 +105,24 @@ end
 local new = tostring(tonumber(ARGV[2]) + 1)
 local t = redis.call('TIME')
 local ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
--- Announcements for the new version all come after the deltas stream's current last entry, so
--- the next round reads the stream from there instead of from the beginning.
-local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
-local since = '0-0'
-if #last > 0 then since = last[1][1] end
 redis.call('HSET', KEYS[2], 'version', new, 'token', ARGV[3], 'weights', ARGV[4],
            'weights_sha256', ARGV[5], 'momentum', ARGV[6], 'momentum_sha256', ARGV[7],
-           'committed_ms', ms, 'deltas_since', since)
+           'committed_ms', ms, 'deltas_since', ARGV[8])
 local entry = {'version', new, 'token', ARGV[3], 'weights', ARGV[4], 'weights_sha256', ARGV[5],
                'momentum', ARGV[6], 'momentum_sha256', ARGV[7], 'committed_ms', ms}
-for j = 9, 8 + 2 * m do entry[#entry + 1] = ARGV[j] end
+for j = 10, 9 + 2 * m do entry[#entry + 1] = ARGV[j] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return tonumber(new)
 """
 
 
 CLAIM_UNITS = """
--- KEYS[1] units meta hash; KEYS[2..5] claimed, done, leases, owners of epoch lo;
--- KEYS[6..9] the same four of epoch lo+1.
--- ARGV[1] the epoch_lo the caller read, ARGV[2] units wanted, ARGV[3] worker id, ARGV[4] lease ms.
+-- KEYS[1] units meta hash; KEYS[2..4] claimed, leases, owners of epoch lo; KEYS[5..7] the same
+-- three of epoch lo+1. ARGV[1] the epoch_lo the caller read, ARGV[2] units wanted, ARGV[3] worker id,
+-- ARGV[4] lease ms, ARGV[5] and ARGV[6] the done bitmaps of epochs lo and lo+1 (read only).
+-- The done bitmaps come in ARGV, not KEYS: a Redis ACL checks every declared key of EVAL for read
+-- and write, and workers may only read them (diloco/acl.py). They carry the run's hash tag, so the
+-- script still touches one Cluster slot.
 -- First releases expired leases of units not done and moves epoch_lo past a fully done epoch; then
 -- claims up to ARGV[2] units, oldest epoch first, in bit order (bit i = the i-th unit of the epoch's
 -- order, so progress reads as a prefix). Returns {'e:bit', ...}, or {'RETRY'} when epoch_lo moved
@@ -134,14 +134,14 @@ local hi = tonumber(redis.call('HGET', KEYS[1], 'epoch_hi'))
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 for j = 0, 1 do
-  local claimed, done, leases, owners = KEYS[2 + 4 * j], KEYS[3 + 4 * j], KEYS[4 + 4 * j], KEYS[5 + 4 * j]
+  local claimed, done, leases, owners = KEYS[2 + 3 * j], ARGV[5 + j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
   for _, u in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
     if redis.call('GETBIT', done, u) == 0 then redis.call('SETBIT', claimed, u, 0) end
     redis.call('ZREM', leases, u)
     redis.call('HDEL', owners, u)
   end
 end
-if redis.call('BITCOUNT', KEYS[3], 0, n - 1, 'BIT') == n then
+if redis.call('BITCOUNT', ARGV[5], 0, n - 1, 'BIT') == n then
   redis.call('HSET', KEYS[1], 'epoch_lo', lo + 1)
   if hi < lo + 1 then redis.call('HSET', KEYS[1], 'epoch_hi', lo + 1) end
   return {'RETRY'}
@@ -150,7 +150,7 @@ local out = {}
 local want = tonumber(ARGV[2])
 for j = 0, 1 do
   local e = lo + j
-  local claimed, leases, owners = KEYS[2 + 4 * j], KEYS[4 + 4 * j], KEYS[5 + 4 * j]
+  local claimed, leases, owners = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
   if e > hi then
     redis.call('HSET', KEYS[1], 'epoch_hi', e)  -- open the next epoch: the current one is all claimed
     hi = e
@@ -188,16 +188,17 @@ return held
 """
 
 RELEASE_UNITS = """
--- KEYS[1] claimed, KEYS[2] done, KEYS[3] leases, KEYS[4] owners of one epoch; ARGV[1] worker id,
--- ARGV[2..] unit bits. Gives back the units the worker holds that are not done, so they are issued
--- again now rather than when the lease would end. Returns how many were released.
+-- KEYS[1] claimed, KEYS[2] leases, KEYS[3] owners of one epoch; ARGV[1] worker id, ARGV[2] the
+-- epoch's done bitmap (read only, so in ARGV: see CLAIM_UNITS), ARGV[3..] unit bits. Gives back the
+-- units the worker holds that are not done, so they are issued again now rather than when the lease
+-- would end. Returns how many were released.
 local released = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local u = ARGV[i]
-  if redis.call('HGET', KEYS[4], u) == ARGV[1] and redis.call('GETBIT', KEYS[2], u) == 0 then
+  if redis.call('HGET', KEYS[3], u) == ARGV[1] and redis.call('GETBIT', ARGV[2], u) == 0 then
     redis.call('SETBIT', KEYS[1], u, 0)
-    redis.call('ZREM', KEYS[3], u)
-    redis.call('HDEL', KEYS[4], u)
+    redis.call('ZREM', KEYS[2], u)
+    redis.call('HDEL', KEYS[3], u)
     released = released + 1
   end
 end
@@ -246,16 +247,17 @@ class Scripts:
 
     def commit(self, run: str, *, lock_value: str, base_version: int, token: int,
                weights: tuple[str, str], momentum: tuple[str, str], stats: dict[str, str],
-               dataset: str = "", units: dict[int, list[tuple[int, str]]] | None = None) -> int:
+               dataset: str = "", units: dict[int, list[tuple[int, str]]] | None = None,
+               deltas_read: str = "0-0") -> int:
         """Advance the version pointer and mark the round's units done.
 
         `units` maps epoch -> [(unit bit, worker id)]. Raises LockLost if our lock or base version
         is gone, UnitConflict (naming the worker) if a unit is not that worker's to commit.
         """
-        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, len(stats)]
+        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, deltas_read, len(stats)]
         for k, v in stats.items():
             args += [k, v]
-        ks = [keys.lock(run), keys.head(run), keys.versions(run), keys.deltas(run)]
+        ks = [keys.lock(run), keys.head(run), keys.versions(run)]
         epochs = sorted(units or {})
         args.append(len(epochs))
         for e in epochs:
@@ -278,9 +280,12 @@ class Scripts:
     def claim_units(self, run: str, dataset: str, epoch_lo: int, want: int, worker: str,
                     lease_ms: int) -> list[tuple[int, int]] | None:
         """Claim up to `want` units as [(epoch, bit)]; None if epoch_lo moved (read it again)."""
-        ks = [keys.units_meta(run, dataset), *keys.epoch_keys(run, dataset, epoch_lo),
-              *keys.epoch_keys(run, dataset, epoch_lo + 1)]
-        out = self.claim(keys=ks, args=[epoch_lo, want, worker, lease_ms])
+        ks, done = [keys.units_meta(run, dataset)], []
+        for e in (epoch_lo, epoch_lo + 1):
+            claimed, done_e, leases, owners = keys.epoch_keys(run, dataset, e)
+            ks += [claimed, leases, owners]
+            done.append(done_e)
+        out = self.claim(keys=ks, args=[epoch_lo, want, worker, lease_ms, *done])
         if out == ["RETRY"]:
             return None
         return [(int(e), int(b)) for e, b in (item.split(":") for item in out)]
@@ -290,4 +295,5 @@ class Scripts:
         return int(self.renew_units_script(keys=ks, args=[worker, lease_ms, *bits]))
 
     def release_units(self, run: str, dataset: str, epoch: int, worker: str, bits: list[int]) -> int:
-        return int(self.release_units_script(keys=keys.epoch_keys(run, dataset, epoch), args=[worker, *bits]))
+        claimed, done, leases, owners = keys.epoch_keys(run, dataset, epoch)
+        return int(self.release_units_script(keys=[claimed, leases, owners], args=[worker, done, *bits]))

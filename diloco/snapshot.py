@@ -36,6 +36,8 @@ def take(raw: redis.Redis, run: str) -> dict[str, Any]:
     """The run's state now; `raw` is a client without response decoding (bitmaps are bytes)."""
     config = _text(raw.hgetall(keys.config(run)))
     head = _text(raw.hgetall(keys.head(run)))
+    if not config or not head:
+        raise RunNotFound(f"run {run!r} is gone from Redis; no snapshot taken")
     datasets = _text(raw.hgetall(keys.datasets(run)))
     units: dict[str, Any] = {}
     for ds in datasets:

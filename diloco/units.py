@@ -94,8 +94,13 @@ class Leases:
         """Claim `want` units (waiting while all are leased to others); None if stopped first."""
         got: list[Unit] = []
         while len(got) < want:
-            lo = int(self.r.hget(keys.units_meta(self.run, self.plan.dataset), "epoch_lo") or 0)
-            new = self.scripts.claim_units(self.run, self.plan.dataset, lo, want - len(got), self.worker,
+            if stop.is_set():
+                self.release()
+                return None
+            lo = self.r.hget(keys.units_meta(self.run, self.plan.dataset), "epoch_lo")
+            if lo is None:  # Redis lost the run (wiped): the caller waits for `diloco recover`
+                raise RunNotFound(f"run {self.run!r} has no work units in Redis (was it wiped?)")
+            new = self.scripts.claim_units(self.run, self.plan.dataset, int(lo), want - len(got), self.worker,
                                            self.lease_ms)
             if new:
                 with self._lock:

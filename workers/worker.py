@@ -161,12 +161,13 @@ class Worker:
         if ann is None:
             log.info("stop requested; abandoning the round on version %d", head.version)
             return False
-        io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000, approximate=True))
+        entry_id = io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000,
+                                                   approximate=True))
         log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
         if self.checkpoint is not None:
             self.checkpoint.save(self)
         self.heartbeat.update(state="waiting")
-        io("Redis", lambda: self._wait_for_version_after(head.version))
+        io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
         # Units the new version did not commit (our delta was dropped) go back to the pool.
         if released := io("Redis", self.leases.release):
             log.warning("%d work units of version %d were not committed; released", released, head.version)
@@ -259,8 +260,10 @@ class Worker:
                 micro_batches: int, claimed: list[units.Unit]) -> Announcement:
         self.heartbeat.update(state="uploading")
         shards, norm = self._encode_with_feedback(delta)
-        names = [keys.delta_shard(self.s.run, version, self.s.worker_id, self.nonce, i)
-                 for i in range(len(shards))]
+        # A fresh upload id per round: after a Redis restore the same session may train the same
+        # version again, and immutable keys must not collide with what it uploaded before.
+        upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
+        names = [keys.delta_shard(self.s.run, version, self.s.worker_id, upload, i) for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
             return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data))
 
@@ -292,13 +295,18 @@ class Worker:
         self.residual = {n: t - sent.flat[n].reshape(t.shape) for n, t in target.items()}
         return shards, l2_norm(sent.flat.values())
 
-    def _wait_for_version_after(self, version: int) -> None:
-        """Block on the versions stream until the head moves past `version` (or stop)."""
+    def _wait_for_version_after(self, version: int, entry_id: str) -> None:
+        """Block on the versions stream until the head moves past `version` (or stop).
+
+        Also returns, to train again, when the head went back (Redis restored from a snapshot) or our
+        announcement vanished (Redis wiped and recovered to this very version).
+        """
         stream = keys.versions(self.s.run)
         last = "$"
         while not self._should_stop():
-            # A head below `version` means Redis was restored to an older version: retrain from it.
-            if runs.read_head(self.r, self.s.run).version != version or control.state(self.r, self.s.run) == "stopped":
+            if (runs.read_head(self.r, self.s.run).version != version
+                    or control.state(self.r, self.s.run) == control.STOPPED
+                    or not self.r.xrange(keys.deltas(self.s.run), entry_id, entry_id)):
                 return
             # Reading from the stream's current end after the head check can miss nothing: a commit
             # after the check XADDs an entry past `last`.
