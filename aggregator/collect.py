@@ -148,9 +148,12 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
             stop: threading.Event) -> bool:
-    """Read announcements into `rnd` until the round closes (True) or stop is set (False)."""
+    """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
+    stopped the run (False)."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
+        if r.hget(keys.control(cfg.run), "state") == "stopped":
+            return False
         if is_closed(r, cfg, rnd):
             return True
         reply = r.xread({stream: rnd.last_id}, block=block_ms, count=1000)
