@@ -33,12 +33,12 @@ def _write_head(r, version: int = 0, token: int = 0) -> dict[str, str]:
     return head
 
 
-def _commit(s: Scripts, lock_value: str, base_version: int, token: int, stats=None) -> int:
+def _commit(s: Scripts, lock_value: str, base_version: int, token: int, stats=None, deltas_read="0-0") -> int:
     v = base_version + 1
     return s.commit(RUN, lock_value=lock_value, base_version=base_version, token=token,
                     weights=(keys.weights_object(RUN, v, token), SHA_W),
                     momentum=(keys.momentum_object(RUN, v, token), SHA_M),
-                    stats=stats if stats is not None else {"workers": "2", "loss": "1.5"})
+                    stats=stats if stats is not None else {"workers": "2", "loss": "1.5"}, deltas_read=deltas_read)
 
 
 # --- lock --------------------------------------------------------------------------------------
@@ -96,14 +96,14 @@ def test_commit_advances_head_and_records_the_version(r, s):
     token = s.acquire_lock(RUN, "agg1", TTL_MS)
     delta_id = r.xadd(keys.deltas(RUN), {"kind": "delta", "worker": "w1"})
 
-    assert _commit(s, f"{token}:agg1", 0, token) == 1
+    assert _commit(s, f"{token}:agg1", 0, token, deltas_read=delta_id) == 1
 
     head = r.hgetall(keys.head(RUN))
     parsed = Head.from_fields(head)
     assert parsed.version == 1 and parsed.token == token
     assert parsed.weights == keys.weights_object(RUN, 1, token) and parsed.weights_sha256 == SHA_W
     assert parsed.momentum == keys.momentum_object(RUN, 1, token) and parsed.momentum_sha256 == SHA_M
-    assert parsed.deltas_since == delta_id  # the next round reads the deltas stream after this entry
+    assert parsed.deltas_since == delta_id  # the next round reads the deltas stream after what this one read
     assert parsed.committed_ms > 1_600_000_000_000  # the server's clock, in ms
 
     entries = r.xrange(keys.versions(RUN))
