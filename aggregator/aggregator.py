@@ -26,7 +26,7 @@ from diloco.faults import crash_point
 from diloco.outer import outer_step
 from diloco.reduce import reduce_round
 from diloco.scripts import Scripts
-from diloco.store import open_store
+from diloco.store import open_store, put_idempotent
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Aggregator:
                     if control.state(self.r, self.s.run) == control.STOPPED:
                         log.info("run %s is stopped; the aggregator exits", self.s.run)
                         break
+                    outage.ok()  # Redis answered: an outage, if any, is over (a standby commits nothing)
                     if not self.lock.held and not self._acquire():
                         continue
                     if self._round():
@@ -97,16 +98,17 @@ class Aggregator:
                 return False
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
-            for worker, reason in outliers(rnd, self.cfg.outlier_factor):
-                self._drop(rnd, worker, reason)
-            if len(rnd.accepted) < self.cfg.min_workers:
-                continue
             t_reduce = time.perf_counter()
             red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
                                self.cfg.shard_bytes, self.pool)
             for _, ann, reason in red.rejected:
                 self._drop(rnd, ann.worker, reason)
-            if len(red.included) < self.cfg.min_workers:
+            # The outlier rule looks only at deltas the reduce verified (norm included), so broken
+            # announcements cannot drag the median; dropping one means reducing again without it.
+            dropped = outliers(rnd, self.cfg.outlier_factor)
+            for worker, reason in dropped:
+                self._drop(rnd, worker, reason)
+            if dropped or len(red.included) < self.cfg.min_workers:
                 continue
             try:
                 self._step_and_commit(rnd, red, weights, momentum, plan, reduce_s=time.perf_counter() - t_reduce,
@@ -127,8 +129,9 @@ class Aggregator:
         version = head.version + 1
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
-        w_sha = self.store.put(w_key, model.to_bytes(new_w, run=self.s.run, version=str(version)))
-        m_sha = self.store.put(m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
+        # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
+        w_sha = put_idempotent(self.store, w_key, model.to_bytes(new_w, run=self.s.run, version=str(version)))
+        m_sha = put_idempotent(self.store, m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
         crash_point("after_write")
         inc = red.included
         trained: dict[int, list[tuple[int, str]]] = {}
@@ -176,7 +179,7 @@ class Aggregator:
             snapshot.write(self.store, self.raw, self.s.run)
         except ObjectExists:
             pass
-        except (DilocoError, redis.RedisError) as e:
+        except (DilocoError, redis.RedisError, OSError) as e:
             log.warning("could not write the snapshot of version %d: %s", version, e)
 
     def _retention(self, version: int) -> None:

@@ -20,6 +20,7 @@ from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage
 from diloco.messages import Announcement, Head
+from diloco.scripts import Scripts
 from diloco.shards import max_shard_object_bytes
 from diloco.units import UnitPlan
 
@@ -40,12 +41,9 @@ class Round:
 
 
 def reject(r: redis.Redis, run: str, worker: str, reason: str, entry_id: str, version: int | str) -> None:
-    log.warning("rejected announcement %s from %s: %s", entry_id, worker, reason)
-    pipe = r.pipeline()
-    pipe.xadd(keys.rejections(run), {"worker": worker, "entry": entry_id, "version": str(version),
-                                    "reason": reason[:500]}, maxlen=10_000, approximate=True)
-    pipe.hincrby(keys.rejected_counts(run), worker, 1)
-    pipe.execute()
+    if Scripts(r).reject(run, entry_id, worker, {"worker": worker, "entry": entry_id, "version": str(version),
+                                                 "reason": reason[:500]}):
+        log.warning("rejected announcement %s from %s: %s", entry_id, worker, reason)
 
 
 def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
@@ -108,12 +106,22 @@ def live_workers(r: redis.Redis, run: str) -> set[str]:
     return {w for w, alive in zip(ids, pipe.execute(), strict=True) if alive}
 
 
+def starved_workers(r: redis.Redis, run: str, workers: set[str]) -> set[str]:
+    """Workers waiting for a free work unit: all units of the open epochs are leased, so a round must
+    not wait for them (it would wait for the leases it holds itself)."""
+    ids = sorted(workers)
+    pipe = r.pipeline(transaction=False)
+    for w in ids:
+        pipe.hget(keys.worker_stats(run, w), "state")
+    return {w for w, st in zip(ids, pipe.execute(), strict=True) if st == "starved"}
+
+
 def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
     """Apply the quorum rule, and publish why the round is still open (status and monitor read it)."""
     live = live_workers(r, cfg.run)
     now = server_time_ms(r)
     deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
-    missing = sorted(live - rnd.answered)
+    missing = sorted(live - rnd.answered - starved_workers(r, cfg.run, live - rnd.answered))
     if len(rnd.accepted) < cfg.min_workers:
         waiting = f"min_workers: {len(rnd.accepted)} of {cfg.min_workers} deltas accepted"
     elif missing and now < deadline:

@@ -78,6 +78,11 @@ def audit(run: str) -> str:
     return _k(run, "audit")
 
 
+def rejected_entries(run: str) -> str:
+    """Set: deltas-stream ids already rejected, so a round redone after a crash counts each once."""
+    return _k(run, "rejected", "entries")
+
+
 def lock(run: str) -> str:
     """String with TTL: the aggregator lock; value '<token>:<aggregator id>'."""
     return _k(run, "lock")

@@ -206,6 +206,20 @@ return released
 """
 
 
+REJECT = """
+-- KEYS[1] set of rejected entry ids, KEYS[2] rejections stream, KEYS[3] per-worker counts hash;
+-- ARGV[1] entry id, ARGV[2] worker id, ARGV[3..] field/value pairs of the rejection.
+-- Records a rejection once per entry: a round redone after a crash reads the same entries again.
+-- Returns 1 if recorded, 0 if this entry was rejected before.
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', unpack(fields))
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+return 1
+"""
+
+
 class Scripts:
     """The scripts registered on one client."""
 
@@ -218,6 +232,7 @@ class Scripts:
         self.init = client.register_script(INIT_RUN)
         self.commit_script = client.register_script(COMMIT)
         self.claim = client.register_script(CLAIM_UNITS)
+        self.reject_script = client.register_script(REJECT)
         self.renew_units_script = client.register_script(RENEW_UNITS)
         self.release_units_script = client.register_script(RELEASE_UNITS)
 
@@ -276,6 +291,13 @@ class Scripts:
                 _, worker, bit, why = msg.split(" ", 3)
                 raise UnitConflict(worker, f"unit {bit} {why}") from None
             raise
+
+    def reject(self, run: str, entry_id: str, worker: str, fields: dict[str, str]) -> bool:
+        args: list[str] = [entry_id, worker]
+        for k, v in fields.items():
+            args += [k, v]
+        ks = [keys.rejected_entries(run), keys.rejections(run), keys.rejected_counts(run)]
+        return bool(self.reject_script(keys=ks, args=args))
 
     def claim_units(self, run: str, dataset: str, epoch_lo: int, want: int, worker: str,
                     lease_ms: int) -> list[tuple[int, int]] | None:

@@ -119,7 +119,21 @@ class FileStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
+    def _root_gone(self) -> bool:
+        return not self.root.is_dir()
+
+    def _unreachable(self, e: OSError) -> Unreachable:
+        return Unreachable(f"object store {self.url} cannot be reached: {e}")
+
     def put(self, key: str, data: bytes) -> str:
+        try:
+            return self._put(key, data)
+        except (ObjectExists, ConfigError):
+            raise
+        except OSError as e:  # the directory is gone, unmounted, full or read-only: an outage
+            raise self._unreachable(e) from None
+
+    def _put(self, key: str, data: bytes) -> str:
         path = self._path(key)
         digest = hashlib.sha256(data).hexdigest()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +180,12 @@ class FileStore(ObjectStore):
                 if max_bytes is not None and size > max_bytes:
                     raise _too_large(key, size, max_bytes)
                 data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if self._root_gone():  # no store at all is an outage, not a missing object
+                raise self._unreachable(e) from None
             raise ObjectMissing(f"no object {key!r} in {self.url}") from None
+        except OSError as e:
+            raise self._unreachable(e) from None
         if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
             raise _too_large(key, len(data), max_bytes)
         return _verify(key, data, sha256)
@@ -175,6 +193,8 @@ class FileStore(ObjectStore):
     def size(self, key: str) -> int:
         path = self._path(key)
         if not path.is_file():
+            if self._root_gone():
+                raise Unreachable(f"object store {self.url} cannot be reached: {self.root} is not a directory")
             raise ObjectMissing(f"no object {key!r} in {self.url}")
         return path.stat().st_size
 
@@ -198,6 +218,8 @@ class FileStore(ObjectStore):
         # Walk only the deepest directory the prefix names, not the whole store.
         base = prefix.rpartition("/")[0]
         start = self.root / base if base else self.root
+        if self.root.exists() and not self.root.is_dir():
+            raise Unreachable(f"object store {self.url} cannot be reached: {self.root} is not a directory")
         keys = []
         for dirpath, _dirs, files in os.walk(start):
             rel = Path(dirpath).relative_to(self.root).as_posix()

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -90,9 +91,15 @@ class Leases:
         self.held: list[Unit] = []
         self._lock = threading.Lock()  # the heartbeat thread renews while the main thread claims
 
-    def claim(self, want: int, stop: threading.Event, poll_s: float = 0.5) -> list[Unit] | None:
-        """Claim `want` units (waiting while all are leased to others); None if stopped first."""
-        got: list[Unit] = []
+    def claim(self, want: int, stop: threading.Event, poll_s: float = 0.5,
+              on_wait: Callable[[], None] | None = None) -> list[Unit] | None:
+        """Claim `want` units (waiting while all are leased to others); None if stopped first.
+
+        Units still held from an attempt that an outage interrupted count: a retry never leaks them.
+        `on_wait` is called while no unit is free (the worker then tells the aggregator not to wait for it).
+        """
+        with self._lock:
+            got: list[Unit] = list(self.held)
         while len(got) < want:
             if stop.is_set():
                 self.release()
@@ -108,6 +115,8 @@ class Leases:
                 got.extend(new)
             elif new is not None:  # every unit of the open epochs is leased: wait for leases to end
                 log.info("no free work unit; waiting for leases to end or be committed")
+                if on_wait is not None:
+                    on_wait()
                 if stop.wait(poll_s):
                     self.release()
                     return None

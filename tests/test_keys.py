@@ -39,6 +39,7 @@ REDIS_KEYS = {
     "round_state": "diloco:{r1}:round",
     "eval_losses": "diloco:{r1}:eval",
     "control": "diloco:{r1}:control",
+    "rejected_entries": "diloco:{r1}:rejected:entries",
     "audit": "diloco:{r1}:audit",
     "worker_kicked": "diloco:{r1}:worker:w1:kicked",
     "lock_token": "diloco:{r1}:lock:token",

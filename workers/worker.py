@@ -220,7 +220,11 @@ class Worker:
     def _train_round(self, version: int) -> Announcement | None:
         self.model.train()
         self.heartbeat.update(state="claiming")
-        claimed = self.outage.call("Redis", lambda: self.leases.claim(units.units_per_round(self.cfg), self.stop_event))
+        def starved() -> None:  # at once, not at the next heartbeat: the aggregator stops waiting for us
+            self.r.hset(keys.worker_stats(self.s.run, self.s.worker_id), "state", "starved")
+
+        want = units.units_per_round(self.cfg)
+        claimed = self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event, on_wait=starved))
         if claimed is None:
             return None
         ids = self._round_samples(version, claimed)
