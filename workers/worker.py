@@ -155,9 +155,15 @@ class Worker:
         io = self.outage.call
         if not io("Redis", self._wait_while_paused):
             return False
+        # Units first, the version after: a claim may wait (starved) while versions move on, and
+        # training on the version read before that wait would only produce a late delta.
+        claimed = self._claim()
+        if claimed is None:
+            log.info("stop requested while claiming work units")
+            return False
         head = io("Redis", lambda: runs.read_head(self.r, self.s.run))
         io("the object store", lambda: self._sync_to(head))
-        ann = self._train_round(head.version)
+        ann = self._train_round(head.version, claimed)
         if ann is None:
             log.info("stop requested; abandoning the round on version %d", head.version)
             return False
@@ -217,16 +223,17 @@ class Worker:
         g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
         return [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
 
-    def _train_round(self, version: int) -> Announcement | None:
-        self.model.train()
+    def _claim(self) -> list[units.Unit] | None:
         self.heartbeat.update(state="claiming")
+
         def starved() -> None:  # at once, not at the next heartbeat: the aggregator stops waiting for us
             self.r.hset(keys.worker_stats(self.s.run, self.s.worker_id), "state", "starved")
 
         want = units.units_per_round(self.cfg)
-        claimed = self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event, on_wait=starved))
-        if claimed is None:
-            return None
+        return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event, on_wait=starved))
+
+    def _train_round(self, version: int, claimed: list[units.Unit]) -> Announcement | None:
+        self.model.train()
         ids = self._round_samples(version, claimed)
         batch_size, accum = self.cfg.batch_size, self.cfg.grad_accum
         self.heartbeat.update(state="training")
