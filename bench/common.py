@@ -14,7 +14,7 @@ import torch
 
 
 def machine_facts() -> str:
-    """One line: cores, CPU, torch version and threads, Python, load average at the time of the call."""
+    """One line: cores, CPU, torch version and threads, Python, OS."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -23,10 +23,8 @@ def machine_facts() -> str:
                 break
     except OSError:
         pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads, Python {platform.python_version()}, {platform.system()} {platform.release()}, "
-            f"load average {load}")
+            f"threads, Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
 class ServiceThread(threading.Thread):
