@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import random
-import re
 import shlex
 import signal
 import subprocess
@@ -38,6 +37,9 @@ from pathlib import Path
 
 import redis
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/chaos.py` from the root
+
+from bench.common import write_section
 from diloco import keys, runs, units
 from diloco.audit import audit
 from diloco.connect import connect_redis
@@ -369,18 +371,6 @@ Faults the pipeline does not yet survive are pinned by the `xfail(strict=True)` 
 
 {table}
 """
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace the `## heading` section of a markdown file (up to the next `## `), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
