@@ -7,18 +7,25 @@ On the built-in byte-level GPT task (default options) it trains, from the same s
 * DiLoCo with W workers and an aggregator as threads of this process, against a real redis-server
   and a `file://` store, min_workers = W so every round averages all W pseudo-gradients; each worker
   trains T inner steps in all (T/H rounds): fp32 at H_small and H_large, and bf16, int8, int4 and
-  topk (default density) at H_small.
+  topk (default density) at H_small;
+* two extra fp32 H_small rows: a repeat (the run-to-run noise floor) and one with 1-sample work units
+  (each worker's round drawn from all over the corpus, as dp's batches are).
 
 Every committed version's weights are evaluated afterwards (held-out loss on the first 512 samples
 of the eval split), so evaluation does not slow the runs. It writes a markdown table (final eval
-loss, % against dp and against DiLoCo fp32 at the same H, bytes sent per worker per round, total
-bytes, wall time), a codec-time table and a plot of eval loss against tokens (all workers together).
+loss and its mean over the last quarter of the tokens, % against dp and against DiLoCo fp32 at the
+same H, bytes sent per worker per round, total bytes, wall time), a gap-over-training table, a
+codec-time table, the targets met or missed, and a plot of eval loss against tokens (all workers).
 
     .venv/bin/python bench/convergence.py [--quick] [--out docs/benchmarks.md] [--png docs/convergence.png]
+                                          [--save-json FILE [--resume]] [--from-json FILE]
 
 `--out` writes the "Convergence" section of that file (replacing an earlier one, leaving the other
-sections alone). `--quick` is a smoke check: T/5 steps (whole rounds) and three configurations; it writes no
-plot unless `--png` is given. Needs matplotlib for the plot (`pip install -e '.[bench]'`).
+sections alone). `--quick` is a smoke check: T/5 steps (whole rounds) and three configurations; it
+writes no plot unless `--png` is given. `--save-json` keeps every evaluation (after each
+configuration), `--resume` then runs only the configurations that file lacks, and `--from-json`
+rebuilds tables, plot and report from it without training. Needs matplotlib for the plot
+(`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -78,14 +85,24 @@ class Config:
     h: int              # inner steps per round (dp: its eval interval)
     codec: str = ""
     repeat: bool = False  # a second run of the same configuration: the run-to-run noise floor
+    unit_samples: int = 0  # work unit size in samples for this run; 0 = --unit-samples
+
+    @property
+    def variant(self) -> bool:
+        """A repeat or a changed unit size: an extra row, never a reference for the others."""
+        return self.repeat or bool(self.unit_samples)
 
     @property
     def label(self) -> str:
-        return "dp" if self.kind == "dp" else f"DiLoCo H={self.h} {self.codec}{' (repeat)' if self.repeat else ''}"
+        if self.kind == "dp":
+            return "dp"
+        extra = " (repeat)" if self.repeat else f" ({self.unit_samples}-sample units)" if self.unit_samples else ""
+        return f"DiLoCo H={self.h} {self.codec}{extra}"
 
     @property
     def run_name(self) -> str:
-        return f"conv-h{self.h}-{self.codec}{'-repeat' if self.repeat else ''}"
+        extra = "-repeat" if self.repeat else f"-u{self.unit_samples}" if self.unit_samples else ""
+        return f"conv-h{self.h}-{self.codec}{extra}"
 
 
 @dataclass
@@ -185,6 +202,8 @@ def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str
              "inner_lr": args.inner_lr, "inner_weight_decay": args.weight_decay,
              "inner_warmup_steps": args.warmup, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
              "nesterov": True, "codec": cfg.codec, "codec_options": {}, "min_workers": args.workers}
+    if cfg.unit_samples or args.unit_samples:
+        given["unit_samples"] = cfg.unit_samples or args.unit_samples
     if "retention_every" in {f.name for f in dataclasses.fields(RunConfig)}:
         given["retention_every"] = 0  # keep every version's weights: each is evaluated after the run
     runs.init_run(r, store, cfg.run_name, given)
@@ -329,7 +348,7 @@ def both(r: Result, ref: Result) -> str:
 
 def results_table(results: list[Result], params: int, args: argparse.Namespace) -> str:
     dp = next((r for r in results if r.config.kind == "dp"), None)
-    fp32 = {r.config.h: r for r in results if r.config.codec == "fp32" and not r.config.repeat}
+    fp32 = {r.config.h: r for r in results if r.config.codec == "fp32" and not r.config.variant}
     lines = ["| configuration | H | codec | final eval loss | last-quarter mean | vs dp (final / last quarter) "
              "| vs DiLoCo fp32 same H (final / last quarter) | bytes / worker / round | total bytes sent "
              "| wall time |",
@@ -357,7 +376,7 @@ def codec_shares(results: list[Result], standalone: dict[str, float], step_s: fl
     shares = {}
     for r in results:
         c = r.config
-        if c.kind == "diloco" and c.h == args.h_small and c.codec in standalone and not c.repeat:
+        if c.kind == "diloco" and c.h == args.h_small and c.codec in standalone and not c.variant:
             alone_ms = standalone[c.codec]
             dedicated = c.h * step_s + alone_ms / 1000
             shares[c.codec] = (100 * (r.encode_s + r.reduce_s) / r.round_s, alone_ms, 100 * alone_ms / 1000 / dedicated)
@@ -372,7 +391,7 @@ def codec_table(results: list[Result], shares: dict[str, tuple[float, float, flo
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         c = r.config
-        if c.kind == "diloco" and c.codec in shares and c.h == args.h_small and not c.repeat:
+        if c.kind == "diloco" and c.codec in shares and c.h == args.h_small and not c.variant:
             in_run, alone_ms, alone = shares[c.codec]
             lines.append(f"| {c.codec} | {1000 * r.encode_s:.1f} ms | {1000 * r.reduce_s:.1f} ms "
                          f"| {r.round_s:.2f} s | {in_run:.1f}% | {alone_ms:.1f} ms "
@@ -384,7 +403,7 @@ def verdicts(results: list[Result], shares: dict[str, tuple[float, float, float]
              ) -> list[str]:
     """One line per target: met / MISSED / mixed (final and last-quarter mean disagree), with the numbers."""
     dp = next(r for r in results if r.config.kind == "dp")
-    by = {(r.config.h, r.config.codec): r for r in results if r.config.kind == "diloco" and not r.config.repeat}
+    by = {(r.config.h, r.config.codec): r for r in results if r.config.kind == "diloco" and not r.config.variant}
     repeat = next((r for r in results if r.config.repeat), None)
     out = []
 
@@ -469,6 +488,8 @@ def plot(results: list[Result], path: Path, args: argparse.Namespace) -> None:
             style = "--"
         if r.config.repeat:
             color, style = "tab:cyan", ":"
+        elif r.config.unit_samples:
+            color, style = "tab:gray", "-"
         xs = [p[0] / 1e6 for p in r.points]
         ys = [p[1] for p in r.points]
         label = f"{r.config.label} ({r.final:.3f})"
@@ -511,15 +532,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outer-lr", type=float, default=0.7, help="outer Nesterov lr (default 0.7)")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum (default 0.9)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unit-samples", type=int, default=0,
+                    help="the runs' work unit size in samples (default 0: the system's, one step's batch)")
     ap.add_argument("--eval-samples", type=int, default=512, help="held-out samples per evaluation (512)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the process (default 2)")
-    ap.add_argument("--only", help="comma-separated subset of: dp, fp32, fp32-large, fp32-repeat, "
+    ap.add_argument("--only", help="comma-separated subset of: dp, fp32, fp32-large, fp32-repeat, fp32-units1, "
                     + ", ".join(CODECS))
     ap.add_argument("--run-timeout-s", type=float, default=3600.0, help="give up on one DiLoCo run after this")
     ap.add_argument("--out", type=Path, help="write the 'Convergence' section of this markdown file")
     ap.add_argument("--png", type=Path, help="plot path (default docs/convergence.png; none with --quick)")
     ap.add_argument("--save-json", type=Path, help="also save the raw results (every evaluation) here")
     ap.add_argument("--from-json", type=Path, help="redo table, plot and report from --save-json output, no runs")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --save-json: keep the configurations that file already holds, run the others")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
@@ -530,7 +555,8 @@ def main(argv: list[str] | None = None) -> None:
         args.steps = max(args.h_small, args.steps // 5 // args.h_small * args.h_small)
     if args.png is None and not args.quick:
         args.png = Path("docs/convergence.png")
-    names = ["dp", "fp32", "topk"] if args.quick else ["dp", "fp32", "fp32-large", *CODECS, "fp32-repeat"]
+    names = ["dp", "fp32", "topk"] if args.quick else ["dp", "fp32", "fp32-large", *CODECS, "fp32-repeat",
+                                                                           "fp32-units1"]
     if args.only:
         names = [n.strip() for n in args.only.split(",")]
     for h in (args.h_small, *(() if "fp32-large" not in names else (args.h_large,))):
@@ -541,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         if n == "dp":
             configs.append(Config("dp", args.h_small))
+        elif n == "fp32-units1":
+            configs.append(Config("diloco", args.h_small, "fp32", unit_samples=1))
         elif n == "fp32-repeat":
             configs.append(Config("diloco", args.h_small, "fp32", repeat=True))
         elif n == "fp32-large":
@@ -556,8 +584,6 @@ def main(argv: list[str] | None = None) -> None:
         log.info("results of `%s` read from %s", meta["command"], args.from_json)
     else:
         meta, results = run_all(args, configs, argv)
-    if args.save_json:
-        args.save_json.write_text(json.dumps({**meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
     report_args = argparse.Namespace(**{**meta["args"], "png": args.png, "out": args.out})
     shares = codec_shares(results, meta["standalone"], meta["step_s"], report_args)
     has_dp = any(r.config.kind == "dp" for r in results)
@@ -579,17 +605,36 @@ def run_all(args: argparse.Namespace, configs: list[Config], argv: list[str] | N
     tokens = args.steps * args.workers * args.batch_size * task.train_data().tokens_per_sample
     log.info("gpt task: %d parameters, T=%d, %d tokens per run, configurations: %s", params, args.steps, tokens,
              ", ".join(c.label for c in configs))
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("resume", "run_timeout_s", "out", "png", "save_json", "from_json")}
     meta = {"command": shlex.join(["python", "bench/convergence.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_facts(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_start": load_average(), "params": params, "tokens": tokens,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    started = time.perf_counter()
+            "load_start": load_average(), "params": params, "tokens": tokens, "args": settings, "elapsed_s": 0.0}
     results: list[Result] = []
+    if args.resume and args.save_json and args.save_json.exists():  # keep what an interrupted run finished
+        saved = json.loads(args.save_json.read_text())
+        if saved["args"] != settings:
+            raise SystemExit(f"--resume: {args.save_json} was written with other settings: {saved['args']}")
+        wanted = {c.label for c in configs}
+        results = [r for r in map(Result.from_dict, saved.pop("results")) if r.config.label in wanted]
+        meta = {**saved, "resumed": f"`{meta['command']}` on {meta['date']} (load average {meta['load_start']})"}
+        log.info("resuming: %s already done", ", ".join(r.config.label for r in results) or "nothing")
+    started = time.perf_counter() - meta["elapsed_s"]
+
+    def save() -> None:
+        if args.save_json:
+            meta["elapsed_s"] = time.perf_counter() - started
+            args.save_json.write_text(json.dumps({**meta, "results": [dataclasses.asdict(r) for r in results]},
+                                                 indent=1))
+
+    done = {r.config.label for r in results}
     with tempfile.TemporaryDirectory(prefix="diloco-convergence-") as tmp:
         server = RedisServer(Path(tmp) / "redis", appendonly=True).start()
         try:
             for c in configs:
+                if c.label in done:
+                    continue
                 t = time.perf_counter()
                 if c.kind == "dp":
                     results.append(run_dp(task, args, args.h_small))
@@ -597,13 +642,17 @@ def run_all(args: argparse.Namespace, configs: list[Config], argv: list[str] | N
                     results.append(run_diloco(task, args, c, server.url, f"file://{tmp}/store"))
                 log.info("%s: final eval loss %.4f, run %.0fs, with evaluation %.0fs", c.label, results[-1].final,
                          results[-1].wall_s, time.perf_counter() - t)
+                save()
         finally:
             server.stop()
+    order = {c.label: i for i, c in enumerate(configs)}
+    results.sort(key=lambda r: order[r.config.label])
     meta["standalone"] = {c.codec: standalone_codec_ms(task, args, c.codec) for c in configs
-                          if c.kind == "diloco" and c.h == args.h_small}
+                          if c.kind == "diloco" and c.h == args.h_small and not c.variant}
     meta["step_s"] = step_time_s(task, args)
     meta["total_s"] = time.perf_counter() - started
     meta["load_end"] = load_average()
+    save()
     return meta, results
 
 
@@ -621,9 +670,10 @@ def co_movement(a: Result, b: Result) -> float:
 def discussion(args, results: list[Result]) -> list[str]:
     """Statements read off the numbers (what the target lines do not say)."""
     dp = next((r for r in results if r.config.kind == "dp"), None)
-    by = {(r.config.h, r.config.codec): r for r in results if r.config.kind == "diloco" and not r.config.repeat}
+    by = {(r.config.h, r.config.codec): r for r in results if r.config.kind == "diloco" and not r.config.variant}
     repeat = next((r for r in results if r.config.repeat), None)
     ref = by.get((args.h_small, "fp32"))
+    units1 = next((r for r in results if r.config.unit_samples == 1 and not r.config.repeat), None)
     out = []
     if dp is not None and ref is not None:
         end = dp.points[-1][0]
@@ -636,12 +686,16 @@ def discussion(args, results: list[Result]) -> list[str]:
             f"the tokens, {last:+.1f}% at the end). "
             + (f"The committed weights' eval loss also jumps from version to version (mean change "
                f"{ref.jitter():.1f}% per evaluation in the second half, against {dp.jitter():.1f}% for dp), while "
-               "the workers' training loss (the versions stream's `loss`) falls smoothly; the outer Nesterov step "
-               f"(lr {args.outer_lr:g}, momentum {args.outer_momentum:g}) carries each round's update on into the "
-               "next ones, which is the likely source. " if ref.jitter() > 1.5 * dp.jitter() else "")
-            + "The budget is also short for "
-            f"DiLoCo: {args.steps // args.h_small} outer steps from a random initial model, where the DiLoCo paper "
-            "starts its workers from a pretrained model and runs far more outer steps.")
+               "the workers' training loss (the versions stream's `loss`) falls smoothly"
+               + (f"; with 1-sample work units the jumps shrink to {units1.jitter():.1f}%, so they come from what "
+                  "a round's work units hold (see below), which the outer step "
+                  f"(lr {args.outer_lr:g}, momentum {args.outer_momentum:g}) applies to the global model at once. "
+                  if units1 is not None and units1.jitter() < ref.jitter() / 2 else
+                  "; this benchmark does not isolate their source. ")
+               if ref.jitter() > 1.5 * dp.jitter() else "")
+            + f"The runs also start DiLoCo from a random initial model ({args.steps // args.h_small} outer steps "
+            "in all), where the DiLoCo paper's main runs start their workers from a model pretrained with "
+            "synchronous data parallelism.")
         large = by.get((args.h_large, "fp32"))
         if large is not None:
             d = pct(large.tail, ref.tail)
@@ -649,23 +703,38 @@ def discussion(args, results: list[Result]) -> list[str]:
             out.append(f"H={args.h_large} ({args.h_large // args.h_small}x fewer rounds and bytes) ends at "
                        f"{both(large, ref)} against H={args.h_small} (final / last-quarter mean): {verdict} "
                        f"H={args.h_small} on this budget.")
+    if dp is not None and ref is not None and units1 is not None:
+        unit = getattr(args, "unit_samples", 0) or args.batch_size
+        sample_bytes = ref.points[-1][0] // (args.steps * args.workers * args.batch_size)  # bytes = tokens
+        out.append(
+            f"Part of the gap is the work-unit size, not DiLoCo: with 1-sample units (each worker's round drawn from "
+            f"samples all over the corpus, as dp's batches are) the same fp32 H={units1.config.h} run ends at "
+            f"{both(units1, dp)} against dp, instead of {both(ref, dp)} with the default units of {unit} consecutive "
+            f"samples ({unit * sample_bytes:,} bytes of contiguous source each, {args.h_small} units per worker per "
+            "round), which make a worker's round data more alike than a random draw. The unit size is a run setting "
+            "(`unit_samples`); the other rows keep the default.")
     quant = [c for c in ("bf16", "int8", "int4") if (args.h_small, c) in by]
     if ref is not None and quant:
         cells = ", ".join(f"{c} {both(by[args.h_small, c], ref)}" for c in quant)
         corr = min(co_movement(by[args.h_small, c], ref) for c in quant)
-        together = (f"their eval-to-eval changes correlate with fp32's (correlation >= {corr:.2f}): every "
+        together = (f"Their eval-to-eval changes correlate with fp32's (correlation >= {corr:.2f}): every "
                     f"H={args.h_small} run trains round k on the same work units (claimed in a seeded order; "
                     "only their split among the workers depends on which thread claims first), so the bumps come "
                     "with the data and the codec comparison is paired. "
                     if corr > 0.5 else "")
-        close = all(abs(pct(by[args.h_small, c].tail, ref.tail)) <= 3 for c in quant)
-        floor = (f"Repeating the fp32 run itself moved it by {both(repeat, by[repeat.config.h, 'fp32'])}, "
-                 if repeat is not None and (repeat.config.h, "fp32") in by else "")
-        caveat = (f"{floor}so a difference of a percent or two at one point is within the noise: the 1% targets "
-                  "can be read as \"no measurable loss from the codec\", not resolved to 1%." if close else
-                  "At least one of them is more than 3% off fp32 over the last quarter: a real loss, not jitter.")
-        if close and not floor:
-            caveat = caveat[0].upper() + caveat[1:]
+        tails = [pct(by[args.h_small, c].tail, ref.tail) for c in quant]
+        finals = [pct(by[args.h_small, c].final, ref.final) for c in quant]
+        rep = (repeat is not None and (repeat.config.h, "fp32") in by) and by[repeat.config.h, "fp32"]
+        if all(abs(d) <= 3 for d in tails):
+            caveat = (f"Over the last quarter they are within {max(map(abs, tails)):.1f}% of fp32"
+                      + (f" (a repeat of the fp32 run itself: {pct(repeat.tail, rep.tail):+.1f}%)" if rep else "")
+                      + f"; at the final point alone they are {min(finals):+.1f}% to {max(finals):+.1f}% off"
+                      + (f" (the repeat: {pct(repeat.final, rep.final):+.1f}%)" if rep else "")
+                      + ", because the final evaluation sits on one of the data-driven bumps and any perturbation "
+                      "of the trajectory moves it. The last-quarter mean is the steadier measure; by it the codecs "
+                      "show no measurable loss against fp32, which is what the 1% targets can be read as here.")
+        else:
+            caveat = "At least one of them is more than 3% off fp32 over the last quarter: a real loss, not jitter."
         out.append(f"The quantizing codecs against fp32 at H={args.h_small}: {cells} (final / last-quarter mean). "
                    f"{together}{caveat}")
     topk = by.get((args.h_small, "topk"))
@@ -696,7 +765,8 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         f"`min_workers={w}` so every round averages all {w} pseudo-gradients) each train T={args.steps} AdamW "
         f"steps at batch {b}; the `dp` baseline trains T={args.steps} steps at batch {w}x{b} = {w * b}, the "
         "synchronous data-parallel equivalent, on uniformly shuffled samples (the workers draw theirs from "
-        f"work units of {b} consecutive samples, shuffled within a round). Inner optimizer (workers and dp "
+        f"work units of {getattr(args, 'unit_samples', 0) or b} consecutive samples, shuffled within a round). "
+        "Inner optimizer (workers and dp "
         f"alike): AdamW lr {args.inner_lr:g}, betas (0.9, 0.95), weight decay {args.weight_decay:g}, linear warmup "
         f"over {args.warmup} steps, then constant (the worker's schedule)"
         f"{LR_NOTE if args.inner_lr == 2e-3 else ''}. Outer optimizer: Nesterov SGD lr {args.outer_lr:g}, "
@@ -729,12 +799,15 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         return textwrap.fill(text, 100)
 
     return "\n\n".join([
-        f"`{meta['command']}` ({meta['date']}; {meta['total_s'] / 60:.1f} min in all)",
+        f"`{meta['command']}` ({meta['date']}; {meta['total_s'] / 60:.1f} min in all"
+        + (f"; the configurations missing from its results were then run by {meta['resumed']}"
+           if meta.get("resumed") else "") + ")",
         *map(fill, paragraphs), table, *png,
         "Eval loss relative to dp at the same tokens, over training (jitter: mean |change| between consecutive "
         "evaluations in the second half):", gaps,
         fill(codec_note), ctable,
-        "Targets (eval loss at the same tokens, final and last-quarter mean; codec time < 5% of a round):",
+        "Targets (eval loss at the same tokens, final and last-quarter mean; \"within x%\" = at most x% worse, so "
+        "being better counts as met; codec time < 5% of a round):",
         "\n".join(checks),
         *map(fill, discussion(args, results)),
     ]) + "\n"
