@@ -608,7 +608,7 @@ def run_all(args: argparse.Namespace, configs: list[Config], argv: list[str] | N
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("resume", "run_timeout_s", "out", "png", "save_json", "from_json")}
     meta = {"command": shlex.join(["python", "bench/convergence.py", *(sys.argv[1:] if argv is None else argv)]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_facts(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_start": load_average(), "params": params, "tokens": tokens, "args": settings, "elapsed_s": 0.0}
     results: list[Result] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from diloco import keys
 from diloco.errors import BadMessage
@@ -18,7 +18,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHARDS = 4096
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     DELTA = "delta"
 
 

@@ -13,3 +13,47 @@ def test_ruff_clean():
     ruff = Path(sys.executable).with_name("ruff")
     out = subprocess.run([str(ruff), "check", "--quiet", str(ROOT)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _third_party_imports(folder: Path) -> set[str]:
+    import ast
+
+    local = {"diloco", "workers", "aggregator", "tests", "bench"}
+    found: set[str] = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found - local if m not in sys.stdlib_module_names}
+
+
+def _declared(*groups: str) -> set[str]:
+    """Import names provided by the distributions pyproject.toml lists in `groups` (and their deps)."""
+    import re
+    import tomllib
+    from importlib import metadata
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for g in groups:
+        reqs += project["optional-dependencies"][g]
+    names = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+    provided = metadata.packages_distributions()
+    return {mod for mod, dists in provided.items() if any(d.lower().replace("_", "-") in names for d in dists)}
+
+
+def test_every_test_import_is_declared():
+    # A clean clone installs only what pyproject.toml names: a package installed here by hand
+    # would pass locally and fail CI at collection.
+    missing = _third_party_imports(ROOT / "tests") - _declared("test")
+    assert not missing, f"tests import {sorted(missing)}, which the [test] extra does not install"
+
+
+def test_every_package_import_is_declared():
+    code = set()
+    for folder in ("diloco", "workers", "aggregator"):
+        code |= _third_party_imports(ROOT / folder)
+    missing = code - _declared()
+    assert not missing, f"the package imports {sorted(missing)}, which its dependencies do not install"
