@@ -26,7 +26,7 @@ from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
 from diloco.errors import ConfigError, ModelMismatch, RunNotFound
-from diloco.messages import Announcement
+from diloco.messages import Announcement, Head
 from diloco.shards import DeltaBuffer, encode_delta, l2_norm
 from diloco.store import open_store, put_idempotent
 from diloco.tasks import load_task, to_device
@@ -313,18 +313,22 @@ class Worker:
         announcement vanished (Redis wiped and recovered to this very version).
         """
         stream = keys.versions(self.s.run)
-        last = "$"
+        last = None
         while not self._should_stop():
-            if (runs.read_head(self.r, self.s.run).version != version
-                    or control.state(self.r, self.s.run) == control.STOPPED
-                    or not self.r.xrange(keys.deltas(self.s.run), entry_id, entry_id)):
+            # One atomic round trip per wake-up: the stream's end, the head, the run state, our entry.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xrevrange(stream, count=1)
+            pipe.hgetall(keys.head(self.s.run))
+            pipe.hget(keys.control(self.s.run), "state")
+            pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
+            newest, head, state, ours = pipe.execute()
+            if not head:
+                runs.read_head(self.r, self.s.run)  # raises RunNotFound, which the caller waits out
+            if Head.from_fields(head).version != version or state == control.STOPPED or not ours:
                 return
-            # Reading from the stream's current end after the head check can miss nothing: a commit
-            # after the check XADDs an entry past `last`.
-            if last == "$":
-                info = self.r.xinfo_stream(stream) if self.r.exists(stream) else None
-                last = info["last-generated-id"] if info else "0-0"
-                continue
+            # The stream's end was read with the head, so a later commit lands past `last`: none is missed.
+            if last is None:
+                last = newest[0][0] if newest else "0-0"
             reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
             for _, entries in reply or []:
                 last = entries[-1][0]
