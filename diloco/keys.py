@@ -119,7 +119,7 @@ def datasets(run: str) -> str:
 
 
 def units_meta(run: str, dataset: str) -> str:
-    """Hash: num_units, unit_samples, length, epoch_lo (oldest epoch not all done), epoch_hi (newest opened)."""
+    """Hash: num_units, unit_samples, length, layout, epoch_lo (oldest epoch not all done), epoch_hi (newest opened)."""
     return _k(run, "units", dataset)
 
 

@@ -1,8 +1,15 @@
-"""Work units: contiguous sample ranges, claimed from Redis bitfields, committed exactly once.
+"""Work units: fixed sets of samples, claimed from Redis bitfields, committed exactly once.
 
-A dataset of `length` samples is cut into `num_units = ceil(length / unit_samples)` units; unit u
-covers samples [u*U, (u+1)*U), the last one wrapping around to the start so every unit has U
-samples. Each epoch visits the units in a seeded permutation, and bit i of the epoch's bitmaps is
+A dataset of `length` samples is cut into `num_units = ceil(length / unit_samples)` units. In the
+default `strided` layout unit u holds samples u, u + num_units, u + 2*num_units, ... (U of them,
+indices past the end wrapping to the start so every unit has U samples): one unit's samples come
+from U evenly spaced places in the dataset, not from one stretch of it. Neighbouring samples of a
+text corpus are strongly correlated, and with contiguous units a worker's whole round came from a
+few stretches of text, which made its pseudo-gradient biased (docs/benchmarks.md measures it).
+The `contiguous` layout (unit u = samples [u*U, (u+1)*U)) is what runs created before the strided
+layout use; their units meta has no `layout` field.
+
+Each epoch visits the units in a seeded permutation, and bit i of the epoch's bitmaps is
 the i-th unit of that order, so progress reads as a prefix. Per (dataset, epoch) Redis holds a
 `claimed` and a `done` bitmap, a lease sorted set and an owners hash; all changes go through the
 Lua scripts in `diloco.scripts`. A unit becomes done only in the commit script.
@@ -29,6 +36,8 @@ from diloco.scripts import Scripts
 log = logging.getLogger(__name__)
 
 Unit = tuple[int, int]  # (epoch, bit)
+STRIDED, CONTIGUOUS = "strided", "contiguous"
+LAYOUTS = (STRIDED, CONTIGUOUS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,11 @@ class UnitPlan:
     length: int
     unit_samples: int
     seed: int
+    layout: str = STRIDED
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown work unit layout {self.layout!r} (known: {', '.join(LAYOUTS)})")
 
     @property
     def num_units(self) -> int:
@@ -45,7 +59,7 @@ class UnitPlan:
     def meta(self) -> dict[str, str]:
         """The units meta hash of a new run."""
         return {"num_units": str(self.num_units), "unit_samples": str(self.unit_samples),
-                "length": str(self.length), "epoch_lo": "0", "epoch_hi": "0"}
+                "length": str(self.length), "layout": self.layout, "epoch_lo": "0", "epoch_hi": "0"}
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 (plans are few and long-lived)
     def order(self, epoch: int) -> torch.Tensor:
@@ -56,6 +70,8 @@ class UnitPlan:
     def samples(self, unit: Unit) -> list[int]:
         epoch, bit = unit
         u = int(self.order(epoch)[bit])
+        if self.layout == STRIDED:
+            return [(u + j * self.num_units) % self.length for j in range(self.unit_samples)]
         start = u * self.unit_samples
         return [(start + j) % self.length for j in range(self.unit_samples)]
 
@@ -64,7 +80,8 @@ def plan_for(r: redis.Redis, cfg: RunConfig) -> UnitPlan:
     meta = r.hgetall(keys.units_meta(cfg.run, cfg.dataset_id))
     if not meta:
         raise RunNotFound(f"run {cfg.run!r} has no work units for dataset {cfg.dataset_id}")
-    return UnitPlan(cfg.dataset_id, int(meta["length"]), int(meta["unit_samples"]), cfg.seed)
+    return UnitPlan(cfg.dataset_id, int(meta["length"]), int(meta["unit_samples"]), cfg.seed,
+                    meta.get("layout", CONTIGUOUS))
 
 
 def units_per_round(cfg: RunConfig) -> int:

@@ -10,6 +10,7 @@ where a kill or a concurrent claim has to be real; the rest run in threads (test
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -693,3 +694,30 @@ def test_init_refuses_a_round_larger_than_the_dataset_or_units_that_do_not_divid
     assert units_per_round(cfg) == 5 == plan_for(r, cfg).num_units
     cfg = harness.init(redis_url, file_url, run="t2", unit_samples=20, **SMALL)
     assert units_per_round(cfg) == 2 and plan_for(r, cfg).num_units == 20
+
+
+@pytest.mark.parametrize("length,unit_samples", [(400, 8), (33, 8), (7, 7), (1, 1), (1000, 1), (101, 10)])
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+def test_every_sample_is_in_some_unit_and_only_wrapped_ones_twice(length, unit_samples, layout):
+    plan = UnitPlan("d", length, unit_samples, seed=3, layout=layout)
+    seen = Counter(i for bit in range(plan.num_units) for i in plan.samples((0, bit)))
+    assert set(seen) == set(range(length)), "an epoch visits every sample"
+    assert all(len(plan.samples((0, b))) == unit_samples for b in range(plan.num_units))
+    wrapped = plan.num_units * unit_samples - length
+    assert sum(seen.values()) - length == wrapped and max(seen.values()) <= 2
+
+
+def test_strided_units_spread_over_the_dataset_and_old_runs_keep_contiguous_units(redis_url, file_url, r):
+    plan = UnitPlan("d", 4000, 16, seed=0)
+    spread = plan.samples((0, 0))
+    ordered = sorted(spread)
+    assert min(b - a for a, b in itertools.pairwise(ordered)) >= 4000 // 16 - 1, spread
+    cfg = harness.init(redis_url, file_url, **SMALL)
+    assert r.hget(keys.units_meta(RUN, cfg.dataset_id), "layout") == "strided"
+    assert plan_for(r, cfg).layout == "strided"
+    r.hdel(keys.units_meta(RUN, cfg.dataset_id), "layout")  # a run created before layouts existed
+    old = plan_for(r, cfg)
+    assert old.layout == "contiguous" and old.samples((0, 0)) == list(range(int(old.order(0)[0]) * 8,
+                                                                               int(old.order(0)[0]) * 8 + 8))
+    with pytest.raises(ValueError, match="unknown work unit layout 'diagonal'"):
+        UnitPlan("d", 10, 2, 0, layout="diagonal")
