@@ -31,7 +31,8 @@ from typing import Any
 from diloco import config as C
 from diloco.errors import ConfigError, DilocoError
 
-_NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id", "schema_version", "num_fragments"}
+_NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id", "schema_version", "num_fragments",
+              "init_weights"}
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -49,6 +50,9 @@ def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozens
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"default {default}")
+    g.add_argument("--init-weights", metavar="PATH", default=None,
+                   help="start the run from this safetensors weights file (e.g. from `diloco export`) instead of "
+                        "the task's seeded initialisation")
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON if it can be); repeatable")
     g.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
@@ -208,7 +212,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     store = open_store(_require_store(args))
     store.check()
-    result = runs.init_run(connect_redis(args.redis_url), store, args.run, _given_settings(args))
+    init = runs.read_init_weights(args.init_weights) if args.init_weights else None
+    result = runs.init_run(connect_redis(args.redis_url), store, args.run, _given_settings(args), init)
     verb = "created" if result.created else "already exists with these settings:"
     print(f"run {args.run} {verb} task {result.config.task}, model {result.config.model_hash}, "
           f"codec {result.config.codec}, sync_every {result.config.sync_every}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ class RunConfig:
     model_hash: str = ""        # fingerprint of the model's state dict, filled in by init
     dataset_id: str = ""        # the training split's id, filled in by init
     seed: int = 0
+    init_weights: str = ""      # sha256 of the weights file the run started from; "" = the task's seeded init
     sync_every: int = 500       # H: inner optimizer steps per round
     batch_size: int = 16        # samples per micro-batch
     grad_accum: int = 1         # micro-batches per optimizer step
@@ -99,6 +101,8 @@ class RunConfig:
         from diloco.codecs import get_codec  # here, not at import: it imports torch, which status does not need
 
         get_codec(self.codec, self.codec_options)  # ConfigError naming an unknown codec or option
+        if self.init_weights and not re.fullmatch(r"[0-9a-f]{64}", self.init_weights):
+            raise ConfigError(f"init_weights must be a sha256 (64 lowercase hex), got {self.init_weights[:80]!r}")
         if self.num_fragments != 1:
             raise ConfigError("num_fragments must be 1: streaming fragments are not built yet")
         if self.schema_version != SCHEMA_VERSION:

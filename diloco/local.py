@@ -91,7 +91,8 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         r = connect_redis(server.url)
         store = open_store(store_url)
         store.check()
-        result = runs.init_run(r, store, args.run, given)
+        init = runs.read_init_weights(args.init_weights) if args.init_weights else None
+        result = runs.init_run(r, store, args.run, given, init)
         cfg = result.config
         head = runs.read_head(r, args.run)
         what = "created" if result.created else f"resumed at version {head.version}"

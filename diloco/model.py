@@ -31,19 +31,23 @@ def model_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def describe_differences(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
-                         limit: int = 5) -> list[str]:
-    """Human-readable differences, first `limit` of them, for a model-mismatch error."""
+                         limit: int = 5, names: tuple[str, str] = ("run", "local model")) -> list[str]:
+    """Human-readable differences, first `limit` of them, for a model-mismatch error.
+
+    `names` says what `expected` and `actual` are, as the message calls them.
+    """
+    ours, theirs = names
     exp = {n: (s, d) for n, s, d in signature(expected)}
     act = {n: (s, d) for n, s, d in signature(actual)}
     out = []
     for name in sorted(set(exp) | set(act)):
         if name not in act:
-            out.append(f"{name}: missing from the local model")
+            out.append(f"{name}: missing from the {theirs}")
         elif name not in exp:
-            out.append(f"{name}: not in the run's model")
+            out.append(f"{name}: not in the {ours}'s model")
         elif exp[name] != act[name]:
             (es, ed), (as_, ad) = exp[name], act[name]
-            out.append(f"{name}: run has {list(es)} {ed}, local model has {list(as_)} {ad}")
+            out.append(f"{name}: {ours} has {list(es)} {ed}, {theirs} has {list(as_)} {ad}")
         if len(out) >= limit:
             break
     return out

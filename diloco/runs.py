@@ -2,12 +2,20 @@
 
 Init is idempotent: with the same settings it returns the existing run; with a changed setting it
 refuses and names every difference. Settings left out adopt the run's values.
+
+A run starts from the task's seeded initialisation, or from a weights file (`--init-weights`, a
+safetensors file such as `diloco export` writes): DiLoCo is usually run from a briefly pretrained
+model, since averaging pseudo-gradients is least efficient in the first steps from random weights
+(docs/benchmarks.md measures it). The file's sha256 is the run's `init_weights` setting, so
+initialising an existing run again with another file is refused like any other changed setting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -16,7 +24,7 @@ import torch
 from diloco import keys, model
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
-from diloco.errors import ConfigError, ObjectExists, RunNotFound
+from diloco.errors import BadInput, ConfigError, ObjectExists, RunNotFound
 from diloco.messages import Head
 from diloco.scripts import Scripts
 from diloco.store import ObjectStore, put_idempotent
@@ -60,13 +68,54 @@ def build_model(task: Task, seed: int) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
+class InitWeights:
+    """A run's starting weights, read from a file the operator gave."""
+
+    path: str
+    sha256: str
+    state: dict[str, torch.Tensor]
+
+
+def read_init_weights(path: str | Path) -> InitWeights:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the initial weights {path}: {e.strerror or e}") from None
+    try:
+        state = model.from_bytes(data, f"initial weights {path}")
+    except BadInput as e:
+        raise ConfigError(str(e)) from None
+    return InitWeights(str(path), hashlib.sha256(data).hexdigest(), state)
+
+
+def _load_init_weights(net: torch.nn.Module, init: InitWeights) -> None:
+    """Copy `init` into `net`, refusing a file made for another model or holding non-finite values."""
+    expected = net.state_dict()
+    diffs = model.describe_differences(expected, init.state, names=("task", "file"))
+    if diffs:
+        raise ConfigError(f"initial weights {init.path} do not fit the task's model: {'; '.join(diffs)}")
+    bad = sorted(n for n, t in init.state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ConfigError(f"initial weights {init.path} hold NaN or infinite values in {', '.join(bad[:5])}")
+    net.load_state_dict(init.state)
+
+
+@dataclass(frozen=True)
 class InitResult:
     config: RunConfig
     created: bool
 
 
-def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]) -> InitResult:
-    """Create run `run` from the explicitly given settings, or check them against the existing run."""
+def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any],
+             init: InitWeights | None = None) -> InitResult:
+    """Create run `run` from the explicitly given settings, or check them against the existing run.
+
+    With `init`, version 0 holds those weights instead of the task's seeded initialisation.
+    """
+    if init is not None:
+        given = {**given, "init_weights": init.sha256}
+    elif given.get("init_weights"):
+        raise ConfigError("init_weights names a weights file's sha256; give the file itself (--init-weights PATH)")
     existing = r.hgetall(keys.config(run))
     if existing:
         return InitResult(_check_same(RunConfig.from_fields(existing), given), created=False)
@@ -81,6 +130,8 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     task = load_task(given.get("task", RunConfig.task), given.get("task_options") or {})
     cfg = RunConfig.from_options(run, {**given, "task": given.get("task", "gpt"), "task_options": task.options})
     net = build_model(task, cfg.seed)
+    if init is not None:
+        _load_init_weights(net, init)
     state = model.state_to_cpu(net)
     train = task.train_data()
     cfg = cfg.replace(model_hash=model.model_hash(state), dataset_id=train.dataset_id,
