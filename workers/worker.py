@@ -298,7 +298,8 @@ class Worker:
         """
         if self.codec.name == "fp32":
             return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
-        target = {n: d + self.residual[n] if n in self.residual else d for n, d in delta.items()}
+        decay = self.codec.feedback_decay
+        target = {n: d + decay * self.residual[n] if n in self.residual else d for n, d in delta.items()}
         shards = encode_delta(target, self.codec, self.cfg.shard_bytes)
         sent = DeltaBuffer(target)
         for shard in shards:

@@ -23,6 +23,9 @@ class Codec(ABC):
     parts: tuple[str, ...]      # the names of the tensors one encoded slice consists of
     # constructor keywords a run config may set, with the types each accepts (bool is never an int here)
     option_types: ClassVar[dict[str, tuple[type, ...]]] = {}
+    # The worker's error feedback sends delta + feedback_decay * residual (SparseLoCo's beta); 1 = plain
+    # error feedback, where everything left out is sent later in full.
+    feedback_decay: float = 1.0
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -33,13 +33,15 @@ CHUNK = 4096  # 64 x 64; indices within a chunk fit 12 bits
 class TopK(Codec):
     name = "topk"
     parts = ("idx", "code", "scale")
-    option_types: ClassVar[dict[str, tuple[type, ...]]] = {"density": (float, int)}
+    option_types: ClassVar[dict[str, tuple[type, ...]]] = {"density": (float, int), "feedback_decay": (float, int)}
 
-    def __init__(self, density: float = 0.015) -> None:
-        if not (isinstance(density, (float, int)) and not isinstance(density, bool)
-                and math.isfinite(density) and 0 < density <= 1):
-            raise ConfigError(f"topk option 'density' must be a number in (0, 1], got {density!r}")
+    def __init__(self, density: float = 0.015, feedback_decay: float = 1.0) -> None:
+        for name, value in (("density", density), ("feedback_decay", feedback_decay)):
+            if not (isinstance(value, (float, int)) and not isinstance(value, bool)
+                    and math.isfinite(value) and 0 < value <= 1):
+                raise ConfigError(f"topk option {name!r} must be a number in (0, 1], got {value!r}")
         self.density = float(density)
+        self.feedback_decay = float(feedback_decay)
 
     def _k(self, length: int) -> int:
         return max(1, min(length, math.floor(self.density * length + 0.5)))
