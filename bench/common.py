@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,30 +23,6 @@ def machine_facts() -> str:
         pass
     return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, Python {platform.python_version()}, {platform.system()} {platform.release()}")
-
-
-class ServiceThread(threading.Thread):
-    """Runs `service.run(max_rounds=...)` (a Worker or an Aggregator) in a thread; `result()` re-raises."""
-
-    def __init__(self, service: Any, max_rounds: int | None, name: str) -> None:
-        super().__init__(daemon=True, name=name)
-        self.service, self.max_rounds = service, max_rounds
-        self.value: int | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.service.run(max_rounds=self.max_rounds)
-        except BaseException as e:
-            self.error = e
-
-    def result(self, timeout: float | None = None) -> int | None:
-        self.join(timeout)
-        if self.is_alive():
-            raise TimeoutError(f"{self.name} still running after {timeout}s")
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def write_section(path: Path, heading: str, body: str) -> None:

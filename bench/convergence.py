@@ -61,12 +61,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/convergence.py` from the root
 
 from aggregator.aggregator import Aggregator
-from bench.common import ServiceThread, machine_facts, write_section
+from bench.common import machine_facts, write_section
 from diloco import keys, model, runs
 from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings, WorkerSettings
 from diloco.connect import connect_redis, server_time_ms
 from diloco.evaluate import eval_loss
+from diloco.inprocess import ServiceThread
 from diloco.localserver import RedisServer
 from diloco.messages import Head
 from diloco.shards import DeltaBuffer, encode_delta

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from aggregator.aggregator import Aggregator
 from diloco import keys, runs
 from diloco.config import AggregatorSettings, RunConfig, WorkerSettings
 from diloco.connect import connect_redis
+from diloco.inprocess import ServiceThread
 from diloco.store import open_store
 from workers.worker import RoundInfo, Worker
 
@@ -25,32 +25,14 @@ def init(redis_url: str, store_url: str, run: str = "t", **settings: Any) -> Run
     return runs.init_run(connect_redis(redis_url), open_store(store_url), run, given).config
 
 
-class Service(threading.Thread):
-    """A worker or aggregator `run()` in a thread; `result()` re-raises what it raised."""
+class Service(ServiceThread):
+    """A service in a thread, with the tests' default wait of two minutes."""
 
-    def __init__(self, service: Worker | Aggregator, max_rounds: int | None) -> None:
-        super().__init__(daemon=True, name=type(service).__name__)
-        self.service, self.max_rounds = service, max_rounds
-        self.value: int | None = None
-        self.error: BaseException | None = None
+    def result(self, timeout: float | None = 120) -> int | None:
+        return super().result(timeout)
 
-    def run(self) -> None:
-        try:
-            self.value = self.service.run(max_rounds=self.max_rounds)
-        except BaseException as e:
-            self.error = e
-
-    def result(self, timeout: float = 120) -> int | None:
-        self.join(timeout)
-        if self.is_alive():
-            raise TimeoutError(f"{self.name} still running after {timeout}s")
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-    def stop(self) -> int | None:
-        self.service.stop()
-        return self.result()
+    def stop(self, timeout: float | None = 120) -> int | None:
+        return super().stop(timeout)
 
 
 def worker(redis_url: str, store_url: str, worker_id: str, run: str = "t", max_rounds: int | None = None,

@@ -50,6 +50,6 @@ def test_each_round_sends_delta_plus_decayed_residual_and_keeps_the_rest(redis_u
 
 def test_feedback_decay_outside_zero_one_is_refused():
     for bad in (0, 1.5, float("nan"), True):
-        with pytest.raises(ConfigError, match="option .feedback_decay. must be"):
+        with pytest.raises(ConfigError, match="option 'feedback_decay' must be"):
             get_codec("topk", {"feedback_decay": bad})
     assert get_codec("topk").feedback_decay == 1.0 and get_codec("int8").feedback_decay == 1.0
