@@ -86,9 +86,12 @@ TOPK_NOTE = ("Development runs of this benchmark chose topk's outer settings: wi
              "the other rows topk diverged (eval loss back up to 1.99 at the end), since outer momentum stacked "
              "on late arrivals overshoots; without momentum, outer lr 1, 2 and 4 ended at 1.37, 1.21 and 1.29, "
              "Nesterov 0.7 / 0.7 at 1.27, and an error-feedback decay of 0.95 (SparseLoCo's) at lr 2 changed "
-             "nothing (1.249 against 1.245). On this budget (48 rounds of a 279k-parameter model) no setting "
-             "tried brings topk within 3% of fp32; SparseLoCo's results are for 512M-parameter models and many "
-             "more rounds.")
+             "nothing (1.249 against 1.245). More density helps but not enough: 0.05 and 0.1 (2.2x and 3.9x the "
+             "bytes) ended at 1.114 and 1.085, and 0.1 with the Nesterov settings at 1.31. The same outer lr 2 "
+             "without momentum on fp32 ends at 1.61: sparse error feedback is what makes that step stable for "
+             "topk (SparseLoCo's observation), not a better setting for everyone. On this budget (48 rounds of a "
+             "279k-parameter model) no setting tried brings topk within 3% of fp32; SparseLoCo's results are for "
+             "512M-parameter models and many more rounds.")
 
 LARGE_NOTE = (" (chosen over 0.4, 0.7, 1.4 and 2.0 in development runs: final eval loss 1.076 against 1.187, "
               "1.100, 2.09 and 13.2, the last two diverging; the lr 1.0 row below, a rerun, ended at 1.101, so "
@@ -254,7 +257,11 @@ def outer_settings(args: argparse.Namespace, codec: str, h: int) -> tuple[float,
 
 
 def codec_options(args: argparse.Namespace, codec: str) -> dict:
-    return {"feedback_decay": args.topk_feedback_decay} if codec == "topk" and args.topk_feedback_decay != 1 else {}
+    if codec != "topk":
+        return {}
+    density = getattr(args, "topk_density", 0.015)
+    return ({"feedback_decay": args.topk_feedback_decay} if args.topk_feedback_decay != 1 else {}) | (
+        {"density": density} if density != 0.015 else {})
 
 
 def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str, store_url: str,
@@ -612,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--large-outer-lr", type=float, default=1.0, help="outer lr of the H_large run (default 1.0)")
     ap.add_argument("--topk-outer-lr", type=float, default=2.0, help="topk runs' outer lr (default 2.0)")
     ap.add_argument("--topk-outer-momentum", type=float, default=0.0, help="topk runs' outer momentum (default 0)")
+    ap.add_argument("--topk-density", type=float, default=0.015, help="topk runs' density (default 0.015)")
     ap.add_argument("--topk-feedback-decay", type=float, default=1.0,
                     help="topk runs' error-feedback decay, the codec option feedback_decay (default 1)")
     ap.add_argument("--warm-steps", type=int, default=300,
