@@ -82,6 +82,7 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
     data = Path(args.data_dir).resolve()
     log_dir = data / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    init = runs.read_init_weights(args.init_weights) if args.init_weights else None  # bad file: fail first
     server = RedisServer(data / "redis", appendonly=True)
     store_url = (data / "store").as_uri()
     console.print(f"[dim]data in {data}; redis-server on {server.url}; logs in {log_dir}[/]")
@@ -91,7 +92,6 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
         r = connect_redis(server.url)
         store = open_store(store_url)
         store.check()
-        init = runs.read_init_weights(args.init_weights) if args.init_weights else None
         result = runs.init_run(r, store, args.run, given, init)
         cfg = result.config
         head = runs.read_head(r, args.run)
