@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from aggregator.units_check import units_problem
-from diloco import keys
+from diloco import control, keys
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage
@@ -96,24 +96,17 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     rnd.answered.add(ann.worker)
 
 
-def live_workers(r: redis.Redis, run: str) -> set[str]:
+def live_workers(r: redis.Redis, run: str) -> dict[str, str | None]:
+    """Each live worker's heartbeat state, in one pipelined read."""
     ids = sorted(r.smembers(keys.workers(run)))
     if not ids:
-        return set()
+        return {}
     pipe = r.pipeline(transaction=False)
     for w in ids:
         pipe.exists(keys.worker_alive(run, w))
-    return {w for w, alive in zip(ids, pipe.execute(), strict=True) if alive}
-
-
-def starved_workers(r: redis.Redis, run: str, workers: set[str]) -> set[str]:
-    """Workers waiting for a free work unit: all units of the open epochs are leased, so a round must
-    not wait for them (it would wait for the leases it holds itself)."""
-    ids = sorted(workers)
-    pipe = r.pipeline(transaction=False)
-    for w in ids:
         pipe.hget(keys.worker_stats(run, w), "state")
-    return {w for w, st in zip(ids, pipe.execute(), strict=True) if st == "starved"}
+    replies = pipe.execute()
+    return {w: state for w, alive, state in zip(ids, replies[0::2], replies[1::2], strict=True) if alive}
 
 
 def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
@@ -121,7 +114,9 @@ def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
     live = live_workers(r, cfg.run)
     now = server_time_ms(r)
     deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
-    missing = sorted(live - rnd.answered - starved_workers(r, cfg.run, live - rnd.answered))
+    # A starved worker waits for a free work unit (all are leased, some to this round's workers):
+    # waiting for it would wait for the round itself.
+    missing = sorted(w for w, state in live.items() if w not in rnd.answered and state != "starved")
     if len(rnd.accepted) < cfg.min_workers:
         waiting = f"min_workers: {len(rnd.accepted)} of {cfg.min_workers} deltas accepted"
     elif missing and now < deadline:
@@ -160,7 +155,7 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
     stopped the run (False)."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
-        if r.hget(keys.control(cfg.run), "state") == "stopped":
+        if control.state(r, cfg.run) == control.STOPPED:
             return False
         if is_closed(r, cfg, rnd):
             return True

@@ -45,7 +45,11 @@ def load_config(r: redis.Redis, run: str) -> RunConfig:
 
 
 def read_head(r: redis.Redis, run: str) -> Head:
-    fields = r.hgetall(keys.head(run))
+    return parse_head(run, r.hgetall(keys.head(run)))
+
+
+def parse_head(run: str, fields: dict[str, str]) -> Head:
+    """The head from its hash's fields (read by the caller, e.g. in a pipeline); RunNotFound if empty."""
     if not fields:
         raise RunNotFound(f"run {run!r} has a config but no version pointer {keys.head(run)}")
     return Head.from_fields(fields)

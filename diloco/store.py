@@ -122,8 +122,8 @@ class FileStore(ObjectStore):
     def _root_gone(self) -> bool:
         return not self.root.is_dir()
 
-    def _unreachable(self, e: OSError) -> Unreachable:
-        return Unreachable(f"object store {self.url} cannot be reached: {e}")
+    def _unreachable(self, why: object) -> Unreachable:
+        return Unreachable(f"object store {self.url} cannot be reached: {why}")
 
     def put(self, key: str, data: bytes) -> str:
         try:
@@ -194,7 +194,7 @@ class FileStore(ObjectStore):
         path = self._path(key)
         if not path.is_file():
             if self._root_gone():
-                raise Unreachable(f"object store {self.url} cannot be reached: {self.root} is not a directory")
+                raise self._unreachable(f"{self.root} is not a directory")
             raise ObjectMissing(f"no object {key!r} in {self.url}")
         return path.stat().st_size
 
@@ -219,7 +219,7 @@ class FileStore(ObjectStore):
         base = prefix.rpartition("/")[0]
         start = self.root / base if base else self.root
         if self.root.exists() and not self.root.is_dir():
-            raise Unreachable(f"object store {self.url} cannot be reached: {self.root} is not a directory")
+            raise self._unreachable(f"{self.root} is not a directory")
         keys = []
         for dirpath, _dirs, files in os.walk(start):
             rel = Path(dirpath).relative_to(self.root).as_posix()

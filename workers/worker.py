@@ -26,7 +26,7 @@ from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
 from diloco.errors import ConfigError, ModelMismatch, RunNotFound
-from diloco.messages import Announcement, Head
+from diloco.messages import Announcement
 from diloco.shards import DeltaBuffer, encode_delta, l2_norm
 from diloco.store import open_store, put_idempotent
 from diloco.tasks import load_task, to_device
@@ -323,9 +323,8 @@ class Worker:
             pipe.hget(keys.control(self.s.run), "state")
             pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
             newest, head, state, ours = pipe.execute()
-            if not head:
-                runs.read_head(self.r, self.s.run)  # raises RunNotFound, which the caller waits out
-            if Head.from_fields(head).version != version or state == control.STOPPED or not ours:
+            # RunNotFound (Redis wiped) goes to the caller, which waits for a recovery
+            if runs.parse_head(self.s.run, head).version != version or state == control.STOPPED or not ours:
                 return
             # The stream's end was read with the head, so a later commit lands past `last`: none is missed.
             if last is None:
