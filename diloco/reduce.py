@@ -19,7 +19,7 @@ from diloco.codecs import Codec
 from diloco.errors import BadInput, BadShard
 from diloco.faults import crash_point
 from diloco.messages import Announcement
-from diloco.shards import DeltaBuffer, l2_norm, max_shard_object_bytes
+from diloco.shards import DeltaBuffer, l2_norm, max_shard_object_bytes, unflatten
 from diloco.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
                  anns: list[tuple[str, Announcement]], shard_bytes: int, pool: ThreadPoolExecutor) -> Reduced:
     """Mean of the valid deltas among `anns` (entry id, announcement), over the tensors in `like`."""
     order = sorted(anns, key=lambda item: item[1].worker)
-    acc = {n: torch.zeros(t.numel(), dtype=torch.float32) for n, t in like.items()}
+    acc = torch.zeros(sum(t.numel() for t in like.values()), dtype=torch.float32)  # laid out as DeltaBuffer.buffer
     limit = max_shard_object_bytes(shard_bytes)
 
     def fetch(ann: Announcement) -> list[Future]:
@@ -54,7 +54,7 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
             for f in futures:
                 buf.add_shard(f.result(), codec)
             buf.check_complete()
-            norm = l2_norm(buf.flat.values())
+            norm = l2_norm([buf.buffer])
             if abs(norm - ann.norm) > 1e-4 * max(1.0, norm):
                 raise BadShard(f"the delta's norm is {norm:.6g}, the announcement claims {ann.norm:.6g}")
         except BadInput as e:
@@ -62,11 +62,9 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
                 f.cancel()
             rejected.append((entry_id, ann, f"{type(e).__name__}: {e}"))
             continue
-        for n in acc:
-            acc[n] += buf.flat[n]
+        acc += buf.buffer
         included.append(ann)
         nbytes += ann.nbytes
     if included:
-        for n, t in acc.items():
-            acc[n] = (t / len(included)).reshape(like[n].shape)
-    return Reduced(acc, included, rejected, nbytes)
+        acc /= len(included)
+    return Reduced(unflatten(acc, like), included, rejected, nbytes)

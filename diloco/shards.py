@@ -1,15 +1,19 @@
-"""The delta shard format: a pseudo-gradient cut into safetensors objects of at most `shard_bytes`.
+"""The delta shard format: a pseudo-gradient laid end to end and cut into safetensors objects.
 
-Each tensor is flattened and cut into slices; each slice is encoded by the run's codec and stored
-as tensors named `{i}.{part}`. The safetensors metadata has one key, `diloco`, holding JSON:
-`{"format", "codec", "entries": [[name, start, numel], ...]}` (entry `i` says which slice `{i}.*`
-is). One key, because safetensors writes several metadata keys in a random order and shards must be
-byte-identical when re-encoded. Every shard decodes on its own, so the aggregator can verify and
-reduce shard by shard.
+The float tensors, in sorted name order and each flattened, form one fp32 vector; each shard holds
+one slice of it, encoded by the run's codec in one call and stored as the codec's parts (tensors
+named as in `codec.parts`). The safetensors metadata has one key, `diloco`, holding JSON:
+`{"format", "codec", "segments": [[name, start, numel], ...]}`: the slice is the concatenation of
+`name[start:start + numel]` over the segments, in order. One key, because safetensors writes several
+metadata keys in a random order and shards must be byte-identical when re-encoded. A slice crosses
+tensor boundaries because most of a model's tensors are small (norms, biases) and a codec's cost per
+call, not per element, is what dominated on them (docs/benchmarks.md). Every shard decodes on its
+own, so the aggregator verifies and reduces shard by shard.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 
@@ -21,10 +25,9 @@ from safetensors.torch import save as st_save
 from diloco.codecs import Codec
 from diloco.errors import BadShard
 
-FORMAT = "diloco-delta/1"
+FORMAT = "diloco-delta/2"
 _HEADER_SLACK = 64 * 1024  # safetensors JSON header; bounds how far a shard may exceed shard_bytes
-_PART_HEADER = 128         # upper bound on one tensor's entry in the safetensors header
-_ENTRY_HEADER = 64         # upper bound on one [name, start, numel] entry, besides the name
+_SEGMENT_HEADER = 64       # upper bound on one [name, start, numel] segment in the header, besides the name
 
 
 def max_shard_object_bytes(shard_bytes: int) -> int:
@@ -34,56 +37,78 @@ def max_shard_object_bytes(shard_bytes: int) -> int:
 
 def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int) -> list[bytes]:
     """Encode fp32 tensors into shards; names in sorted order so the output is deterministic."""
-    shards: list[bytes] = []
-    tensors: dict[str, torch.Tensor] = {}
-    entries: list[list] = []
-    used = 0
-    max_slice = _max_slice(codec, shard_bytes)
-
-    def flush() -> None:
-        nonlocal tensors, entries, used
-        if entries:
-            meta = json.dumps({"format": FORMAT, "codec": codec.name, "entries": entries}, separators=(",", ":"))
-            shards.append(st_save(tensors, metadata={"diloco": meta}))
-        tensors, entries, used = {}, [], 0
-
-    for name in sorted(delta):
-        flat = delta[name].detach().reshape(-1).to(torch.float32)
-        for start in range(0, max(flat.numel(), 1), max_slice):
-            piece = flat[start:start + max_slice]
-            parts = codec.encode(piece.contiguous())
-            # Count header bytes too: many tiny tensors would otherwise overflow the object limit.
-            size = sum(t.numel() * t.element_size() + _PART_HEADER for t in parts.values())
-            size += _ENTRY_HEADER + 2 * len(name.encode())
-            if entries and used + size > shard_bytes:
-                flush()
-            i = len(entries)
-            for part, t in parts.items():
-                tensors[f"{i}.{part}"] = t.cpu().contiguous()
-            entries.append([name, start, piece.numel()])
-            used += size
-    flush()
+    flats = {name: delta[name].detach().reshape(-1) for name in sorted(delta)}
+    shards = []
+    for segments in plan_segments({n: f.numel() for n, f in flats.items()}, codec, shard_bytes):
+        pieces = [flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments]
+        parts = codec.encode((torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous())
+        meta = json.dumps({"format": FORMAT, "codec": codec.name, "segments": segments}, separators=(",", ":"))
+        shards.append(st_save({p: t.cpu().contiguous() for p, t in parts.items()}, metadata={"diloco": meta}))
     return shards
 
 
-def _max_slice(codec: Codec, shard_bytes: int) -> int:
-    """The most elements whose encoding fits `shard_bytes` (max_bytes is monotone: double, then bisect)."""
-    hi = 1
-    while codec.max_bytes(hi * 2) <= shard_bytes and hi < 1 << 40:
-        hi *= 2
-    lo, hi = hi, hi * 2
+def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> list[list[list]]:
+    """The segments of each shard: tensors in the given order, filling each shard before the next.
+
+    A shard's encoded size (`codec.max_bytes` of its slice) plus a bound on the header bytes of its
+    segments after the first stays within `shard_bytes`, so many tiny tensors cannot overflow the
+    object limit; a shard holds at least one element even when `shard_bytes` is smaller than one
+    element's encoding.
+    """
+    shards: list[list[list]] = []
+    segments: list[list] = []
+    used = header = 0
+    for name, numel in numels.items():
+        start = 0
+        while True:
+            # A shard's first segment is within the header slack; the others count (JSON inside
+            # JSON: a name's quotes come escaped, hence twice its length).
+            cost = _SEGMENT_HEADER + 2 * len(name.encode()) if segments else 0
+            room = numel - start
+            take = _most_that_fit(codec, used, room, shard_bytes - header - cost)
+            if take < room:
+                if segments and take <= 0:   # nothing of this tensor fits: the next shard takes it
+                    shards.append(segments)
+                    segments, used, header = [], 0, 0
+                    continue
+                take = max(take, min(room, 1))
+            segments.append([name, start, take])
+            used, header, start = used + take, header + cost, start + take
+            if start == numel:
+                break
+            shards.append(segments)
+            segments, used, header = [], 0, 0
+    return [*shards, segments] if segments else shards
+
+
+def _most_that_fit(codec: Codec, used: int, room: int, budget: int) -> int:
+    """The most elements, at most `room`, that a slice of `used` elements can grow by within `budget`
+    bytes; -1 if not even the slice as it is fits (max_bytes is monotone: bisect)."""
+    if codec.max_bytes(used + room) <= budget:
+        return room
+    if codec.max_bytes(used) > budget:
+        return -1
+    lo, hi = 0, room   # max_bytes(used + lo) fits, max_bytes(used + hi) does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if codec.max_bytes(mid) <= shard_bytes else (lo, mid)
-    # Align to 4096 so slices line up with the block and chunk sizes of int8, int4 and topk.
-    return lo - lo % 4096 if lo >= 4096 else lo
+        lo, hi = (mid, hi) if codec.max_bytes(used + mid) <= budget else (lo, mid)
+    return lo
 
 
 def decode_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """Yield (name, start, fp32 slice) for each entry; BadShard on anything malformed.
+    """Yield (name, start, fp32 values) for each segment; BadShard on anything malformed."""
+    segments, values = decode_slice(data, codec, numels)
+    pos = 0
+    for name, start, numel in segments:
+        yield name, start, values[pos:pos + numel]
+        pos += numel
 
-    `numels` maps each tensor the delta may hold to its element count; a name outside it, a slice
-    out of bounds, a codec other than the run's, or a stray tensor is rejected.
+
+def decode_slice(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[list[tuple[str, int, int]], torch.Tensor]:
+    """(segments, the fp32 slice they make up, end to end); BadShard on anything malformed.
+
+    `numels` maps each tensor the delta may hold to its element count; a name outside it, a segment
+    out of bounds, a codec other than the run's, or a part the codec does not have is rejected.
     """
     try:
         tensors = st_load(data)
@@ -95,31 +120,38 @@ def decode_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> Iterator[
         raise BadShard(f"shard format is {found!r}, expected {FORMAT!r}")
     if meta.get("codec") != codec.name:
         raise BadShard(f"shard codec is {meta.get('codec')!r}, the run's codec is {codec.name!r}")
-    entries = meta.get("entries")
-    if not isinstance(entries, list):
-        raise BadShard("shard metadata 'entries' is not a list")
-    seen: set[str] = set()
-    for i, entry in enumerate(entries):
-        name, start, numel = _check_entry(entry, numels)
-        prefix = f"{i}."
-        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if set(parts) != set(codec.parts):
-            raise BadShard(f"entry {i} has parts {sorted(parts)[:5]}, the {codec.name} codec has {list(codec.parts)}")
-        seen.update(prefix + p for p in parts)
-        values = codec.decode(parts, numel)
-        if not torch.isfinite(values).all():
+    segments = meta.get("segments")
+    if not isinstance(segments, list) or not segments:
+        raise BadShard("shard metadata 'segments' is not a non-empty list")
+    checked = [_check_segment(s, numels) for s in segments]
+    if set(tensors) != set(codec.parts):
+        raise BadShard(f"shard has parts {sorted(tensors)[:5]}, the {codec.name} codec has {list(codec.parts)}")
+    values = codec.decode(tensors, sum(numel for _, _, numel in checked))
+    # A NaN or Inf anywhere makes the sum non-finite: one cheap reduction, the exact test only then
+    # (finite values may also overflow the sum).
+    if not bool(torch.isfinite(values.sum())):
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            name, start, numel = _segment_at(checked, int(bad.nonzero()[0]))
             raise BadShard(f"slice {name}[{start}:{start + numel}] holds NaN or Inf")
-        yield name, start, values
-    stray = sorted(set(tensors) - seen)
-    if stray:
-        raise BadShard(f"shard holds tensors no entry names: {stray[:3]}")
+    return checked, values
 
 
-def _check_entry(entry: object, numels: dict[str, int]) -> tuple[str, int, int]:
-    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:])):
-        raise BadShard(f"malformed entry {str(entry)[:80]}")
-    name, start, numel = entry
+def _segment_at(segments: list[tuple[str, int, int]], index: int) -> tuple[str, int, int]:
+    """The segment that holds element `index` of the slice."""
+    pos = 0
+    for segment in segments:
+        pos += segment[2]
+        if index < pos:
+            return segment
+    raise IndexError(index)
+
+
+def _check_segment(segment: object, numels: dict[str, int]) -> tuple[str, int, int]:
+    if not (isinstance(segment, list) and len(segment) == 3 and isinstance(segment[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in segment[1:])):
+        raise BadShard(f"malformed segment {str(segment)[:80]}")
+    name, start, numel = segment
     if name not in numels:
         raise BadShard(f"tensor {name[:80]!r} is not a floating tensor of the model")
     if start < 0 or numel < 0 or start + numel > numels[name]:
@@ -140,17 +172,38 @@ def _metadata(data: bytes) -> object:
 
 
 class DeltaBuffer:
-    """One worker's decoded delta, checked to cover every float tensor exactly once."""
+    """One worker's decoded delta, checked to cover every float tensor exactly once.
+
+    `buffer` holds the tensors end to end in sorted name order, the order shards are written in, so
+    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`.
+    """
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
-        self.numels = {name: t.numel() for name, t in like.items()}
-        self.flat = {name: torch.zeros(t.numel(), dtype=torch.float32) for name, t in like.items()}
+        self.numels = {name: like[name].numel() for name in sorted(like)}
+        # accumulate yields one offset more (the total) than there are names
+        self.offsets = dict(zip(self.numels, itertools.accumulate(self.numels.values(), initial=0), strict=False))
+        # Uninitialised: check_complete proves every element was written before it is read.
+        self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
+        self.flat = dict(zip(self.numels, self.buffer.split(list(self.numels.values())), strict=True))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
-        for name, start, values in decode_shard(data, codec, self.numels):
-            self.flat[name][start:start + values.numel()] = values
-            self.covered[name].append((start, values.numel()))
+        segments, values = decode_slice(data, codec, self.numels)
+        begin = self.offsets[segments[0][0]] + segments[0][1]
+        pos = 0
+        for name, start, numel in segments:
+            if self.offsets[name] + start != begin + pos:
+                break
+            pos += numel
+        if pos == values.numel():   # the segments are adjacent in `buffer`, as encode_delta writes them
+            self.buffer[begin:begin + pos] = values
+        else:
+            pos = 0
+            for name, start, numel in segments:
+                self.flat[name][start:start + numel] = values[pos:pos + numel]
+                pos += numel
+        for name, start, numel in segments:
+            self.covered[name].append((start, numel))
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():
@@ -161,6 +214,13 @@ class DeltaBuffer:
                 pos += numel
             if pos != self.numels[name]:
                 raise BadShard(f"tensor {name!r} covers {pos} of {self.numels[name]} elements")
+
+
+def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of `flat`, laid out as `DeltaBuffer.buffer` (sorted names, end to end), shaped as in `like`."""
+    names = sorted(like)
+    pieces = flat.split([like[n].numel() for n in names])
+    return {n: piece.view(like[n].shape) for n, piece in zip(names, pieces, strict=True)}
 
 
 def l2_norm(tensors) -> float:

@@ -211,9 +211,9 @@ def wrong_tensors(f: Forger) -> tuple[list[dict[str, str]], dict[str, str]]:
     longer = {**good, first: torch.zeros(good[first].numel() + 8)}
     missing = {n: t for n, t in good.items() if n != last}
     n = f.floats[first].numel()
-    entries = [[name, 0, f.floats[name].numel()] for name in f.names]
-    meta = json.dumps({"format": shards.FORMAT, "codec": "fp32", "entries": entries})
-    float64 = st_save({f"{i}.v": torch.zeros(e[2], dtype=torch.float64) for i, e in enumerate(entries)},
+    segments = [[name, 0, f.floats[name].numel()] for name in f.names]
+    meta = json.dumps({"format": shards.FORMAT, "codec": "fp32", "segments": segments})
+    float64 = st_save({"v": torch.zeros(sum(e[2] for e in segments), dtype=torch.float64)},
                       metadata={"diloco": meta})
     anns = {
         "extra-name": (f.encode(extra), r"^BadShard: tensor 'bogus\.weight' is not a floating tensor of the model"),

@@ -40,25 +40,25 @@ def _decode(shards: list[bytes], codec, like: dict[str, torch.Tensor]) -> dict[s
     return {n: buf.flat[n].reshape(t.shape) for n, t in like.items()}
 
 
-def _shard(tensors: dict[str, torch.Tensor], entries=None, *, codec: str = "fp32", fmt: str = FORMAT,
+def _shard(tensors: dict[str, torch.Tensor], segments=None, *, codec: str = "fp32", fmt: str = FORMAT,
            meta: dict[str, str] | None = None) -> bytes:
-    """A shard built by hand; `entries` as a str is spliced in raw, to write malformed JSON."""
+    """A shard built by hand; `segments` as a str is spliced in raw, to write malformed JSON."""
     if meta is not None:
-        body = {k: json.loads(v) if k == "entries" else v for k, v in meta.items()}
+        body = {k: json.loads(v) if k == "segments" else v for k, v in meta.items()}
         return st_save(tensors, metadata={"diloco": json.dumps(body)})
-    raw = entries if isinstance(entries, str) else json.dumps(entries)
+    raw = segments if isinstance(segments, str) else json.dumps(segments)
     head = json.dumps({"format": fmt, "codec": codec})[:-1]
-    return st_save(tensors, metadata={"diloco": f'{head}, "entries": {raw}}}'})
+    return st_save(tensors, metadata={"diloco": f'{head}, "segments": {raw}}}'})
 
 
 NUMELS = {"a": 4, "b": 2}
 
 
 def _good_tensors() -> dict[str, torch.Tensor]:
-    return {"0.v": torch.ones(4), "1.v": torch.full((2,), 2.0)}
+    return {"v": torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0])}
 
 
-GOOD_ENTRIES = [["a", 0, 4], ["b", 0, 2]]
+GOOD_SEGMENTS = [["a", 0, 4], ["b", 0, 2]]
 
 
 # --- round trip --------------------------------------------------------------------------------
@@ -118,19 +118,22 @@ def test_small_shard_bytes_splits_tensors_and_every_shard_decodes_alone(codec):
     shard_bytes = 1000
     shards = encode_delta(delta, codec, shard_bytes)
     numels = {n: t.numel() for n, t in delta.items()}
-    assert len(shards) >= (delta["w.big"].numel() * codec.max_bytes(1)) // shard_bytes
-    split = set()
+    total = sum(numels.values())
+    assert len(shards) >= codec.max_bytes(total) // shard_bytes
+    split, sizes = set(), []
     for s in shards:
-        data_bytes = 0
+        numel = 0
         for name, start, values in decode_shard(s, codec, numels):
             expect = delta[name].reshape(-1)[start:start + values.numel()]
             assert torch.equal(values, expect.to(torch.bfloat16).float() if codec is BF16 else expect)
-            data_bytes += codec.max_bytes(values.numel())
+            numel += values.numel()
             if values.numel() < numels[name]:
                 split.add(name)
-        assert data_bytes <= shard_bytes
+        sizes.append(codec.max_bytes(numel))
         assert len(s) <= max_shard_object_bytes(shard_bytes)
-    assert split == {"w.big"}  # the only tensor larger than one slice (shard_bytes // bytes per element)
+    assert all(size <= shard_bytes for size in sizes)
+    assert all(size > shard_bytes // 2 for size in sizes[:-1]), f"shards are filled before the next: {sizes}"
+    assert "w.big" in split  # larger than one shard
     out = _decode(shards, codec, delta)
     want = delta["w.odd"].to(torch.bfloat16).float() if codec is BF16 else delta["w.odd"]
     assert torch.equal(out["w.odd"], want)
@@ -212,12 +215,13 @@ def test_shard_layout():
     s = encode_delta({"b": torch.ones(3), "a": torch.ones(2)}, FP32, 1000)
     assert len(s) == 1
     tensors = st_load(s[0])
-    assert set(tensors) == {"0.v", "1.v"}
+    assert set(tensors) == {"v"}
+    assert tensors["v"].tolist() == [1.0] * 5
     header_len = int.from_bytes(s[0][:8], "little")
     meta = json.loads(json.loads(s[0][8:8 + header_len])["__metadata__"]["diloco"])
-    assert meta["format"] == FORMAT == "diloco-delta/1"
+    assert meta["format"] == FORMAT == "diloco-delta/2"
     assert meta["codec"] == "fp32"
-    assert meta["entries"] == [["a", 0, 2], ["b", 0, 3]]
+    assert meta["segments"] == [["a", 0, 2], ["b", 0, 3]]
 
 
 def test_max_shard_object_bytes():
@@ -233,7 +237,7 @@ def test_get_codec():
 # --- decode rejections -------------------------------------------------------------------------
 
 def test_hand_made_good_shard_decodes():
-    out = list(decode_shard(_shard(_good_tensors(), GOOD_ENTRIES), FP32, NUMELS))
+    out = list(decode_shard(_shard(_good_tensors(), GOOD_SEGMENTS), FP32, NUMELS))
     assert [(n, s, v.tolist()) for n, s, v in out] == [("a", 0, [1.0] * 4), ("b", 0, [2.0, 2.0])]
 
 
@@ -246,7 +250,7 @@ def test_garbage_bytes(data):
 
 
 def test_truncated_shard():
-    data = _shard(_good_tensors(), GOOD_ENTRIES)
+    data = _shard(_good_tensors(), GOOD_SEGMENTS)
     with pytest.raises(BadShard):
         list(decode_shard(data[:-3], FP32, NUMELS))
 
@@ -262,9 +266,9 @@ def test_wrong_codec():
 
 
 @pytest.mark.parametrize("meta", [
-    {"format": "diloco-delta/2", "codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
-    {"codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
-    {"format": "diloco-weights/1", "codec": "fp32", "entries": json.dumps(GOOD_ENTRIES)},
+    {"format": "diloco-delta/1", "codec": "fp32", "segments": json.dumps(GOOD_SEGMENTS)},
+    {"codec": "fp32", "segments": json.dumps(GOOD_SEGMENTS)},
+    {"format": "diloco-weights/1", "codec": "fp32", "segments": json.dumps(GOOD_SEGMENTS)},
 ])
 def test_wrong_format(meta):
     with pytest.raises(BadShard, match="format"):
@@ -276,10 +280,12 @@ def test_no_metadata_at_all():
         list(decode_shard(st_save(_good_tensors()), FP32, NUMELS))
 
 
-@pytest.mark.parametrize(("entries", "match"), [
+@pytest.mark.parametrize(("segments", "match"), [
     ("not json", "not JSON"),
     ("", "not JSON"),
-    (json.dumps({"a": [0, 4]}), "not a list"),
+    (json.dumps({"a": [0, 4]}), "not a non-empty list"),
+    (json.dumps([]), "not a non-empty list"),
+    (json.dumps([[["a", 0, 4]]]), "malformed"),
     (json.dumps([["a", 0]]), "malformed"),
     (json.dumps([["a", 0, 4, 1]]), "malformed"),
     (json.dumps([[1, 0, 4]]), "malformed"),
@@ -288,42 +294,47 @@ def test_no_metadata_at_all():
     (json.dumps([["a", False, 4]]), "malformed"),
     (json.dumps(["a"]), "malformed"),
 ])
-def test_bad_entries(entries, match):
+def test_bad_segments(segments, match):
     with pytest.raises(BadShard, match=match):
-        list(decode_shard(_shard({"0.v": torch.ones(4)}, entries), FP32, NUMELS))
+        list(decode_shard(_shard({"v": torch.ones(4)}, segments), FP32, NUMELS))
 
 
-def test_entry_naming_unknown_tensor():
+def test_segment_naming_unknown_tensor():
     with pytest.raises(BadShard, match="'zzz'"):
-        list(decode_shard(_shard({"0.v": torch.ones(4)}, [["zzz", 0, 4]]), FP32, NUMELS))
+        list(decode_shard(_shard({"v": torch.ones(4)}, [["zzz", 0, 4]]), FP32, NUMELS))
 
 
-@pytest.mark.parametrize("entry", [["a", 1, 4], ["a", 4, 1], ["a", -1, 1], ["a", 0, -1], ["b", 0, 3]])
-def test_slice_out_of_bounds(entry):
-    n = max(entry[2], 0)
+@pytest.mark.parametrize("segment", [["a", 1, 4], ["a", 4, 1], ["a", -1, 1], ["a", 0, -1], ["b", 0, 3]])
+def test_slice_out_of_bounds(segment):
+    n = max(segment[2], 0)
     with pytest.raises(BadShard, match="out of bounds"):
-        list(decode_shard(_shard({"0.v": torch.ones(n)}, [entry]), FP32, NUMELS))
+        list(decode_shard(_shard({"v": torch.ones(n)}, [segment]), FP32, NUMELS))
+
+
+def test_segments_longer_than_the_slice():
+    with pytest.raises(BadShard, match=r"expected torch.float32 \(6,\)"):
+        list(decode_shard(_shard({"v": torch.ones(5)}, GOOD_SEGMENTS), FP32, NUMELS))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("codec", [FP32, BF16], ids=["fp32", "bf16"])
 def test_non_finite_values(bad, codec):
     x = torch.tensor([1.0, bad, 3.0, 4.0])
-    data = _shard({f"0.{k}": v for k, v in codec.encode(x).items()}, [["a", 0, 4]], codec=codec.name)
-    with pytest.raises(BadShard, match="NaN or Inf"):
+    data = _shard(codec.encode(x), [["a", 0, 4]], codec=codec.name)
+    with pytest.raises(BadShard, match=r"a\[0:4\] holds NaN or Inf"):
         list(decode_shard(data, codec, NUMELS))
 
 
 def test_stray_tensor():
     tensors = {**_good_tensors(), "2.v": torch.ones(1)}
-    with pytest.raises(BadShard, match="no entry names"):
-        list(decode_shard(_shard(tensors, GOOD_ENTRIES), FP32, NUMELS))
+    with pytest.raises(BadShard, match=r"has parts \['2.v', 'v'\], the fp32 codec has \['v'\]"):
+        list(decode_shard(_shard(tensors, GOOD_SEGMENTS), FP32, NUMELS))
 
 
 def test_stray_tensor_without_index():
     tensors = {**_good_tensors(), "extra": torch.ones(1)}
-    with pytest.raises(BadShard, match="no entry names"):
-        list(decode_shard(_shard(tensors, GOOD_ENTRIES), FP32, NUMELS))
+    with pytest.raises(BadShard, match=r"has parts \['extra', 'v'\]"):
+        list(decode_shard(_shard(tensors, GOOD_SEGMENTS), FP32, NUMELS))
 
 
 @pytest.mark.parametrize(("part", "match"), [
@@ -336,17 +347,17 @@ def test_stray_tensor_without_index():
 ])
 def test_part_with_wrong_dtype_or_shape(part, match):
     with pytest.raises(BadShard, match=match):
-        list(decode_shard(_shard({"0.v": part}, [["a", 0, 4]]), FP32, NUMELS))
+        list(decode_shard(_shard({"v": part}, [["a", 0, 4]]), FP32, NUMELS))
 
 
 def test_missing_part():
     with pytest.raises(BadShard, match=r"has parts \['w'\], the fp32 codec has \['v'\]"):
-        list(decode_shard(_shard({"0.w": torch.ones(4)}, [["a", 0, 4]]), FP32, NUMELS))
+        list(decode_shard(_shard({"w": torch.ones(4)}, [["a", 0, 4]]), FP32, NUMELS))
 
 
 def test_bf16_part_must_be_bf16():
     with pytest.raises(BadShard, match="bfloat16"):
-        list(decode_shard(_shard({"0.v": torch.ones(4)}, [["a", 0, 4]], codec="bf16"), BF16, NUMELS))
+        list(decode_shard(_shard({"v": torch.ones(4)}, [["a", 0, 4]], codec="bf16"), BF16, NUMELS))
 
 
 # --- DeltaBuffer completeness ------------------------------------------------------------------
@@ -397,7 +408,7 @@ def test_check_complete_detects_a_duplicated_shard():
 
 def test_check_complete_detects_overlap_within_a_shard():
     buf = DeltaBuffer({"a": torch.zeros(4)})
-    data = _shard({"0.v": torch.ones(3), "1.v": torch.ones(2)}, [["a", 0, 3], ["a", 2, 2]])
+    data = _shard({"v": torch.ones(5)}, [["a", 0, 3], ["a", 2, 2]])
     buf.add_shard(data, FP32)
     with pytest.raises(BadShard, match="overlap"):
         buf.check_complete()
@@ -411,3 +422,22 @@ def test_shards_in_any_order_are_complete():
         buf.add_shard(s, FP32)
     buf.check_complete()
     assert torch.equal(buf.flat["a"], delta["a"])
+
+
+def test_segments_in_any_order_land_where_they_name():
+    # encode_delta writes segments in buffer order (one copy); a hand-made shard may not
+    buf = DeltaBuffer({"a": torch.zeros(4), "b": torch.zeros(2)})
+    buf.add_shard(_shard({"v": torch.tensor([5.0, 6.0, 1.0, 2.0, 3.0, 4.0])}, [["b", 0, 2], ["a", 0, 4]]), FP32)
+    buf.check_complete()
+    assert buf.flat["a"].tolist() == [1.0, 2.0, 3.0, 4.0] and buf.flat["b"].tolist() == [5.0, 6.0]
+
+
+def test_one_shard_of_many_tensors_is_one_codec_call(monkeypatch):
+    delta = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(20)}
+    calls = []
+    encode = FP32.encode
+    monkeypatch.setattr(FP32, "encode", lambda x: calls.append(x.numel()) or encode(x))
+    (shard,) = encode_delta(delta, FP32, 1 << 20)
+    assert calls == [sum(range(1, 21))]
+    out = _decode([shard], FP32, delta)
+    assert all(torch.equal(out[n], t) for n, t in delta.items())

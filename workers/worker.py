@@ -304,8 +304,9 @@ class Worker:
         sent = DeltaBuffer(target)
         for shard in shards:
             sent.add_shard(shard, self.codec)
+        sent.check_complete()
         self.residual = {n: t - sent.flat[n].reshape(t.shape) for n, t in target.items()}
-        return shards, l2_norm(sent.flat.values())
+        return shards, l2_norm([sent.buffer])
 
     def _wait_for_version_after(self, version: int, entry_id: str) -> None:
         """Block on the versions stream until the head moves past `version` (or stop).
