@@ -6,14 +6,16 @@ parameter of the shard objects `encode_delta` writes (64 MiB shards), the throug
 (`encode_delta`) and decoding (`DeltaBuffer.add_shard`) in MB/s of fp32 input on that delta and on
 one 64 MiB slice (the delta tiled: what a large model's slices cost, out of cache), and the reconstruction's
 relative error ||d - d_hat|| / ||d|| and cosine similarity with d. "payload" counts the codec's
-tensors alone; the rest of bytes/param is safetensors headers (per tensor and per part).
+tensors alone; the rest of bytes/param is the safetensors header (parts and segments).
 
-    .venv/bin/python bench/codecs.py [--steps 100] [--reps 5] [--threads N] [--out FILE]
+    .venv/bin/python bench/codecs.py [--steps 100] [--reps 5] [--threads N] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import shlex
 import statistics
@@ -23,7 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as st_load
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/codecs.py` from the root
+
+from bench.common import machine_facts, write_section
 from diloco.codecs import Codec, get_codec
 from diloco.shards import DeltaBuffer, encode_delta
 from diloco.tasks import load_task
@@ -39,6 +45,8 @@ CODECS: list[tuple[str, str, dict]] = [
     ("topk 0.015", "topk", {}),
     ("topk 0.05", "topk", {"density": 0.05}),
 ]
+# issue 5's wire-size targets, bytes per parameter of the shard objects
+TARGETS = {"bf16": 2.02, "int8": 1.05, "int4": 0.55, "topk 0.015": 0.08}
 
 
 def pseudo_gradient(steps: int) -> dict[str, torch.Tensor]:
@@ -88,7 +96,7 @@ def measure(codec: Codec, delta: dict[str, torch.Tensor], flat: torch.Tensor, re
     parts = codec.encode(big)
     return {
         "bytes": sum(len(s) for s in shards) / flat.numel(),
-        "payload": sum(codec.max_bytes(t.numel()) for t in delta.values()) / flat.numel(),
+        "payload": sum(t.numel() * t.element_size() for s in shards for t in st_load(s).values()) / flat.numel(),
         "enc": mb / median_time(lambda: encode_delta(delta, codec, SHARD_BYTES), reps),
         "dec": mb / median_time(decode, reps),
         "enc16": SLICE * 4 / 1e6 / median_time(lambda: codec.encode(big), reps),
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="AdamW steps of the training run (default 100)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions; the median is reported (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--out", type=Path, help="also write the table here, under the command that produced it")
+    ap.add_argument("--out", type=Path, help="write the 'Codecs' section of this markdown file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         "| slice enc MB/s | slice dec MB/s | rel. error | cosine |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for label, name, options in CODECS:
         r = measure(get_codec(name, options), delta, flat, args.reps)
+        if label in TARGETS:
+            met = "met" if r["bytes"] <= TARGETS[label] else "MISSED"
+            verdicts.append(f"* **{met}**: {label} at most {TARGETS[label]} bytes/param: {r['bytes']:.4f}")
         rates = " | ".join(f"{r[k]:.0f}" if r[k] < 1e6 else "no copy" for k in ("enc", "dec", "enc16", "dec16"))
         lines.append(f"| {label} | {r['bytes']:.4f} | {r['payload']:.4f} | {4 / r['bytes']:.1f}x | {rates} "
                      f"| {r['err']:.2e} | {r['cos']:.5f} |")
@@ -130,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.out:
         command = shlex.join(["python", "bench/codecs.py", *(sys.argv[1:] if argv is None else argv)])
-        args.out.write_text(f"$ {command}\n\n{table}\n")
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        write_section(args.out, "Codecs", f"`{command}` ({when}; {machine_facts()}; load average {load})\n\n"
+                      f"{table}\n\nTargets:\n\n" + "\n".join(verdicts))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The convergence benchmark end to end at toy size, so the script behind docs/benchmarks.md keeps working:
-warm start through --init-weights, dp and DiLoCo rows, from-scratch rows, targets and the written section."""
+"""The benchmarks behind docs/benchmarks.md end to end at toy size, so they keep working: convergence (warm
+start through --init-weights, dp and DiLoCo rows, from-scratch rows, targets, the written section) and codecs."""
 
 from __future__ import annotations
 
@@ -14,16 +14,32 @@ def test_convergence_benchmark_writes_its_section_at_toy_size(tmp_path):
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\n## Other\n\nkept as it was\n")
     cmd = [sys.executable, "bench/convergence.py", "--quick", "--steps", "250", "--h-large", "50",
-           "--only", "dp,fp32,fp32-large,topk,dp-scratch,fp32-scratch", "--warm-steps", "10",
+           "--only", "dp,fp32,fp32-large,topk,topk-frequent,dp-scratch,fp32-scratch", "--warm-steps", "10",
            "--eval-samples", "64", "--out", str(out), "--save-json", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "## Other\n\nkept as it was\n" in text and "## Convergence" in text
     for row in ("| dp (batch 4x16) |", "| DiLoCo H=25 fp32 |", "| DiLoCo H=50 fp32 |", "| DiLoCo H=25 topk |",
+                "| DiLoCo H=5 topk |", "| topk (H=5) |",
                 "| dp (batch 4x16, from scratch) |", "| DiLoCo H=25 fp32 (from scratch) |"):
         assert row in text, row
     prose = " ".join(text.split())  # paragraphs are wrapped at 100 columns
     assert "DiLoCo W=4 fp32 at H=25 within 3% of dp" in prose
+    assert "topk (error feedback) at H=5 (5x the rounds" in prose
     assert "10 AdamW steps at batch 16" in prose, "the warm start is described with its size"
     assert (tmp_path / "r.json").exists() and not (tmp_path / "convergence.png").exists()
+
+
+def test_codec_benchmark_writes_its_section(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Other\n\nkept as it was\n")
+    cmd = [sys.executable, "bench/codecs.py", "--steps", "3", "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "## Other\n\nkept as it was\n" in text and "## Codecs" in text
+    for row in ("| fp32 |", "| bf16 |", "| int8 |", "| int4 |", "| topk 0.015 |"):
+        assert row in text, row
+    for target in ("bf16 at most 2.02", "int8 at most 1.05", "int4 at most 0.55", "topk 0.015 at most 0.08"):
+        assert f"**met**: {target} bytes/param" in text, target
