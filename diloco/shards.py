@@ -28,6 +28,9 @@ from diloco.errors import BadShard
 FORMAT = "diloco-delta/2"
 _HEADER_SLACK = 64 * 1024  # safetensors JSON header; bounds how far a shard may exceed shard_bytes
 _SEGMENT_HEADER = 64       # upper bound on one [name, start, numel] segment in the header, besides the name
+# Elements per slice at most: a slice of several tensors is copied into one fp32 buffer before
+# encoding, and at topk's 0.03 B/param a 64 MiB shard would otherwise hold 2 billion (8 GB).
+MAX_SLICE_ELEMENTS = 1 << 26
 
 
 def max_shard_object_bytes(shard_bytes: int) -> int:
@@ -52,8 +55,8 @@ def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> lis
 
     A shard's encoded size (`codec.max_bytes` of its slice) plus a bound on the header bytes of its
     segments after the first stays within `shard_bytes`, so many tiny tensors cannot overflow the
-    object limit; a shard holds at least one element even when `shard_bytes` is smaller than one
-    element's encoding.
+    object limit, and its slice within MAX_SLICE_ELEMENTS; a shard holds at least one element even
+    when `shard_bytes` is smaller than one element's encoding.
     """
     shards: list[list[list]] = []
     segments: list[list] = []
@@ -64,14 +67,14 @@ def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> lis
             # A shard's first segment is within the header slack; the others count (JSON inside
             # JSON: a name's quotes come escaped, hence twice its length).
             cost = _SEGMENT_HEADER + 2 * len(name.encode()) if segments else 0
-            room = numel - start
-            take = _most_that_fit(codec, used, room, shard_bytes - header - cost)
-            if take < room:
+            rest = numel - start
+            take = _most_that_fit(codec, used, min(rest, MAX_SLICE_ELEMENTS - used), shard_bytes - header - cost)
+            if take < rest:
                 if segments and take <= 0:   # nothing of this tensor fits: the next shard takes it
                     shards.append(segments)
                     segments, used, header = [], 0, 0
                     continue
-                take = max(take, min(room, 1))
+                take = max(take, min(rest, 1))
             segments.append([name, start, take])
             used, header, start = used + take, header + cost, start + take
             if start == numel:

@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 
 from diloco.codecs import get_codec
 from diloco.errors import BadInput, BadShard, ConfigError
-from diloco.shards import FORMAT, DeltaBuffer, decode_shard, encode_delta, max_shard_object_bytes
+from diloco.shards import FORMAT, DeltaBuffer, decode_shard, encode_delta, max_shard_object_bytes, plan_segments
 
 FP32, BF16 = get_codec("fp32"), get_codec("bf16")
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits; round to nearest halves the last one
@@ -441,3 +441,16 @@ def test_one_shard_of_many_tensors_is_one_codec_call(monkeypatch):
     assert calls == [sum(range(1, 21))]
     out = _decode([shard], FP32, delta)
     assert all(torch.equal(out[n], t) for n, t in delta.items())
+
+
+def test_slices_are_capped_in_elements(monkeypatch):
+    # topk packs so densely that shard_bytes alone would let one slice copy billions of elements
+    monkeypatch.setattr("diloco.shards.MAX_SLICE_ELEMENTS", 100)
+    delta = {"a": torch.arange(150, dtype=torch.float32), "b": torch.ones(120)}
+    topk = get_codec("topk")
+    plan = plan_segments({n: t.numel() for n, t in delta.items()}, topk, 1 << 20)
+    assert [sum(seg[2] for seg in shard) for shard in plan] == [100, 100, 70]
+    buf = DeltaBuffer(delta)
+    for s in encode_delta(delta, topk, 1 << 20):
+        buf.add_shard(s, topk)
+    buf.check_complete()
