@@ -20,6 +20,7 @@ import platform
 import shlex
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,14 @@ CODECS: list[tuple[str, str, dict]] = [
 ]
 # issue 5's wire-size targets, bytes per parameter of the shard objects
 TARGETS = {"bf16": 2.02, "int8": 1.05, "int4": 0.55, "topk 0.015": 0.08}
+READING = (
+    "bytes/param is measured from the shard objects (what is uploaded, safetensors header included); payload "
+    "counts the codec's tensors alone. Shards hold the tensors end to end, so the header is one per shard and "
+    "a codec call encodes all 29 tensors at once (`diloco-delta/2`). topk's relative error is high by design: "
+    "it sends the largest 1.5% of entries per chunk of 4096 and leaves the rest to the worker's error feedback, "
+    "which sends it in later rounds; the Convergence section measures what that costs in loss. MB/s figures on "
+    "a 2-core shared machine drift from run to run; compare codecs within one run."
+)
 
 
 def pseudo_gradient(steps: int) -> dict[str, torch.Tensor]:
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         write_section(args.out, "Codecs", f"`{command}` ({when}; {machine_facts()}; load average {load})\n\n"
-                      f"{table}\n\nTargets:\n\n" + "\n".join(verdicts))
+                      f"{table}\n\n{textwrap.fill(READING, 100)}\n\nTargets:\n\n" + "\n".join(verdicts))
 
 
 if __name__ == "__main__":
