@@ -22,8 +22,16 @@ import redis
 
 from diloco.errors import ConfigError
 from diloco.localserver import RedisServer, free_port
+from tests import harness
 
 MOTO_HINT = "moto_server not found: install the test extras with `pip install -e '.[test]'`."
+
+
+@pytest.fixture(autouse=True)
+def _no_service_outlives_its_test():
+    yield
+    still = harness.stop_leftovers()
+    assert not still, f"services still running 120 s after the test asked them to stop: {still}"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
@@ -26,13 +26,35 @@ def init(redis_url: str, store_url: str, run: str = "t", **settings: Any) -> Run
 
 
 class Service(ServiceThread):
-    """A service in a thread, with the tests' default wait of two minutes."""
+    """A service in a thread, with the tests' default wait of two minutes.
+
+    Every one started is remembered until `stop_leftovers` (conftest, after each test) stops and joins
+    it: the tests share one redis-server, and a thread outliving its test (say, a worker finishing a
+    round it began before its stop) would announce into the next test's run of the same name.
+    """
+
+    started: ClassVar[list[Service]] = []
+
+    def start(self) -> None:
+        Service.started.append(self)
+        super().start()
 
     def result(self, timeout: float | None = 120) -> int | None:
         return super().result(timeout)
 
     def stop(self, timeout: float | None = 120) -> int | None:
         return super().stop(timeout)
+
+
+def stop_leftovers(timeout_s: float = 120) -> list[str]:
+    """Stop and join every service a test started; the names of those still running after `timeout_s`."""
+    services, Service.started = Service.started, []
+    for svc in services:
+        svc.service.stop()
+    deadline = time.monotonic() + timeout_s
+    for svc in services:
+        svc.join(max(0.0, deadline - time.monotonic()))
+    return [svc.name for svc in services if svc.is_alive()]
 
 
 def worker(redis_url: str, store_url: str, worker_id: str, run: str = "t", max_rounds: int | None = None,
