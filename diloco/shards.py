@@ -13,7 +13,6 @@ own, so the aggregator verifies and reduces shard by shard.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 
@@ -177,36 +176,24 @@ def _metadata(data: bytes) -> object:
 class DeltaBuffer:
     """One worker's decoded delta, checked to cover every float tensor exactly once.
 
-    `buffer` holds the tensors end to end in sorted name order, the order shards are written in, so
-    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`.
+    `buffer` holds the tensors end to end as `unflatten` lays them out; `flat` maps each name to its
+    1-D view of `buffer`.
     """
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
-        self.numels = {name: like[name].numel() for name in sorted(like)}
-        # accumulate yields one offset more (the total) than there are names
-        self.offsets = dict(zip(self.numels, itertools.accumulate(self.numels.values(), initial=0), strict=False))
+        self.numels = {name: t.numel() for name, t in like.items()}
         # Uninitialised: check_complete proves every element was written before it is read.
         self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
-        self.flat = dict(zip(self.numels, self.buffer.split(list(self.numels.values())), strict=True))
+        self.flat = {name: view.view(-1) for name, view in unflatten(self.buffer, like).items()}
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
         segments, values = decode_slice(data, codec, self.numels)
-        begin = self.offsets[segments[0][0]] + segments[0][1]
         pos = 0
         for name, start, numel in segments:
-            if self.offsets[name] + start != begin + pos:
-                break
-            pos += numel
-        if pos == values.numel():   # the segments are adjacent in `buffer`, as encode_delta writes them
-            self.buffer[begin:begin + pos] = values
-        else:
-            pos = 0
-            for name, start, numel in segments:
-                self.flat[name][start:start + numel] = values[pos:pos + numel]
-                pos += numel
-        for name, start, numel in segments:
+            self.flat[name][start:start + numel] = values[pos:pos + numel]
             self.covered[name].append((start, numel))
+            pos += numel
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():
@@ -220,7 +207,8 @@ class DeltaBuffer:
 
 
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of `flat`, laid out as `DeltaBuffer.buffer` (sorted names, end to end), shaped as in `like`."""
+    """Views of `flat` shaped as in `like`: the tensors end to end in sorted name order (the order
+    shards are written in)."""
     names = sorted(like)
     pieces = flat.split([like[n].numel() for n in names])
     return {n: piece.view(like[n].shape) for n, piece in zip(names, pieces, strict=True)}
