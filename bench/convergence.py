@@ -434,17 +434,24 @@ def both(r: Result, ref: Result) -> str:
 
 
 def runs_of(results: list[Result], r: Result) -> list[Result]:
-    """`r` and its repeats (the same configuration run again)."""
+    """`r` and its repeats (the same configuration run again); a repeat alone if `r` is one."""
     c = r.config
+    if c.repeat:
+        return [r]
     return [r, *(x for x in results if x.config.repeat and (x.config.kind, x.config.h, x.config.codec)
-                 == (c.kind, c.h, c.codec) and not c.repeat)]
+                 == (c.kind, c.h, c.codec))]
+
+
+def pooled(results: list[Result], r: Result) -> tuple[float, float]:
+    """(final, last-quarter mean) of `r`, averaged over its runs."""
+    runs = runs_of(results, r)
+    return statistics.mean(x.final for x in runs), statistics.mean(x.tail for x in runs)
 
 
 def mean_gap(results: list[Result], r: Result, ref: Result) -> tuple[float, float]:
     """% of r's runs against ref's runs: (mean final, mean last-quarter mean)."""
-    runs, refs = runs_of(results, r), runs_of(results, ref)
-    return (pct(statistics.mean(x.final for x in runs), statistics.mean(x.final for x in refs)),
-            pct(statistics.mean(x.tail for x in runs), statistics.mean(x.tail for x in refs)))
+    (final, tail), (ref_final, ref_tail) = pooled(results, r), pooled(results, ref)
+    return pct(final, ref_final), pct(tail, ref_tail)
 
 
 def dp_for(results: list[Result], r: Result | None = None) -> Result | None:
@@ -526,15 +533,14 @@ def verdicts(results: list[Result], shares: dict[str, tuple[float, float, float]
     out = []
 
     def judge(what: str, r: Result, ref: Result, target: float, ref_name: str) -> None:
-        runs, refs = runs_of(results, r), runs_of(results, ref)
-        final, tail = statistics.mean(x.final for x in runs), statistics.mean(x.tail for x in runs)
-        ref_final, ref_tail = statistics.mean(x.final for x in refs), statistics.mean(x.tail for x in refs)
-        d_final, d_tail = mean_gap(results, r, ref)
+        (final, tail), (ref_final, ref_tail) = pooled(results, r), pooled(results, ref)
+        d_final, d_tail = pct(final, ref_final), pct(tail, ref_tail)
         ok = [d_final <= target, d_tail <= target]
         label = "met" if all(ok) else "MISSED" if not any(ok) else "mixed"
-        pooled = f" (means of {len(runs)} and {len(refs)} runs)" if len(runs) + len(refs) > 2 else ""
+        n, n_ref = len(runs_of(results, r)), len(runs_of(results, ref))
+        means = f" (means of {n} and {n_ref} runs)" if n + n_ref > 2 else ""
         out.append(f"* **{label}**: {what} within {target:g}% of {ref_name}: final {final:.4f} vs {ref_final:.4f} "
-                   f"({d_final:+.2f}%), last-quarter mean {tail:.4f} vs {ref_tail:.4f} ({d_tail:+.2f}%){pooled}.")
+                   f"({d_final:+.2f}%), last-quarter mean {tail:.4f} vs {ref_tail:.4f} ({d_tail:+.2f}%){means}.")
 
     for h in sorted({h for h, c in by if c == "fp32"}):
         judge(f"DiLoCo W={args.workers} fp32 at H={h}", by[h, "fp32"], dp, TARGETS["fp32"], "dp")
