@@ -116,6 +116,8 @@ def test_shard_bytes_from_shard_mb():
     ({"heartbeat_timeout_s": 0}, "heartbeat_timeout_s"),
     ({"inner_weight_decay": -0.1}, "inner_weight_decay"),
     ({"seed": -1}, "seed"),
+    ({"inner_lr_decay_from": -1}, "inner_lr_decay_from"),
+    ({"inner_lr_decay_from": 5, "inner_lr_decay_to": 5}, "inner_lr_decay_to"),
     ({"codec": "int3"}, "codec"),
     ({"codec": "topk", "codec_options": {"densty": 0.1}}, "densty"),
     ({"num_fragments": 2}, "num_fragments"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import pytest
 import torch
 
 from diloco import keys, model, runs
@@ -27,6 +28,7 @@ class Recorder:
         self.local: dict[int, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
         self.adam_steps: dict[str, list[int]] = defaultdict(list)
         self.micro: dict[str, list[int]] = defaultdict(list)
+        self.last_lr: dict[str, list[float]] = defaultdict(list)
 
     def for_worker(self, worker_id: str):
         def observe(info) -> None:
@@ -34,6 +36,7 @@ class Recorder:
             states = list(info.optimizer.state.values())
             self.adam_steps[worker_id].append(int(states[0]["step"]))
             self.micro[worker_id].append(info.micro_batches)
+            self.last_lr[worker_id].append(info.optimizer.param_groups[0]["lr"])
         return observe
 
 
@@ -116,6 +119,21 @@ def test_inner_state_persists_and_exact_steps_with_accumulation(redis_url, file_
     assert rec.adam_steps["w0"] == [H, 2 * H, 3 * H]
     assert rec.micro["w0"] == [H * accum] * 3
     assert [int(e["samples"]) for e in entries] == [H * accum * 8] * 3
+
+
+def test_inner_lr_warms_up_per_worker_and_decays_with_the_version(redis_url, file_url, r):
+    # H=5, warmup over a worker's first 8 steps, linear decay from version 1 to zero at version 3.
+    _, _, rec, entries = run_pipeline(redis_url, file_url, r, 1, 4, sync_every=5, inner_lr=0.01,
+                                      inner_warmup_steps=8, inner_lr_decay_from=1, inner_lr_decay_to=3)
+    # The lr of each round's last step (s = 4, position v + 0.8): v0 in warmup (step 5 of 8);
+    # v1 at 1.8 and v2 at 2.8 on the decay line; v3 past its end.
+    assert rec.last_lr["w0"] == pytest.approx([0.01 * 5 / 8, 0.01 * 0.6, 0.01 * 0.1, 0.0])
+    # At lr 0 the round leaves the parameters as they were (AdamW's decay is scaled by lr too);
+    # batch norm's running statistics still move.
+    base, momentum = committed(open_store(file_url), entries[2])
+    assert momentum
+    for name in momentum:
+        assert torch.equal(rec.local[3]["w0"][name], base[name]), name
 
 
 def test_two_aggregators_commit_each_version_once(redis_url, file_url, r):

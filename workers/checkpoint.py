@@ -41,7 +41,7 @@ class Checkpoint:
         for name, t in w.residual.items():
             tensors[f"res.{name}"] = t.detach().cpu().contiguous()
         meta = {"format": FORMAT, "run": w.s.run, "model_hash": w.cfg.model_hash, "steps_done": w.steps_done,
-                "version": w.version, "param_groups": opt["param_groups"], "scheduler": w.scheduler.state_dict()}
+                "version": w.version, "param_groups": opt["param_groups"]}
         save_file(tensors, str(self.tensors) + ".tmp")
         os.replace(str(self.tensors) + ".tmp", self.tensors)
         Path(str(self.meta) + ".tmp").write_bytes(msgpack.packb(meta, use_bin_type=True))
@@ -67,7 +67,6 @@ class Checkpoint:
                 idx, _, name = rest.partition(".")
                 state.setdefault(int(idx), {})[name] = t
         w.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        w.scheduler.load_state_dict(meta["scheduler"])
         w.residual = {k[4:]: t.to(w.device) for k, t in tensors.items() if k.startswith("res.")}
         w.steps_done = int(meta["steps_done"])
         log.info("resumed inner optimizer state from %s (%d steps done)", self.dir, w.steps_done)

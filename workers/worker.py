@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import control, keys, model, runs, units
+from diloco import control, keys, model, runs, schedule, units
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
@@ -72,9 +72,6 @@ class Worker:
         self._check_dataset()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.inner_lr,
                                            weight_decay=self.cfg.inner_weight_decay, betas=(0.9, 0.95))
-        warmup = self.cfg.inner_warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.plan = units.plan_for(self.r, self.cfg)
         self.leases = units.Leases(self.r, settings.run, self.plan, settings.worker_id,
                                    lease_ms=int(self.cfg.heartbeat_timeout_s * 1000))
@@ -86,6 +83,7 @@ class Worker:
         self.version: int | None = None       # the version whose weights the model was reset to
         self.global_state: dict[str, torch.Tensor] = {}
         self.bytes_sent = self.bytes_received = self.steps_done = 0
+        self.warned_decayed = False
 
     def _make_codec(self):
         options = dict(self.cfg.codec_options)
@@ -234,6 +232,11 @@ class Worker:
 
     def _train_round(self, version: int, claimed: list[units.Unit]) -> Announcement | None:
         self.model.train()
+        if self.cfg.inner_lr_decay_to and version >= self.cfg.inner_lr_decay_to and not self.warned_decayed:
+            self.warned_decayed = True  # once: every later round would repeat it
+            log.warning("run %r is at version %d, past inner_lr_decay_to %d: the inner lr is 0, so rounds no "
+                        "longer train the parameters; stop the run or start a new one",
+                        self.s.run, version, self.cfg.inner_lr_decay_to)
         ids = self._round_samples(version, claimed)
         batch_size, accum = self.cfg.batch_size, self.cfg.grad_accum
         self.heartbeat.update(state="training")
@@ -243,6 +246,9 @@ class Worker:
             if self._should_stop():
                 return None
             self.optimizer.zero_grad(set_to_none=True)
+            lr = schedule.inner_lr(self.cfg, self.steps_done, version, step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             total = 0.0
             for micro in range(accum):
                 start = (step * accum + micro) * batch_size
@@ -252,12 +258,11 @@ class Worker:
                 total += loss.item()
                 micro_batches += 1
             self.optimizer.step()
-            self.scheduler.step()
             self.steps_done += 1
             losses.append(total)
             elapsed = time.perf_counter() - t0
             self.heartbeat.update(step=self.steps_done, loss=f"{total:.4f}",
-                                  steps_per_s=f"{(step + 1) / elapsed:.2f}")
+                                  steps_per_s=f"{(step + 1) / elapsed:.2f}", lr=f"{lr:.3g}")
         train_s = time.perf_counter() - t0
         local = self.model.state_dict()
         delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
