@@ -109,7 +109,7 @@ def worker_kicked(run: str, worker: str) -> str:
 
 
 def worker_stats(run: str, worker: str) -> str:
-    """Hash: the worker's latest stats (step, loss, steps/s, version, bytes sent/received...)."""
+    """Hash: the worker's latest stats (step, loss, steps/s, lr, version, bytes sent/received...)."""
     return _k(run, "worker", worker)
 
 
