@@ -68,6 +68,7 @@ def test_monitor_and_status_show_the_facts_of_a_live_run(live, redis_url, capsys
     text = text_of(monitor.Dashboard(state, fit=False))
     last = r.xrevrange(keys.versions("t"), count=1)[0][1]
     w1 = next(w for w in snap["workers"] if w["id"] == "w1")
+    assert w1["lr"] == 0.01  # published with the loss, as a number: the tiny run's constant inner lr
     n = snap["units"]["num_units"]
     for fact in ("run t", "version 2", "collecting", "task tiny", "H 5", "codec fp32", "min_workers 2",
                  "w0", "stopped", "w1", "waiting", f"{w1['loss']:.4f}", "w9", "lost (was training)",
