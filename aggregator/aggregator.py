@@ -17,7 +17,7 @@ import redis
 
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
-from diloco import control, keys, model, retention, runs, snapshot, units
+from diloco import control, keys, model, retention, runs, schedule, snapshot, units
 from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
@@ -124,8 +124,8 @@ class Aggregator:
 
     def _step_and_commit(self, rnd: Round, red, weights, momentum, plan, *, reduce_s: float, t0: float) -> None:
         head = rnd.head
-        new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr,
-                                  mu=self.cfg.outer_momentum, nesterov=self.cfg.nesterov)
+        mu = schedule.outer_momentum(self.cfg, head.version)
+        new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
         version = head.version + 1
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
@@ -146,7 +146,7 @@ class Aggregator:
             "duration_s": f"{(server_time_ms(self.r) - head.committed_ms) / 1000:.3f}",
             "reduce_s": f"{reduce_s:.3f}", "aggregate_s": f"{time.perf_counter() - t0:.3f}",
             "units": str(sum(len(a.units) for a in inc)),
-            "outer_lr": repr(self.cfg.outer_lr), "outer_momentum": repr(self.cfg.outer_momentum),
+            "outer_lr": repr(self.cfg.outer_lr), "outer_momentum": repr(mu),
             "entries": ",".join(rnd.accepted[a.worker][0] for a in inc),
         }
         try:

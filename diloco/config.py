@@ -48,8 +48,8 @@ class RunConfig:
     inner_lr: float = 1e-3
     inner_weight_decay: float = 0.1
     inner_warmup_steps: int = 100
-    inner_lr_decay_from: int = 0  # version at which the inner lr starts its linear decay (diloco/schedule.py)
-    inner_lr_decay_to: int = 0    # version at which it reaches zero; 0 = no decay
+    cooldown_from: int = 0      # version at which inner lr and outer momentum start to decay (diloco/schedule.py)
+    cooldown_to: int = 0        # version at which both reach zero; 0 = no cooldown
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
@@ -88,16 +88,16 @@ class RunConfig:
         _positive_num(self, "inner_lr", "outer_lr", "shard_mb", "round_timeout_s", "heartbeat_timeout_s")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        nonneg = ("inner_weight_decay", "inner_warmup_steps", "inner_lr_decay_from", "inner_lr_decay_to", "seed",
+        nonneg = ("inner_weight_decay", "inner_warmup_steps", "cooldown_from", "cooldown_to", "seed",
                   "outlier_factor", "max_versions", "max_tokens", "keep_every", "delta_grace_s", "retention_every")
         for name in nonneg:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.inner_lr_decay_to and self.inner_lr_decay_to <= self.inner_lr_decay_from:
+        if self.cooldown_to and self.cooldown_to <= self.cooldown_from:
             raise ConfigError(
-                f"inner_lr_decay_to ({self.inner_lr_decay_to}) must be greater than inner_lr_decay_from "
-                f"({self.inner_lr_decay_from}), or 0 for no decay"
+                f"cooldown_to ({self.cooldown_to}) must be greater than cooldown_from "
+                f"({self.cooldown_from}), or 0 for no decay"
             )
         per_round = self.sync_every * self.grad_accum * self.batch_size
         if self.unit_samples < 0 or (self.unit_samples and per_round % self.unit_samples):

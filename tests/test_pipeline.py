@@ -16,6 +16,7 @@ from diloco import keys, model, runs
 from diloco.cli import main as cli_main
 from diloco.codecs import get_codec
 from diloco.messages import Announcement
+from diloco.replay import ReplayResult, replay
 from diloco.shards import DeltaBuffer
 from diloco.store import open_store
 from tests import harness
@@ -121,10 +122,10 @@ def test_inner_state_persists_and_exact_steps_with_accumulation(redis_url, file_
     assert [int(e["samples"]) for e in entries] == [H * accum * 8] * 3
 
 
-def test_inner_lr_warms_up_per_worker_and_decays_with_the_version(redis_url, file_url, r):
+def test_inner_lr_warms_up_per_worker_and_the_cooldown_follows_the_version(redis_url, file_url, r):
     # H=5, warmup over a worker's first 8 steps, linear decay from version 1 to zero at version 3.
-    _, _, rec, entries = run_pipeline(redis_url, file_url, r, 1, 4, sync_every=5, inner_lr=0.01,
-                                      inner_warmup_steps=8, inner_lr_decay_from=1, inner_lr_decay_to=3)
+    _, _, rec, entries = run_pipeline(redis_url, file_url, r, 1, 4, sync_every=5, inner_lr=0.01, outer_momentum=0.9,
+                                      inner_warmup_steps=8, cooldown_from=1, cooldown_to=3)
     # The lr of each round's last step (s = 4, position v + 0.8): v0 in warmup (step 5 of 8);
     # v1 at 1.8 and v2 at 2.8 on the decay line; v3 past its end.
     assert rec.last_lr["w0"] == pytest.approx([0.01 * 5 / 8, 0.01 * 0.6, 0.01 * 0.1, 0.0])
@@ -134,6 +135,9 @@ def test_inner_lr_warms_up_per_worker_and_decays_with_the_version(redis_url, fil
     assert momentum
     for name in momentum:
         assert torch.equal(rec.local[3]["w0"][name], base[name]), name
+    # The outer momentum cools down with it, at each round's base version 0..3; replay follows the record.
+    assert [float(e["outer_momentum"]) for e in entries] == pytest.approx([0.9, 0.9, 0.45, 0.0])
+    assert replay(r, open_store(file_url), "t") == ReplayResult(4, [])
 
 
 def test_two_aggregators_commit_each_version_once(redis_url, file_url, r):

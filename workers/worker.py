@@ -232,11 +232,11 @@ class Worker:
 
     def _train_round(self, version: int, claimed: list[units.Unit]) -> Announcement | None:
         self.model.train()
-        if self.cfg.inner_lr_decay_to and version >= self.cfg.inner_lr_decay_to and not self.warned_decayed:
+        if self.cfg.cooldown_to and version >= self.cfg.cooldown_to and not self.warned_decayed:
             self.warned_decayed = True  # once: every later round would repeat it
-            log.warning("run %r is at version %d, past inner_lr_decay_to %d: the inner lr is 0, so rounds no "
+            log.warning("run %r is at version %d, past cooldown_to %d: the inner lr is 0, so rounds no "
                         "longer train the parameters; stop the run or start a new one",
-                        self.s.run, version, self.cfg.inner_lr_decay_to)
+                        self.s.run, version, self.cfg.cooldown_to)
         ids = self._round_samples(version, claimed)
         batch_size, accum = self.cfg.batch_size, self.cfg.grad_accum
         self.heartbeat.update(state="training")
