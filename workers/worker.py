@@ -275,7 +275,7 @@ class Worker:
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
                 micro_batches: int, claimed: list[units.Unit]) -> Announcement:
         self.heartbeat.update(state="uploading")
-        shards, norm = self._encode_with_feedback(delta)
+        shards, norm = self._encode_with_feedback(delta, version)
         # A fresh upload id per round: after a Redis restore the same session may train the same
         # version again, and immutable keys must not collide with what it uploaded before.
         upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
@@ -296,14 +296,15 @@ class Worker:
             inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed), norm=norm,
         )
 
-    def _encode_with_feedback(self, delta: dict[str, torch.Tensor]) -> tuple[list[bytes], float]:
-        """Encode delta + residual; keep as the new residual what the aggregator will not see.
+    def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[bytes], float]:
+        """Encode delta + decay * residual; keep as the new residual what the aggregator will not see.
 
+        decay is the codec's feedback_decay times the run's cooldown factor at `version`, the round's base.
         Returns the shards and the L2 norm of what they decode to (announced, checked by the aggregator).
         """
         if self.codec.name == "fp32":
             return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
-        decay = self.codec.feedback_decay
+        decay = self.codec.feedback_decay * schedule.cooldown(self.cfg, version)
         target = {n: d + decay * self.residual[n] if n in self.residual else d for n, d in delta.items()}
         shards = encode_delta(target, self.codec, self.cfg.shard_bytes)
         sent = DeltaBuffer(target)
