@@ -104,7 +104,8 @@ TOPK_NOTE = (
     "tokens: at lr 2 without momentum, H=10, 5 and 3 ended at 1.094, 1.007 and 1.057; at H=5, outer lr 1.5 and "
     "3 at 1.048 and 1.037, Nesterov 0.5 / 0.75 at 1.30, decay 0.95 behind decay 1 (1.113 against 1.069 at 83% "
     "of the tokens, then stopped), and density 0.03 (twice the bytes) at 1.004, about the same as 0.015. Hence "
-    "the extra topk row at H=5, outer lr 2, no momentum. With the lr cooldown (above) density does matter: at "
+    "the extra topk row at H=5, outer lr 2, no momentum. With the inner lr's cooldown (above; before the "
+    "cooldown also faded the residual) density does matter: at "
     "H=5 topk 0.015 ended at 0.988 and 0.996 (cooldown over the last 20% and 25%), topk 0.03 at 0.959 and 0.956, "
     "against fp32 H=25's 0.958 and 0.960 (topk 0.015 +3.1% and +3.7%, topk 0.03 +0.1% and -0.4%): as the rate decays, "
     "the residual still holds updates from the full-rate rounds, and twice the density flushes it twice as "
@@ -130,7 +131,10 @@ COOLDOWN_NOTE = (
     "topk rows have no outer momentum, but the error-feedback residual is the same kind of memory: topk H=5 "
     "(density 0.03) ended at 0.956 with the inner cooldown, 0.942 when the residual carried into each round "
     "decays with it too and 0.939 when the outer lr does. Hence the product's cooldown decays the inner lr, the "
-    "outer momentum and the carried residual. "
+    "outer momentum and the carried residual. The learning rates were chosen at a constant rate and not again "
+    "since: in the simulation with the full cooldown, fp32 H=25 ended at 0.898 with inner lr 3e-3, 0.894 with "
+    "outer lr 1.0 and 0.886 with both (0.920 as here), and topk H=5 at 0.917 with inner lr 3e-3 (0.942 as "
+    "here); dp's 4e-3 was not tried again either. "
     "A cosine decay over the whole run (the DiLoCo paper's inner schedule, to 10%) did as well as the inner "
     "cooldown for fp32 (0.962) but not for topk H=5 (1.036)")
 
@@ -391,7 +395,7 @@ def standalone_codec_ms(task: Task, args: argparse.Namespace, codec_name: str) -
     initial model, as a dedicated worker machine would run it.
     """
     delta = _pseudo_gradient(task, args)
-    codec = get_codec(codec_name, {})
+    codec = get_codec(codec_name, codec_options(args, codec_name))
     shard_bytes = 64 * 2**20
 
     def worker_side() -> None:
@@ -678,7 +682,8 @@ def plot(results: list[Result], path: Path, args: argparse.Namespace) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"gpt task, {args.warm_steps}-step warm start, W={args.workers} workers x batch {args.batch_size}, "
-                 f"T={args.steps} steps per worker, AdamW lr {args.inner_lr:g} (dp {args.dp_lr:g}), "
+                 f"T={args.steps} steps per worker, AdamW lr {args.inner_lr:g} (dp {args.dp_lr:g})"
+                 f"{f', cooldown over the last {args.cooldown:.0%}' if args.cooldown else ''},\n"
                  f"outer Nesterov lr {args.outer_lr:g} m {args.outer_momentum:g} (H={args.h_large}: lr "
                  f"{args.large_outer_lr:g}; topk: lr {args.topk_outer_lr:g} "
                  f"m {args.topk_outer_momentum:g})", fontsize=10)
@@ -808,7 +813,10 @@ def run_all(args: argparse.Namespace, configs: list[Config], argv: list[str] | N
             raise SystemExit(f"--resume: {args.save_json} was written with other settings: {saved['args']}")
         wanted = {c.label for c in configs}
         results = [r for r in map(Result.from_dict, saved.pop("results")) if r.config.label in wanted]
-        meta = {**saved, "resumed": f"`{meta['command']}` on {meta['date']} (load average {meta['load_start']})"}
+        missing = wanted - {r.config.label for r in results}
+        how = "the configurations missing from its results were then run" if missing else "the codec times remeasured"
+        meta = {**saved, "resumed": f"{how} by `{meta['command']}` on {meta['date']} "
+                                    f"(load average {meta['load_start']})"}
         log.info("resuming: %s already done", ", ".join(r.config.label for r in results) or "nothing")
     started = time.perf_counter() - meta["elapsed_s"]
 
@@ -1009,7 +1017,8 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         f"of 7 timed calls alone, against H x one AdamW step at batch {b} measured alone "
         f"({1000 * meta['step_s']:.1f} ms, best of 21) plus that codec time: one worker per 2-core machine. The "
         "model is tiny (a round takes well under a second on a dedicated machine), so fixed costs per codec call "
-        "weigh more here than they would on a large model.")
+        "weigh more here than they would on a large model. Codec time per round depends on the model, not on H: "
+        f"at H={args.topk_h} its share is about {args.h_small // args.topk_h}x that at H={args.h_small}.")
     png = [f"![eval loss against tokens]({args.png.name})"] if args.png else []
 
     def fill(text: str) -> str:
@@ -1017,8 +1026,7 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
 
     return "\n\n".join([
         f"`{meta['command']}` ({meta['date']}; {meta['total_s'] / 60:.1f} min in all"
-        + (f"; the configurations missing from its results were then run by {meta['resumed']}"
-           if meta.get("resumed") else "") + ")",
+        + (f"; {meta['resumed']}" if meta.get("resumed") else "") + ")",
         *map(fill, paragraphs), table, *png,
         "Eval loss relative to dp at the same tokens, over training (from-scratch rows: relative to dp from "
         "scratch; jitter: mean |change| between consecutive evaluations in the second half):", gaps,
