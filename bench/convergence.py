@@ -138,6 +138,13 @@ COOLDOWN_NOTE = (
     "A cosine decay over the whole run (the DiLoCo paper's inner schedule, to 10%) did as well as the inner "
     "cooldown for fp32 (0.962) but not for topk H=5 (1.036)")
 
+# Measured once in separate processes (2026-11-21 19:06 UTC), standalone_codec_ms and step_time_s as here.
+PASSIVE_NOTE = (
+    "The dedicated figures are taken in this process, under OMP_WAIT_POLICY=PASSIVE (set for the runs, whose "
+    "5 threads share 2 cores), which makes torch's many small operations slower: in a separate process without "
+    "it, topk (density 0.03) took 6.5 ms against 15.5 ms with it, fp32 1.4 ms against 3-5 ms, and an AdamW step "
+    "17 ms against 27.7 ms, so topk's dedicated share at H=5 is about 7% rather than 9-10%.")
+
 # Each side's inner lr is its best of three, measured in development runs of this benchmark (T=1200):
 LR_NOTE = ("Each side has its own inner lr, its best of three at a constant lr: the workers' 2e-3 was chosen "
            "over 1e-3 and 4e-3 on DiLoCo fp32 H=25 from scratch (final eval loss 1.114 against 1.153 and 1.330), "
@@ -1018,7 +1025,8 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         f"({1000 * meta['step_s']:.1f} ms, best of 21) plus that codec time: one worker per 2-core machine. The "
         "model is tiny (a round takes well under a second on a dedicated machine), so fixed costs per codec call "
         "weigh more here than they would on a large model. Codec time per round depends on the model, not on H: "
-        f"at H={args.topk_h} its share is about {args.h_small // args.topk_h}x that at H={args.h_small}.")
+        f"at H={args.topk_h} its share is about {args.h_small // args.topk_h}x that at H={args.h_small}. "
+        + (PASSIVE_NOTE if (meta.get("omp_wait_policy") or "").upper() == "PASSIVE" else ""))
     png = [f"![eval loss against tokens]({args.png.name})"] if args.png else []
 
     def fill(text: str) -> str:
