@@ -35,6 +35,7 @@ from diloco.config import ENV_CRASH_AT
 from diloco.connect import server_time_ms
 from diloco.faults import AGGREGATOR_POINTS, CRASH_EXIT_CODE
 from diloco.localserver import free_port
+from diloco.messages import Head
 from diloco.replay import replay
 from diloco.store import open_store
 from tests import harness
@@ -76,6 +77,15 @@ def wait_for_entry(r, stream: str, pred: Callable[[dict[str, str]], bool], timeo
 
 def versions(r) -> list[int]:
     return [int(f["version"]) for _, f in r.xrange(keys.versions("t"))]
+
+
+def committed(r) -> tuple[list, Head]:
+    """The versions stream and the head, read in one transaction: the services go on committing."""
+    pipe = r.pipeline(transaction=True)
+    pipe.xrange(keys.versions("t"))
+    pipe.hgetall(keys.head("t"))
+    entries, head = pipe.execute()
+    return entries, runs.parse_head("t", head)
 
 
 def assert_replays(r, store_url: str) -> int:
@@ -312,19 +322,18 @@ def test_redis_restart_loses_no_commit_and_services_carry_on(redis_server, redis
     services = {"agg": procs.aggregator("agg"), "w0": procs.worker("w0"), "w1": procs.worker("w1")}
     try:
         harness.wait_for_version(r, "t", 3)
-        before, head_before = r.xrange(keys.versions("t")), runs.read_head(r, "t")
+        before, head_before = committed(r)
         redis_server.kill()
         # Down until every service has noticed (past redis-py's own retries) and says what it waits for.
         wait_until(lambda: all("waiting for Redis" in procs.log(n) for n in services), 60,
                    "every service to log that it waits for Redis")
     finally:
         redis_server.start()  # same port, same data directory: the AOF is replayed
-    after = r.xrange(keys.versions("t"))
-    head_after = runs.read_head(r, "t")
+    after, head_after = committed(r)
     assert after[:len(before)] == before, "every commit acknowledged before the crash survives it, unchanged"
     assert head_after.version >= head_before.version
     assert head_after.version == int(after[-1][1]["version"]) and head_after.weights == after[-1][1]["weights"]
-    assert versions(r) == list(range(1, head_after.version + 1))
+    assert [int(f["version"]) for _, f in after] == list(range(1, head_after.version + 1))
 
     harness.wait_for_version(r, "t", head_after.version + 2)
     assert all(p.poll() is None for p in services.values()), "no service exited during the outage"
