@@ -48,8 +48,8 @@ class RunConfig:
     inner_lr: float = 1e-3
     inner_weight_decay: float = 0.1
     inner_warmup_steps: int = 100
-    cooldown_from: int = 0      # version at which inner lr and outer momentum start to decay (diloco/schedule.py)
-    cooldown_to: int = 0        # version at which both reach zero; 0 = no cooldown
+    cooldown_from: int = 0      # version at which inner lr, outer momentum and error feedback start to decay
+    cooldown_to: int = 0        # version at which they reach zero; 0 = no cooldown (diloco/schedule.py)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
@@ -97,7 +97,7 @@ class RunConfig:
         if self.cooldown_to and self.cooldown_to <= self.cooldown_from:
             raise ConfigError(
                 f"cooldown_to ({self.cooldown_to}) must be greater than cooldown_from "
-                f"({self.cooldown_from}), or 0 for no decay"
+                f"({self.cooldown_from}), or 0 for no cooldown"
             )
         per_round = self.sync_every * self.grad_accum * self.batch_size
         if self.unit_samples < 0 or (self.unit_samples and per_round % self.unit_samples):
