@@ -188,12 +188,9 @@ class DeltaBuffer:
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
-        segments, values = decode_slice(data, codec, self.numels)
-        pos = 0
-        for name, start, numel in segments:
-            self.flat[name][start:start + numel] = values[pos:pos + numel]
-            self.covered[name].append((start, numel))
-            pos += numel
+        for name, start, values in decode_shard(data, codec, self.numels):
+            self.flat[name][start:start + values.numel()] = values
+            self.covered[name].append((start, values.numel()))
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():
