@@ -53,9 +53,8 @@ READING = (
     "counts the codec's tensors alone. Shards hold the tensors end to end, so the header is one per shard and "
     "a codec call encodes all 29 tensors at once (`diloco-delta/2`). topk's relative error is high by design: "
     "it sends the largest 1.5% (or 3%) of entries per chunk of 4096 and leaves the rest to the worker's error "
-    "feedback, "
-    "which sends it in later rounds; the Convergence section measures what that costs in loss. MB/s figures on "
-    "a 2-core shared machine drift from run to run; compare codecs within one run."
+    "feedback, which sends it in later rounds; the Convergence section measures what that costs in loss. MB/s "
+    "figures on a 2-core shared machine drift from run to run; compare codecs within one run."
 )
 
 
