@@ -85,7 +85,6 @@ CODECS = ("bf16", "int8", "int4", "topk")
 REPEATED = ("fp32-repeat", "bf16-repeat", "int8-repeat")
 TARGETS = {"fp32": 3.0, "topk": 3.0, "int8": 1.0, "bf16": 1.0}  # % of the reference's final eval loss
 CODEC_TIME_TARGET = 5.0  # % of a round
-# measured once, dp only, T=1200, batch 64, seed 0 (--only dp --inner-lr ...): the only lr choice made
 # How topk's settings were chosen: development runs of this benchmark (H=25, 300-step warm start,
 # T=1200, shards then cut tensor by tensor) and of an in-process simulation of the same training.
 TOPK_NOTE = (
@@ -113,16 +112,17 @@ TOPK_NOTE = (
     "section). (fp32 does not gain from H=5: 1.50 in the simulation "
     "with its H=25 outer settings, 1.058 with plain averaging (outer lr 1, no momentum), 1.28 at outer lr 2.)")
 
-LARGE_NOTE = (" (chosen over 0.4, 0.7, 1.4 and 2.0 in development runs: final eval loss 1.076 against 1.187, "
-              "1.100, 2.09 and 13.2, the last two diverging; the lr 1.0 row below, a rerun, ended at 1.101, so "
-              "0.7 and 1.0 tie within run-to-run noise)")
+LARGE_NOTE = (" (chosen at a constant rate, workers' lr 2e-3, over 0.4, 0.7, 1.4 and 2.0 in development runs: "
+              "final eval loss 1.076 against 1.187, 1.100, 2.09 and 13.2, the last two diverging; a rerun at 1.0 "
+              "ended at 1.101, so 0.7 and 1.0 tie within run-to-run noise)")
 
 # Why the cooldown: measured in the in-process simulation (TOPK_NOTE), last 20% or 30% of the rounds.
 COOLDOWN_NOTE = (
     ". Without a cooldown (earlier versions of this page) the eval loss of consecutive versions jittered by "
     "1.4-3%, so single final values differed between repeated runs by as much as the 1% targets. The cooldown "
-    "matters most for dp: in a run of this benchmark with the inner-rate cooldown alone (2026-11-21 17:50 UTC), "
-    "dp ended at 0.822 against 0.989 at a constant rate, while DiLoCo fp32 H=25 ended at 0.955 and 0.950 "
+    "matters most for dp: in a run of this benchmark with the inner-rate cooldown alone (2026-11-21 17:50 UTC, "
+    "the lrs of then: workers 2e-3, dp 4e-3), dp ended at 0.822 against 0.989 at a constant rate, while DiLoCo "
+    "fp32 H=25 ended at 0.955 and 0.950 "
     "(0.963 and 0.947 before): a constant rate had held dp at its noise level, and the 'fp32 within 3% of dp' "
     "that earlier versions of this page reported met came from that. DiLoCo gained little because its outer "
     "momentum kept applying the full-rate rounds' updates while the inner rate decayed; in the in-process "
@@ -131,10 +131,7 @@ COOLDOWN_NOTE = (
     "topk rows have no outer momentum, but the error-feedback residual is the same kind of memory: topk H=5 "
     "(density 0.03) ended at 0.956 with the inner cooldown, 0.942 when the residual carried into each round "
     "decays with it too and 0.939 when the outer lr does. Hence the product's cooldown decays the inner lr, the "
-    "outer momentum and the carried residual. The learning rates were chosen at a constant rate and not again "
-    "since: in the simulation with the full cooldown, fp32 H=25 ended at 0.898 with inner lr 3e-3, 0.894 with "
-    "outer lr 1.0 and 0.886 with both (0.920 as here), and topk H=5 at 0.917 with inner lr 3e-3 (0.942 as "
-    "here); dp's 4e-3 was not tried again either. "
+    "outer momentum and the carried residual (all at the workers' lr 2e-3 of then). "
     "A cosine decay over the whole run (the DiLoCo paper's inner schedule, to 10%) did as well as the inner "
     "cooldown for fp32 (0.962) but not for topk H=5 (1.036)")
 
@@ -145,10 +142,18 @@ PASSIVE_NOTE = (
     "it, topk (density 0.03) took 6.5 ms against 15.5 ms with it, fp32 1.4 ms against 3-5 ms, and an AdamW step "
     "17 ms against 27.7 ms, so topk's dedicated share at H=5 is about 7% rather than 9-10%.")
 
-# Each side's inner lr is its best of three, measured in development runs of this benchmark (T=1200):
-LR_NOTE = ("Each side has its own inner lr, its best of three at a constant lr: the workers' 2e-3 was chosen "
-           "over 1e-3 and 4e-3 on DiLoCo fp32 H=25 from scratch (final eval loss 1.114 against 1.153 and 1.330), "
-           "dp's 4e-3 over 2e-3 and 6e-3 on dp from a 300-step warm start (0.954 against 0.968 and 0.970). ")
+# Each side's inner lr is its best under the cooldown: dp's from runs of this benchmark (--only dp --dp-lr X,
+# 2026-11-21 19:37-19:51 UTC, one thread each, two at a time), the workers' from the simulation (TOPK_NOTE).
+LR_NOTE = (
+    "Each side has its own inner lr, its best under this cooldown: dp's 8e-3 over 3e-3, 4e-3, 6e-3 and 1.2e-2 in "
+    "dp runs of this benchmark (final eval loss 0.791 against 0.845, 0.822, 0.799 and 0.794); the workers' 3e-3 "
+    "in the in-process simulation described below, fp32 H=25: 0.898 against 0.920 at 2e-3, and with outer lr 1 "
+    "instead of 0.7 0.885 at 3e-3, 0.890 at 4e-3 and 0.894 at 2e-3, but jumpier (last-quarter mean 0.979 against "
+    "0.946 at 0.7), while outer lr 1.4 diverged and a cooldown over the last 50% instead of 25% ended at 0.943; "
+    "topk H=5 0.917 against 0.942 at 2e-3; H=100 (outer lr 1) 1.005 against 1.012. Earlier, at a constant rate, "
+    "2e-3 had been the workers' best (over 1e-3 and 4e-3, from scratch) and 4e-3 dp's (over 2e-3 and 6e-3): a "
+    "cooldown favours higher peak rates, dp's most. The warm start keeps lr 2e-3, so it is the same model as "
+    "before. ")
 
 
 @dataclass
@@ -254,7 +259,7 @@ def warm_start(task: Task, args: argparse.Namespace, path: Path) -> Path | None:
     if not args.warm_steps:
         return None
     net = runs.build_model(task, args.seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.inner_lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(net.parameters(), lr=args.warm_lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, decay_steps=False))
     data = task.train_data()
     g = torch.Generator().manual_seed(args.seed + 1)  # not dp's sample order
@@ -715,8 +720,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="per-worker batch (default 16); dp uses W times it")
     ap.add_argument("--h-small", type=int, default=25, help="H of the codec runs and dp's eval interval (25)")
     ap.add_argument("--h-large", type=int, default=100, help="the larger H, fp32 only (default 100)")
-    ap.add_argument("--inner-lr", type=float, default=2e-3, help="AdamW lr of the workers and the warm start (2e-3)")
-    ap.add_argument("--dp-lr", type=float, default=4e-3, help="AdamW lr of dp (default 4e-3)")
+    ap.add_argument("--inner-lr", type=float, default=3e-3, help="AdamW lr of the workers (default 3e-3)")
+    ap.add_argument("--dp-lr", type=float, default=8e-3, help="AdamW lr of dp (default 8e-3)")
+    ap.add_argument("--warm-lr", type=float, default=2e-3, help="AdamW lr of the shared warm start (2e-3)")
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps (default 50)")
     ap.add_argument("--cooldown", type=float, default=0.25,
                     help="fraction of the steps at the end over which every run's inner lr decays linearly to 0 "
@@ -999,10 +1005,12 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         f"steps at batch {b}; the `dp` baseline trains T={args.steps} steps at batch {w}x{b} = {w * b}, the "
         "synchronous data-parallel equivalent, on uniformly shuffled samples (the workers draw theirs from "
         f"work units of {b} samples spread over the dataset, the default strided layout). Inner optimizer: "
-        f"AdamW lr {args.inner_lr:g} (workers and the warm start) and {args.dp_lr:g} (dp), betas (0.9, 0.95), "
+        f"AdamW lr {args.inner_lr:g} (workers), {args.dp_lr:g} (dp) and {args.warm_lr:g} (the warm start), betas "
+        "(0.9, 0.95), "
         f"weight decay {args.weight_decay:g}, linear warmup over {args.warmup} steps, then constant"
         f"{schedule_text(args)} (the worker's schedule, `diloco/schedule.py`). "
-        f"{LR_NOTE if (args.inner_lr, args.dp_lr) == (2e-3, 4e-3) else ''}Outer optimizer: Nesterov SGD lr "
+        f"{LR_NOTE if (args.inner_lr, args.dp_lr, args.warm_lr) == (3e-3, 8e-3, 2e-3) else ''}"
+        "Outer optimizer: Nesterov SGD lr "
         f"{args.outer_lr:g}, momentum {args.outer_momentum:g} (the DiLoCo paper's values) at H={args.h_small} "
         f"for every codec but topk; lr {args.large_outer_lr:g} at H={args.h_large}"
         f"{LARGE_NOTE if args.large_outer_lr == 1.0 else ''}; topk runs SparseLoCo-style: outer lr "
