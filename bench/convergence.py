@@ -18,7 +18,9 @@ briefly pretrained model), then trains from it:
   seeded random model instead of the warm start (what the warm start changes).
 
 Every committed version's weights are evaluated afterwards (held-out loss on the first 512 samples
-of the eval split), so evaluation does not slow the runs. It writes a markdown table (final eval
+of the eval split; runs at an H below H_small every H_small steps), so evaluation does not slow the
+runs. Codec and step times as on a dedicated machine come from bench/dedicated.py in a child
+process. It writes a markdown table (final eval
 loss and its mean over the last quarter of the tokens, % against dp and against DiLoCo fp32 at the
 same H, bytes sent per worker per round, total bytes, wall time), a gap-over-training table, a
 codec-time table, the targets met or missed, and a plot of eval loss against tokens (all workers).
@@ -51,6 +53,7 @@ import logging
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -65,14 +68,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/co
 from aggregator.aggregator import Aggregator
 from bench.common import machine_facts, write_section
 from diloco import keys, model, runs, schedule
-from diloco.codecs import get_codec
 from diloco.config import AggregatorSettings, WorkerSettings
 from diloco.connect import connect_redis, server_time_ms
 from diloco.evaluate import eval_loss
 from diloco.inprocess import ServiceThread
 from diloco.localserver import RedisServer
 from diloco.messages import Head
-from diloco.shards import DeltaBuffer, encode_delta
 from diloco.store import open_store
 from diloco.tasks import Task, load_task
 from workers.worker import Worker
@@ -135,12 +136,14 @@ COOLDOWN_NOTE = (
     "A cosine decay over the whole run (the DiLoCo paper's inner schedule, to 10%) did as well as the inner "
     "cooldown for fp32 (0.962) but not for topk H=5 (1.036)")
 
-# Measured once in separate processes (2026-11-21 19:06 UTC), standalone_codec_ms and step_time_s as here.
-PASSIVE_NOTE = (
-    "The dedicated figures are taken in this process, under OMP_WAIT_POLICY=PASSIVE (set for the runs, whose "
-    "5 threads share 2 cores), which makes torch's many small operations slower: in a separate process without "
-    "it, topk (density 0.03) took 6.5 ms against 15.5 ms with it, fp32 1.4 ms against 3-5 ms, and an AdamW step "
-    "17 ms against 27.7 ms, so topk's dedicated share at H=5 is about 7% rather than 9-10%.")
+# Measured in this benchmark's runs of 2026-11-21 (18:22 UTC with in-process dedicated figures, 19:51 UTC).
+DEDICATED_NOTE = (
+    "The dedicated figures come from a separate process (bench/dedicated.py) with the default OpenMP wait "
+    "policy: the runs set OMP_WAIT_POLICY=PASSIVE, since their 5 threads share 2 cores, and under it every "
+    "parallel torch operation wakes a sleeping thread, which costs a codec's many small operations far more "
+    "than a training step (earlier versions of this page measured in-process under PASSIVE: topk 13.7 ms "
+    "before and 7.5 ms after its numpy selection, against 27.7 and 22.3 ms per AdamW step).")
+
 
 # Each side's inner lr is its best under the cooldown: dp's from runs of this benchmark (--only dp --dp-lr X,
 # 2026-11-21 19:37-19:51 UTC, one thread each, two at a time), the workers' from the simulation (TOPK_NOTE).
@@ -394,81 +397,17 @@ def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str
 
 # ---- codec time without contention ---------------------------------------------------------------
 
-def best_time(fn, reps: int = 7) -> float:
-    """The fastest of `reps` timed calls (after one warm-up): the least disturbed by other load."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def standalone_codec_ms(task: Task, args: argparse.Namespace, codec_name: str) -> float:
-    """Encode + error-feedback decode on one worker, plus decoding W deltas on the aggregator, in ms.
-
-    Measured alone (no other thread busy) on a real pseudo-gradient: H_small AdamW steps from the
-    initial model, as a dedicated worker machine would run it.
-    """
-    delta = _pseudo_gradient(task, args)
-    codec = get_codec(codec_name, codec_options(args, codec_name))
-    shard_bytes = 64 * 2**20
-
-    def worker_side() -> None:
-        shards = encode_delta(delta, codec, shard_bytes)
-        if codec_name != "fp32":  # the worker decodes its own shards for error feedback
-            buf = DeltaBuffer(delta)
-            for s in shards:
-                buf.add_shard(s, codec)
-
-    shards = encode_delta(delta, codec, shard_bytes)
-
-    def aggregator_side() -> None:
-        for _ in range(args.workers):
-            buf = DeltaBuffer(delta)
-            for s in shards:
-                buf.add_shard(s, codec)
-            buf.check_complete()
-
-    return 1000 * (best_time(worker_side) + best_time(aggregator_side))
-
-
-_DELTA: dict[str, torch.Tensor] = {}
-
-
-def _pseudo_gradient(task: Task, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    if not _DELTA:
-        net = runs.build_model(task, args.seed)
-        before = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
-        opt = torch.optim.AdamW(net.parameters(), lr=args.inner_lr, weight_decay=args.weight_decay,
-                                betas=(0.9, 0.95))
-        data = task.train_data()
-        for step in range(args.h_small):
-            ids = list(range(step * args.batch_size, (step + 1) * args.batch_size))
-            loss = task.loss(net, data.batch(ids))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        after = net.state_dict()
-        _DELTA.update({k: before[k] - after[k].detach() for k in before})
-    return _DELTA
-
-
-def step_time_s(task: Task, args: argparse.Namespace) -> float:
-    """Best time of one AdamW step at batch `batch_size`, alone: a dedicated worker's step."""
-    net = runs.build_model(task, args.seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.inner_lr)
-    data = task.train_data()
-    ids = list(range(args.batch_size))
-
-    def step() -> None:
-        loss = task.loss(net, data.batch(ids))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return best_time(step, reps=21)
+def dedicated_times(args: argparse.Namespace, codecs: list[str]) -> tuple[dict[str, float], float]:
+    """(codec ms per round, one AdamW step in s) as on a dedicated worker machine: bench/dedicated.py in a
+    child process with the default OpenMP wait policy and this process's thread count."""
+    settings = {"seed": args.seed, "inner_lr": args.inner_lr, "weight_decay": args.weight_decay, "h": args.h_small,
+                "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+                "codecs": {c: codec_options(args, c) for c in codecs}}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("dedicated.py")), json.dumps(settings)],
+                          capture_output=True, text=True, env=env, check=True)
+    out = json.loads(proc.stdout)
+    return out["codec_ms"], out["step_s"]
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -864,8 +803,8 @@ def run_all(args: argparse.Namespace, configs: list[Config], argv: list[str] | N
             server.stop()
     order = {c.label: i for i, c in enumerate(configs)}
     results.sort(key=lambda r: order[r.config.label])
-    meta["standalone"] = {c.codec: standalone_codec_ms(task, args, c.codec) for c in configs if timed(c, args)}
-    meta["step_s"] = step_time_s(task, args)
+    meta["standalone"], meta["step_s"] = dedicated_times(args, sorted({c.codec for c in configs if timed(c, args)}))
+    meta["dedicated_omp"] = "default"
     meta["total_s"] = time.perf_counter() - started
     meta["load_end"] = load_average()
     save()
@@ -1040,7 +979,7 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         "model is tiny (a round takes well under a second on a dedicated machine), so fixed costs per codec call "
         "weigh more here than they would on a large model. Codec time per round depends on the model, not on H: "
         f"at H={args.topk_h} its share is about {args.h_small // args.topk_h}x that at H={args.h_small}. "
-        + (PASSIVE_NOTE if (meta.get("omp_wait_policy") or "").upper() == "PASSIVE" else ""))
+        + (DEDICATED_NOTE if meta.get("dedicated_omp") == "default" else ""))
     png = [f"![eval loss against tokens]({args.png.name})"] if args.png else []
 
     def fill(text: str) -> str:

@@ -13,6 +13,7 @@ own, so the aggregator verifies and reduces shard by shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 
@@ -40,13 +41,44 @@ def max_shard_object_bytes(shard_bytes: int) -> int:
 def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int) -> list[bytes]:
     """Encode fp32 tensors into shards; names in sorted order so the output is deterministic."""
     flats = {name: delta[name].detach().reshape(-1) for name in sorted(delta)}
-    shards = []
+    return [shard for shard, _, _ in _encode_slices(flats, codec, shard_bytes)]
+
+
+def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, torch.Tensor], codec: Codec,
+                         decay: float, shard_bytes: int) -> tuple[list[bytes], dict[str, torch.Tensor], float]:
+    """Encode delta + decay * residual (a worker's error feedback).
+
+    Returns the shards, the new residual (what the aggregator will not see: the target minus what the
+    shards decode to, as views of one buffer) and the L2 norm of what they decode to. The parts are
+    decoded as encoded, before serialisation: safetensors stores them byte for byte, so this is
+    exactly what the aggregator decodes, without parsing the shards again. The arithmetic runs on
+    the tensors laid end to end, a few large operations instead of a few per tensor: for a model of
+    many small tensors the per-operation cost was most of the work (docs/benchmarks.md).
+    """
+    names = sorted(delta)
+    target = torch.cat([delta[n].detach().reshape(-1).to(torch.float32) for n in names])
+    if residual:
+        target.add_(torch.cat([residual[n].reshape(-1) if n in residual else torch.zeros(delta[n].numel())
+                               for n in names]), alpha=decay)
+    views = dict(zip(names, target.split([delta[n].numel() for n in names]), strict=True))
+    shards, pieces = [], []
+    for shard, parts, numel in _encode_slices(views, codec, shard_bytes):
+        shards.append(shard)
+        pieces.append(codec.decode(parts, numel))
+    sent = torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+    return shards, unflatten(target.sub_(sent), delta), l2_norm([sent])
+
+
+def _encode_slices(flats: dict[str, torch.Tensor], codec: Codec,
+                   shard_bytes: int) -> Iterator[tuple[bytes, dict[str, torch.Tensor], int]]:
+    """(shard, the codec's parts in it, elements in its slice) for each shard, in order, of the 1-D
+    tensors `flats` in sorted name order."""
     for segments in plan_segments({n: f.numel() for n, f in flats.items()}, codec, shard_bytes):
         pieces = [flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments]
         parts = codec.encode((torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous())
         meta = json.dumps({"format": FORMAT, "codec": codec.name, "segments": segments}, separators=(",", ":"))
-        shards.append(st_save({p: t.cpu().contiguous() for p, t in parts.items()}, metadata={"diloco": meta}))
-    return shards
+        shard = st_save({p: t.cpu().contiguous() for p, t in parts.items()}, metadata={"diloco": meta})
+        yield shard, parts, sum(numel for _, _, numel in segments)
 
 
 def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> list[list[list]]:
@@ -185,12 +217,24 @@ class DeltaBuffer:
         # Uninitialised: check_complete proves every element was written before it is read.
         self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
         self.flat = {name: view.view(-1) for name, view in unflatten(self.buffer, like).items()}
+        self.offsets = dict(zip(sorted(like), itertools.accumulate((like[n].numel() for n in sorted(like)),
+                                                                   initial=0), strict=False))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
-        for name, start, values in decode_shard(data, codec, self.numels):
-            self.flat[name][start:start + values.numel()] = values
-            self.covered[name].append((start, values.numel()))
+        segments, values = decode_slice(data, codec, self.numels)
+        at = [self.offsets[name] + start for name, start, _ in segments]
+        if all(a + s[2] == b for a, s, b in zip(at, segments, at[1:], strict=False)):
+            # Laid out as in the buffer (as encode_delta writes shards): one copy instead of one per
+            # segment, which matters when torch wakes a thread pool for each (docs/benchmarks.md).
+            self.buffer[at[0]:at[0] + values.numel()] = values
+        else:
+            pos = 0
+            for name, start, numel in segments:
+                self.flat[name][start:start + numel] = values[pos:pos + numel]
+                pos += numel
+        for name, start, numel in segments:
+            self.covered[name].append((start, numel))
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():

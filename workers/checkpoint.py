@@ -38,8 +38,8 @@ class Checkpoint:
         for idx, state in opt["state"].items():
             for k, v in state.items():
                 tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
-        for name, t in w.residual.items():
-            tensors[f"res.{name}"] = t.detach().cpu().contiguous()
+        for name, t in w.residual.items():  # views of one buffer (encode_with_feedback): safetensors wants copies
+            tensors[f"res.{name}"] = t.detach().cpu().clone()
         meta = {"format": FORMAT, "run": w.s.run, "model_hash": w.cfg.model_hash, "steps_done": w.steps_done,
                 "version": w.version, "param_groups": opt["param_groups"]}
         save_file(tensors, str(self.tensors) + ".tmp")
@@ -67,7 +67,8 @@ class Checkpoint:
                 idx, _, name = rest.partition(".")
                 state.setdefault(int(idx), {})[name] = t
         w.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        w.residual = {k[4:]: t.to(w.device) for k, t in tensors.items() if k.startswith("res.")}
+        # on the CPU, where deltas are encoded, whatever device the model trains on
+        w.residual = {k[4:]: t for k, t in tensors.items() if k.startswith("res.")}
         w.steps_done = int(meta["steps_done"])
         log.info("resumed inner optimizer state from %s (%d steps done)", self.dir, w.steps_done)
         return True

@@ -27,7 +27,7 @@ from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
 from diloco.errors import ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
-from diloco.shards import DeltaBuffer, encode_delta, l2_norm
+from diloco.shards import encode_delta, encode_with_feedback, l2_norm
 from diloco.store import open_store, put_idempotent
 from diloco.tasks import load_task, to_device
 from workers.checkpoint import Checkpoint
@@ -305,14 +305,9 @@ class Worker:
         if self.codec.name == "fp32":
             return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
         decay = self.codec.feedback_decay * schedule.cooldown(self.cfg, version)
-        target = {n: d + decay * self.residual[n] if n in self.residual else d for n, d in delta.items()}
-        shards = encode_delta(target, self.codec, self.cfg.shard_bytes)
-        sent = DeltaBuffer(target)
-        for shard in shards:
-            sent.add_shard(shard, self.codec)
-        sent.check_complete()
-        self.residual = {n: t - sent.flat[n].reshape(t.shape) for n, t in target.items()}
-        return shards, l2_norm([sent.buffer])
+        shards, self.residual, norm = encode_with_feedback(delta, self.residual, self.codec, decay,
+                                                           self.cfg.shard_bytes)
+        return shards, norm
 
     def _wait_for_version_after(self, version: int, entry_id: str) -> None:
         """Block on the versions stream until the head moves past `version` (or stop).
