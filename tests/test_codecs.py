@@ -221,6 +221,25 @@ def test_topk_exact_on_k_sparse_two_level_vectors(n, two_levels):
     assert torch.equal(y, x)
 
 
+def test_topk_splits_large_slices_over_threads_with_the_same_result():
+    # 3 threads' worth of rows plus a short last chunk: the selection runs in a thread pool
+    x = _randn(3 * 256 * CHUNK + 1000)
+    codec = get_codec("topk")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = codec.encode(x)
+        torch.set_num_threads(3)
+        split = codec.encode(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.keys() == split.keys() and all(torch.equal(alone[p], split[p]) for p in alone)
+    y = codec.decode(split, x.numel())
+    kept = y[:CHUNK] != 0  # the first chunk keeps exactly its k largest magnitudes
+    assert int(kept.sum()) == codec._k(CHUNK)
+    assert x[:CHUNK].abs()[kept].min() >= x[:CHUNK].abs()[~kept].max()
+
+
 def test_topk_density_option():
     x = _randn(10 * CHUNK)
     sparse = get_codec("topk", {"density": 0.001})

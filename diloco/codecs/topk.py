@@ -19,6 +19,7 @@ bytes = ceil(1.5 K) + ceil(K / 4) + 8 C.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -29,6 +30,7 @@ from diloco.codecs.int8 import check_scales
 from diloco.errors import BadShard, ConfigError
 
 CHUNK = 4096  # 64 x 64; indices within a chunk fit 12 bits
+_ROWS_PER_THREAD = 256  # about 1M elements: below that a thread costs more than it saves
 
 
 class TopK(Codec):
@@ -108,15 +110,24 @@ class TopK(Codec):
 def _largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of mag [rows, length], the indices of its k largest values, ascending.
 
-    On the CPU numpy's introselect (argpartition) is about 5x faster than torch.topk for rows of 4096,
-    and numpy sorts small rows about 10x faster than torch; the selection was most of topk's encode
-    time (docs/benchmarks.md, Codecs). Ties may be broken differently on CPU and GPU, which is
-    harmless: either is a valid top-k, and the worker's error feedback decodes what was sent.
+    On the CPU numpy's introselect (argpartition) is about 4x faster per core than torch.topk for rows
+    of 4096, and numpy sorts small rows about 10x faster than torch; the selection was most of topk's
+    encode time (docs/benchmarks.md, Codecs). numpy releases the GIL there, so large slices are split
+    over torch's thread count. Ties may be broken differently on CPU and GPU, which is harmless:
+    either is a valid top-k, and the worker's error feedback decodes what was sent.
     """
     if mag.device.type != "cpu":
         return mag.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-    length = mag.shape[1]
-    return torch.from_numpy(np.sort(np.argpartition(mag.numpy(), length - k, axis=1)[:, length - k:], axis=1))
+    rows, length = mag.shape
+
+    def pick(block: np.ndarray) -> np.ndarray:
+        return np.sort(np.argpartition(block, length - k, axis=1)[:, length - k:], axis=1)
+
+    threads = min(torch.get_num_threads(), rows // _ROWS_PER_THREAD)
+    if threads <= 1:
+        return torch.from_numpy(pick(mag.numpy()))
+    with ThreadPoolExecutor(threads) as pool:
+        return torch.from_numpy(np.concatenate(list(pool.map(pick, np.array_split(mag.numpy(), threads)))))
 
 
 def _sort_rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
