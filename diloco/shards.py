@@ -13,6 +13,7 @@ own, so the aggregator verifies and reduces shard by shard.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -216,10 +217,15 @@ class DeltaBuffer:
         self.numels = {name: t.numel() for name, t in like.items()}
         # Uninitialised: check_complete proves every element was written before it is read.
         self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
-        self.flat = {name: view.view(-1) for name, view in unflatten(self.buffer, like).items()}
-        self.offsets = dict(zip(sorted(like), itertools.accumulate((like[n].numel() for n in sorted(like)),
-                                                                   initial=0), strict=False))
+        names = sorted(like)
+        self.offsets = dict(zip(names, itertools.accumulate((self.numels[n] for n in names), initial=0),
+                                strict=False))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
+
+    @functools.cached_property
+    def flat(self) -> dict[str, torch.Tensor]:
+        # built on first use: shards laid out as the buffer (the usual case) never need it
+        return {name: self.buffer[at:at + self.numels[name]] for name, at in self.offsets.items()}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
         segments, values = decode_slice(data, codec, self.numels)
