@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -42,7 +42,13 @@ def max_shard_object_bytes(shard_bytes: int) -> int:
 def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int) -> list[bytes]:
     """Encode fp32 tensors into shards; names in sorted order so the output is deterministic."""
     flats = {name: delta[name].detach().reshape(-1) for name in sorted(delta)}
-    return [shard for shard, _, _ in _encode_slices(flats, codec, shard_bytes)]
+
+    def slice_of(segments: list[list]) -> torch.Tensor:
+        pieces = [flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments]
+        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()
+
+    numels = {n: f.numel() for n, f in flats.items()}
+    return [shard for shard, _, _ in _encode_slices(numels, slice_of, codec, shard_bytes)]
 
 
 def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, torch.Tensor], codec: Codec,
@@ -54,32 +60,44 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
     decoded as encoded, before serialisation: safetensors stores them byte for byte, so this is
     exactly what the aggregator decodes, without parsing the shards again. The arithmetic runs on
     the tensors laid end to end, a few large operations instead of a few per tensor: for a model of
-    many small tensors the per-operation cost was most of the work (docs/benchmarks.md).
+    many small tensors the per-operation cost was most of the work (docs/benchmarks.md); and each
+    shard's slice is a view of that buffer (plan_segments fills shards in the same order), not a copy.
     """
     names = sorted(delta)
-    target = torch.cat([delta[n].detach().reshape(-1).to(torch.float32) for n in names])
+    target = _cat([delta[n].detach().reshape(-1).to(torch.float32) for n in names])
     if residual:
         target.add_(torch.cat([residual[n].reshape(-1) if n in residual else torch.zeros(delta[n].numel())
                                for n in names]), alpha=decay)
-    views = dict(zip(names, target.split([delta[n].numel() for n in names]), strict=True))
+    numels = {n: delta[n].numel() for n in names}
+    offsets = dict(zip(names, itertools.accumulate(numels.values(), initial=0), strict=False))
+
+    def slice_of(segments: list[list]) -> torch.Tensor:
+        name, start, _ = segments[0]
+        return target[offsets[name] + start:][:sum(numel for _, _, numel in segments)]
+
     shards, pieces = [], []
-    for shard, parts, numel in _encode_slices(views, codec, shard_bytes):
+    for shard, parts, numel in _encode_slices(numels, slice_of, codec, shard_bytes):
         shards.append(shard)
         pieces.append(codec.decode(parts, numel))
-    sent = torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+    sent = _cat(pieces)
     return shards, unflatten(target.sub_(sent), delta), l2_norm([sent])
 
 
-def _encode_slices(flats: dict[str, torch.Tensor], codec: Codec,
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """1-D pieces end to end; one piece as it is, none as an empty fp32 tensor."""
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.zeros(0)
+
+
+def _encode_slices(numels: dict[str, int], slice_of: Callable[[list[list]], torch.Tensor], codec: Codec,
                    shard_bytes: int) -> Iterator[tuple[bytes, dict[str, torch.Tensor], int]]:
-    """(shard, the codec's parts in it, elements in its slice) for each shard, in order, of the 1-D
-    tensors `flats` in sorted name order."""
-    for segments in plan_segments({n: f.numel() for n, f in flats.items()}, codec, shard_bytes):
-        pieces = [flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments]
-        parts = codec.encode((torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous())
+    """(shard, the codec's parts in it, elements in its slice) for each shard of the tensors `numels`
+    (in sorted name order), `slice_of(segments)` giving each shard's slice as 1-D contiguous fp32."""
+    for segments in plan_segments(numels, codec, shard_bytes):
+        x = slice_of(segments)
+        parts = codec.encode(x)
         meta = json.dumps({"format": FORMAT, "codec": codec.name, "segments": segments}, separators=(",", ":"))
         shard = st_save({p: t.cpu().contiguous() for p, t in parts.items()}, metadata={"diloco": meta})
-        yield shard, parts, sum(numel for _, _, numel in segments)
+        yield shard, parts, x.numel()
 
 
 def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> list[list[list]]:

@@ -13,7 +13,15 @@ from safetensors.torch import save as st_save
 
 from diloco.codecs import get_codec
 from diloco.errors import BadInput, BadShard, ConfigError
-from diloco.shards import FORMAT, DeltaBuffer, decode_shard, encode_delta, max_shard_object_bytes, plan_segments
+from diloco.shards import (
+    FORMAT,
+    DeltaBuffer,
+    decode_shard,
+    encode_delta,
+    encode_with_feedback,
+    max_shard_object_bytes,
+    plan_segments,
+)
 
 FP32, BF16 = get_codec("fp32"), get_codec("bf16")
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits; round to nearest halves the last one
@@ -209,6 +217,27 @@ def test_many_small_tensors_stay_within_the_object_limit():
     delta = {f"model.layers.{i:04d}.norm.weight": torch.ones(1) for i in range(2000)}
     shards = encode_delta(delta, FP32, shard_bytes)
     assert all(len(s) <= max_shard_object_bytes(shard_bytes) for s in shards), [len(s) for s in shards]
+
+
+@pytest.mark.parametrize("shapes", [{"a": (70, 33), "b": (5,), "c": (4096 + 9,)}, {"a": (0,), "b": (3, 0)}, {}])
+@pytest.mark.parametrize("shard_bytes", [300, 64 << 20])
+def test_encode_with_feedback_is_what_the_aggregator_decodes(shapes, shard_bytes):
+    # the worker's path (slices as views, parts decoded before serialisation) against the aggregator's
+    g = torch.Generator().manual_seed(3)
+    delta = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}
+    residual = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}
+    codec = get_codec("topk", {"density": 0.05})
+    shards, new_residual, norm = encode_with_feedback(delta, residual, codec, 0.5, shard_bytes)
+    target = {n: delta[n] + 0.5 * residual[n] for n in delta}
+    assert shards == encode_delta(target, codec, shard_bytes)
+    sent = _decode(shards, codec, target) if shards else {}
+    assert new_residual.keys() == target.keys()
+    for n in target:
+        assert new_residual[n].shape == target[n].shape
+        torch.testing.assert_close(new_residual[n], target[n] - sent[n], rtol=0, atol=1e-6)
+    assert norm == pytest.approx(float(sum(t.double().pow(2).sum() for t in sent.values()) ** 0.5))
+    if shard_bytes == 300 and "c" in shapes:
+        assert len(shards) > 1, "slices as views of one buffer, across shards"
 
 
 def test_shard_layout():
