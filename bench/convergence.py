@@ -142,7 +142,10 @@ DEDICATED_NOTE = (
     "policy: the runs set OMP_WAIT_POLICY=PASSIVE, since their 5 threads share 2 cores, and under it every "
     "parallel torch operation wakes a sleeping thread, which costs a codec's many small operations far more "
     "than a training step (earlier versions of this page measured in-process under PASSIVE: topk 13.7 ms "
-    "before and 7.5 ms after its numpy selection, against 27.7 and 22.3 ms per AdamW step).")
+    "before and 7.5 ms after its numpy selection, against 27.7 and 22.3 ms per AdamW step). The figure moves "
+    "between processes: six separate runs of bench/dedicated.py on a quiet machine (2026-11-21 20:56 UTC, this "
+    "code) put topk's share at H=5 at 4.5, 4.6, 4.7 and 4.8% and twice at 6.6 and 7.2%, the codec time "
+    "jumping from about 4 ms to 6-6.4 ms while the step time stayed at 16.3-17.0 ms.")
 
 
 # Each side's inner lr is its best under the cooldown: dp's from runs of this benchmark (--only dp --dp-lr X,
