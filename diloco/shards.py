@@ -13,7 +13,6 @@ own, so the aggregator verifies and reduces shard by shard.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -227,31 +226,29 @@ def _metadata(data: bytes) -> object:
 class DeltaBuffer:
     """One worker's decoded delta, checked to cover every float tensor exactly once.
 
-    `buffer` holds the tensors end to end as `unflatten` lays them out; `flat` maps each name to its
-    1-D view of `buffer`.
+    `buffer` holds the tensors end to end in sorted name order, the order shards are written in, so
+    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`.
     """
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
-        self.numels = {name: t.numel() for name, t in like.items()}
+        self.numels = {name: like[name].numel() for name in sorted(like)}
+        # accumulate yields one offset more (the total) than there are names
+        self.offsets = dict(zip(self.numels, itertools.accumulate(self.numels.values(), initial=0), strict=False))
         # Uninitialised: check_complete proves every element was written before it is read.
         self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
-        names = sorted(like)
-        self.offsets = dict(zip(names, itertools.accumulate((self.numels[n] for n in names), initial=0),
-                                strict=False))
+        self.flat = dict(zip(self.numels, self.buffer.split(list(self.numels.values())), strict=True))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
-
-    @functools.cached_property
-    def flat(self) -> dict[str, torch.Tensor]:
-        # built on first use: shards laid out as the buffer (the usual case) never need it
-        return {name: self.buffer[at:at + self.numels[name]] for name, at in self.offsets.items()}
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
         segments, values = decode_slice(data, codec, self.numels)
-        at = [self.offsets[name] + start for name, start, _ in segments]
-        if all(a + s[2] == b for a, s, b in zip(at, segments, at[1:], strict=False)):
-            # Laid out as in the buffer (as encode_delta writes shards): one copy instead of one per
-            # segment, which matters when torch wakes a thread pool for each (docs/benchmarks.md).
-            self.buffer[at[0]:at[0] + values.numel()] = values
+        begin = self.offsets[segments[0][0]] + segments[0][1]
+        pos = 0
+        for name, start, numel in segments:
+            if self.offsets[name] + start != begin + pos:
+                break
+            pos += numel
+        if pos == values.numel():   # the segments are adjacent in `buffer`, as encode_delta writes them
+            self.buffer[begin:begin + pos] = values
         else:
             pos = 0
             for name, start, numel in segments:
@@ -272,8 +269,7 @@ class DeltaBuffer:
 
 
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of `flat` shaped as in `like`: the tensors end to end in sorted name order (the order
-    shards are written in)."""
+    """Views of `flat`, laid out as `DeltaBuffer.buffer` (sorted names, end to end), shaped as in `like`."""
     names = sorted(like)
     pieces = flat.split([like[n].numel() for n in names])
     return {n: piece.view(like[n].shape) for n, piece in zip(names, pieces, strict=True)}
