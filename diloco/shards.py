@@ -63,7 +63,8 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
     shard's slice is a view of that buffer (plan_segments fills shards in the same order), not a copy.
     """
     names = sorted(delta)
-    target = _cat([delta[n].detach().reshape(-1).to(torch.float32) for n in names])
+    # a fresh buffer (cat copies even one tensor): it is updated in place and must not alias `delta`
+    target = torch.cat([delta[n].detach().reshape(-1).to(torch.float32) for n in names]) if names else torch.zeros(0)
     if residual:
         target.add_(torch.cat([residual[n].reshape(-1) if n in residual else torch.zeros(delta[n].numel())
                                for n in names]), alpha=decay)
@@ -78,13 +79,8 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
     for shard, parts, numel in _encode_slices(numels, slice_of, codec, shard_bytes):
         shards.append(shard)
         pieces.append(codec.decode(parts, numel))
-    sent = _cat(pieces)
+    sent = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.zeros(0)
     return shards, unflatten(target.sub_(sent), delta), l2_norm([sent])
-
-
-def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """1-D pieces end to end; one piece as it is, none as an empty fp32 tensor."""
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.zeros(0)
 
 
 def _encode_slices(numels: dict[str, int], slice_of: Callable[[list[list]], torch.Tensor], codec: Codec,

@@ -240,6 +240,16 @@ def test_encode_with_feedback_is_what_the_aggregator_decodes(shapes, shard_bytes
         assert len(shards) > 1, "slices as views of one buffer, across shards"
 
 
+@pytest.mark.parametrize("names", [["w"], ["a", "b"]])
+def test_encode_with_feedback_leaves_delta_and_residual_untouched(names):
+    delta = {n: torch.randn(5000, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names)}
+    residual = {n: torch.ones(5000) for n in names}
+    before = {n: (delta[n].clone(), residual[n].clone()) for n in names}
+    encode_with_feedback(delta, residual, get_codec("topk"), 1.0, 1 << 20)
+    for n in names:
+        assert torch.equal(delta[n], before[n][0]) and torch.equal(residual[n], before[n][1])
+
+
 def test_shard_layout():
     s = encode_delta({"b": torch.ones(3), "a": torch.ones(2)}, FP32, 1000)
     assert len(s) == 1
