@@ -3,8 +3,10 @@
 Announcements are reduced sorted by worker id, so a round redone after a crash sums the same
 numbers in the same order and yields bit-identical weights. Each worker's delta is decoded into a
 staging buffer and checked complete before it touches the accumulator: a bad shard rejects that
-worker only. Memory is O(model): the accumulator, one staging buffer, and the next worker's shards
-downloading concurrently while the current one is decoded.
+worker only; a sparse codec's (topk) delta is staged as the positions and values it sent and
+scatter-added, so its cost per worker is O(sent), not O(model). Memory is O(model): the accumulator,
+one staging buffer, and the next worker's shards downloading concurrently while the current one is
+decoded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from diloco.codecs import Codec
 from diloco.errors import BadInput, BadShard
 from diloco.faults import crash_point
 from diloco.messages import Announcement
-from diloco.shards import DeltaBuffer, l2_norm, max_shard_object_bytes, unflatten
+from diloco.shards import DeltaBuffer, max_shard_object_bytes, unflatten
 from diloco.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
             for f in futures:
                 buf.add_shard(f.result(), codec)
             buf.check_complete()
-            norm = l2_norm([buf.buffer])
+            norm = buf.norm()
             if abs(norm - ann.norm) > 1e-4 * max(1.0, norm):
                 raise BadShard(f"the delta's norm is {norm:.6g}, the announcement claims {ann.norm:.6g}")
         except BadInput as e:
@@ -62,7 +64,7 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
                 f.cancel()
             rejected.append((entry_id, ann, f"{type(e).__name__}: {e}"))
             continue
-        acc += buf.buffer
+        buf.add_to(acc)
         included.append(ann)
         nbytes += ann.nbytes
     if included:

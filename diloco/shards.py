@@ -61,6 +61,7 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
     the tensors laid end to end, a few large operations instead of a few per tensor: for a model of
     many small tensors the per-operation cost was most of the work (docs/benchmarks.md); and each
     shard's slice is a view of that buffer (plan_segments fills shards in the same order), not a copy.
+    A sparse codec's sent elements are subtracted where they are, as the aggregator scatter-adds them.
     """
     names = sorted(delta)
     # a fresh buffer (cat copies even one tensor): it is updated in place and must not alias `delta`
@@ -75,12 +76,18 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
         name, start, _ = segments[0]
         return target[offsets[name] + start:][:sum(numel for _, _, numel in segments)]
 
-    shards, pieces = [], []
+    shards, sent, offset = [], [], 0  # each shard's slice follows the previous one's in `target`
     for shard, parts, numel in _encode_slices(numels, slice_of, codec, shard_bytes):
         shards.append(shard)
-        pieces.append(codec.decode(parts, numel))
-    sent = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.zeros(0)
-    return shards, unflatten(target.sub_(sent), delta), l2_norm([sent])
+        if codec.sparse:  # what was sent, as the aggregator scatter-adds it
+            positions, values = codec.decode_sparse(parts, numel)
+            target.index_add_(0, positions + offset, values, alpha=-1)
+        else:
+            values = codec.decode(parts, numel)
+            target[offset:offset + numel].sub_(values)
+        sent.append(values)
+        offset += numel
+    return shards, unflatten(target, delta), l2_norm(sent)
 
 
 def _encode_slices(numels: dict[str, int], slice_of: Callable[[list[list]], torch.Tensor], codec: Codec,
@@ -158,6 +165,24 @@ def decode_slice(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[lis
     `numels` maps each tensor the delta may hold to its element count; a name outside it, a segment
     out of bounds, a codec other than the run's, or a part the codec does not have is rejected.
     """
+    segments, parts, numel = _parse_shard(data, codec, numels)
+    values = codec.decode(parts, numel)
+    _check_finite(segments, values)
+    return segments, values
+
+
+def decode_slice_sparse(data: bytes, codec: Codec,
+                        numels: dict[str, int]) -> tuple[list[tuple[str, int, int]], torch.Tensor, torch.Tensor]:
+    """As `decode_slice` for a sparse codec: (segments, positions in the slice, values there)."""
+    segments, parts, numel = _parse_shard(data, codec, numels)
+    positions, values = codec.decode_sparse(parts, numel)
+    _check_finite(segments, values, positions)
+    return segments, positions, values
+
+
+def _parse_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[list[tuple[str, int, int]],
+                                                                             dict[str, torch.Tensor], int]:
+    """(checked segments, the codec's parts, elements in the slice) of one shard."""
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -174,15 +199,20 @@ def decode_slice(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[lis
     checked = [_check_segment(s, numels) for s in segments]
     if set(tensors) != set(codec.parts):
         raise BadShard(f"shard has parts {sorted(tensors)[:5]}, the {codec.name} codec has {list(codec.parts)}")
-    values = codec.decode(tensors, sum(numel for _, _, numel in checked))
+    return checked, tensors, sum(numel for _, _, numel in checked)
+
+
+def _check_finite(segments: list[tuple[str, int, int]], values: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> None:
+    """BadShard if a value is NaN or Inf; `positions`: where in the slice each value is (default: all)."""
     # A NaN or Inf anywhere makes the sum non-finite: one cheap reduction, the exact test only then
     # (finite values may also overflow the sum).
     if not bool(torch.isfinite(values.sum())):
         bad = ~torch.isfinite(values)
         if bool(bad.any()):
-            name, start, numel = _segment_at(checked, int(bad.nonzero()[0]))
+            index = int(bad.nonzero()[0])
+            name, start, numel = _segment_at(segments, index if positions is None else int(positions[index]))
             raise BadShard(f"slice {name}[{start}:{start + numel}] holds NaN or Inf")
-    return checked, values
 
 
 def _segment_at(segments: list[tuple[str, int, int]], index: int) -> tuple[str, int, int]:
@@ -223,7 +253,10 @@ class DeltaBuffer:
     """One worker's decoded delta, checked to cover every float tensor exactly once.
 
     `buffer` holds the tensors end to end in sorted name order, the order shards are written in, so
-    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`.
+    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`. A
+    sparse codec's shards are kept as the positions in `buffer` and the values there instead: `add_to`
+    scatter-adds them and `norm` measures them, so the aggregator never writes, adds or reads the
+    dense buffer (O(sent) instead of O(model) per delta); it is filled only if `buffer` is read.
     """
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
@@ -231,27 +264,79 @@ class DeltaBuffer:
         # accumulate yields one offset more (the total) than there are names
         self.offsets = dict(zip(self.numels, itertools.accumulate(self.numels.values(), initial=0), strict=False))
         # Uninitialised: check_complete proves every element was written before it is read.
-        self.buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
-        self.flat = dict(zip(self.numels, self.buffer.split(list(self.numels.values())), strict=True))
+        self._buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
+        self._views = dict(zip(self.numels, self._buffer.split(list(self.numels.values())), strict=True))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
+        self._sparse = False
+        self._positions: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._filled = 0  # sparse pieces written into _buffer
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        if self._sparse and self._filled != len(self._positions):
+            self._buffer.zero_()
+            self._buffer[torch.cat(self._positions)] = torch.cat(self._values)
+            self._filled = len(self._positions)
+        return self._buffer
+
+    @property
+    def flat(self) -> dict[str, torch.Tensor]:
+        self.buffer  # noqa: B018 -- fills a sparse delta's buffer
+        return self._views
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
-        segments, values = decode_slice(data, codec, self.numels)
+        if codec.sparse:
+            segments, positions, values = decode_slice_sparse(data, codec, self.numels)
+            self._sparse = True
+            self._positions.append(self._buffer_positions(segments, positions))
+            self._values.append(values)
+        else:
+            segments, values = decode_slice(data, codec, self.numels)
+            self._write(segments, values)
+        for name, start, numel in segments:
+            self.covered[name].append((start, numel))
+
+    def add_to(self, acc: torch.Tensor) -> None:
+        """acc += this delta (acc laid out as `buffer`)."""
+        if self._sparse:
+            acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values))
+        else:
+            acc += self._buffer
+
+    def norm(self) -> float:
+        return l2_norm(self._values if self._sparse else [self._buffer])
+
+    def _begin(self, segments: list[tuple[str, int, int]]) -> int | None:
+        """Where the slice starts in `buffer` if its segments lie end to end there (as encode_delta
+        writes them), else None."""
         begin = self.offsets[segments[0][0]] + segments[0][1]
         pos = 0
         for name, start, numel in segments:
             if self.offsets[name] + start != begin + pos:
-                break
+                return None
             pos += numel
-        if pos == values.numel():   # the segments are adjacent in `buffer`, as encode_delta writes them
-            self.buffer[begin:begin + pos] = values
-        else:
-            pos = 0
-            for name, start, numel in segments:
-                self.flat[name][start:start + numel] = values[pos:pos + numel]
-                pos += numel
+        return begin
+
+    def _write(self, segments: list[tuple[str, int, int]], values: torch.Tensor) -> None:
+        begin = self._begin(segments)
+        if begin is not None:
+            self._buffer[begin:begin + values.numel()] = values
+            return
+        pos = 0
         for name, start, numel in segments:
-            self.covered[name].append((start, numel))
+            self._views[name][start:start + numel] = values[pos:pos + numel]
+            pos += numel
+
+    def _buffer_positions(self, segments: list[tuple[str, int, int]], positions: torch.Tensor) -> torch.Tensor:
+        """Positions in the slice to positions in `buffer`."""
+        begin = self._begin(segments)
+        if begin is not None:
+            return positions + begin
+        ends = torch.tensor(list(itertools.accumulate(numel for _, _, numel in segments)))
+        shift = torch.tensor([self.offsets[name] + start for name, start, _ in segments]) - (ends - torch.tensor(
+            [numel for _, _, numel in segments]))
+        return positions + shift[torch.searchsorted(ends, positions, right=True)]
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():

@@ -471,6 +471,44 @@ def test_segments_in_any_order_land_where_they_name():
     assert buf.flat["a"].tolist() == [1.0, 2.0, 3.0, 4.0] and buf.flat["b"].tolist() == [5.0, 6.0]
 
 
+@pytest.mark.parametrize("shard_bytes", [1 << 20, 300])
+def test_sparse_delta_adds_what_it_decodes_to(shard_bytes):
+    # topk's shards are scatter-added: the same sum and norm as adding the dense decoded delta
+    delta = _delta(3)
+    codec = get_codec("topk", {"density": 0.2})
+    shards = encode_delta(delta, codec, shard_bytes)
+    assert (len(shards) > 1) == (shard_bytes == 300)
+    buf = DeltaBuffer(delta)
+    for s in shards:
+        buf.add_shard(s, codec)
+    buf.check_complete()
+    numels = {n: t.numel() for n, t in delta.items()}
+    decoded = {n: torch.zeros(k) for n, k in numels.items()}
+    for s in shards:  # the dense path: codec.decode, placed by segments
+        for name, start, values in decode_shard(s, codec, numels):
+            decoded[name][start:start + values.numel()] = values
+    dense = torch.cat([decoded[n] for n in sorted(decoded)])
+    acc = torch.randn(dense.numel(), generator=torch.Generator().manual_seed(4))
+    expected = acc + dense
+    buf.add_to(acc)
+    assert torch.equal(acc, expected)
+    assert buf.norm() == pytest.approx(float(torch.linalg.vector_norm(dense.double())), rel=1e-12)
+    assert torch.equal(buf.buffer, dense)
+
+
+def test_sparse_segments_in_any_order_land_where_they_name():
+    codec = get_codec("topk", {"density": 1.0})  # keeps every element; values on 2 levels
+    x = torch.tensor([5.0, 6.0, 1.0, 2.0, 3.0, 4.0])
+    sent = codec.decode(codec.encode(x), 6)
+    buf = DeltaBuffer({"a": torch.zeros(4), "b": torch.zeros(2)})
+    buf.add_shard(_shard(codec.encode(x), [["b", 0, 2], ["a", 0, 4]], codec="topk"), codec)
+    buf.check_complete()
+    acc = torch.zeros(6)
+    buf.add_to(acc)
+    assert torch.equal(acc, torch.cat([sent[2:], sent[:2]]))
+    assert torch.equal(buf.flat["a"], sent[2:]) and torch.equal(buf.flat["b"], sent[:2])
+
+
 def test_one_shard_of_many_tensors_is_one_codec_call(monkeypatch):
     delta = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(20)}
     calls = []

@@ -39,6 +39,15 @@ class Codec(ABC):
     def max_bytes(self, numel: int) -> int:
         """Upper bound on the encoded size of `numel` elements, used to fill shards."""
 
+    # A sparse codec decodes to the few elements it sent (`decode_sparse`), so the aggregator and the
+    # worker's error feedback scatter-add them instead of writing, adding and measuring a dense slice.
+    sparse: ClassVar[bool] = False
+
+    def decode_sparse(self, parts: dict[str, torch.Tensor], numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions int64, values fp32) of the elements a slice of `numel` decodes to that may be
+        nonzero, positions unique; every other element is 0. Only codecs with `sparse` set have one."""
+        raise NotImplementedError(f"the {self.name} codec is dense")
+
 
 def expect_part(parts: dict[str, torch.Tensor], name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """The part `name`, checked to be 1-D of `numel` elements of `dtype`."""

@@ -71,7 +71,15 @@ class TopK(Codec):
         return {"idx": bitpack.pack(torch.cat(idx), 12), "code": bitpack.pack(torch.cat(codes), 2),
                 "scale": torch.cat(scales)}
 
+    sparse: ClassVar[bool] = True
+
     def decode(self, parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        positions, values = self.decode_sparse(parts, numel)
+        out = torch.zeros(numel, dtype=torch.float32, device=values.device)
+        out[positions] = values
+        return out
+
+    def decode_sparse(self, parts: dict[str, torch.Tensor], numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         groups = self._groups(numel)
         total = sum(chunks * k for _, chunks, _, k in groups)
         scale = expect_part(parts, "scale", torch.float32, 2 * sum(g[1] for g in groups)).view(-1, 2)
@@ -95,11 +103,10 @@ class TopK(Codec):
             positions.append((offset + c * length + i).reshape(-1))
             chunk_of.append((first_chunk + c).expand(chunks, k).reshape(-1))
             start, first_chunk = start + chunks * k, first_chunk + chunks
-        out = torch.zeros(numel, dtype=torch.float32, device=scale.device)
-        if positions:
-            level = scale[torch.cat(chunk_of), code >> 1]
-            out[torch.cat(positions)] = torch.where((code & 1) == 1, -level, level)
-        return out
+        if not positions:  # numel 0
+            return torch.zeros(0, dtype=torch.int64, device=scale.device), scale.new_zeros(0)
+        level = scale[torch.cat(chunk_of), code >> 1]
+        return torch.cat(positions), torch.where((code & 1) == 1, -level, level)
 
     def max_bytes(self, numel: int) -> int:
         groups = self._groups(numel)
