@@ -528,8 +528,8 @@ def codec_shares(results: list[Result], standalone: dict[str, float], step_s: fl
 def codec_table(results: list[Result], shares: dict[str, tuple[float, float, float]], step_s: float,
                 args: argparse.Namespace) -> str:
     lines = ["| codec | encode / worker / round (in run) | aggregator reduce / round (in run) | median round "
-             "| codec share of round (in run) | encode + feedback + W decodes, alone | dedicated round estimate "
-             "| codec share (dedicated) |",
+             "| codec share of round (in run) | encode + feedback + W decodes and adds, alone "
+             "| dedicated round estimate | codec share (dedicated) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         c = r.config
@@ -1012,7 +1012,8 @@ def report(args, meta: dict, results: list[Result], table: str, ctable: str, gap
         f"(`_encode_with_feedback`, wall time) plus the aggregator's `reduce_s` (download, decode and mean of the "
         f"{w} deltas), against the median committed-to-committed round time; the {w} workers share 2 cores "
         "here, so both sides are contended and a round takes about W times as long as on dedicated machines. "
-        f"\"Dedicated\": encode + feedback decode on one worker plus {w} decodes on the aggregator, each the best "
+        f"\"Dedicated\": encode + feedback decode on one worker plus {w} decodes on the aggregator (each checked, "
+        "measured and added to the accumulator, as the aggregator's reduce does), each the best "
         f"of 7 timed calls alone, against H x one AdamW step at batch {b} measured alone "
         f"({1000 * meta['step_s']:.1f} ms, best of 21) plus that codec time: one worker per 2-core machine. The "
         "model is tiny (a round takes well under a second on a dedicated machine), so fixed costs per codec call "

@@ -57,8 +57,8 @@ def pseudo_gradient(task: Task, s: dict) -> dict[str, torch.Tensor]:
 
 
 def codec_ms(delta: dict[str, torch.Tensor], name: str, options: dict, workers: int) -> float:
-    """Encode with error feedback on one worker (the worker's own code path), plus decoding `workers`
-    deltas on the aggregator, in ms."""
+    """Encode with error feedback on one worker (the worker's own code path), plus decoding, checking
+    and adding `workers` deltas on the aggregator, in ms."""
     codec = get_codec(name, options)
     residual = {n: torch.zeros_like(t) for n, t in delta.items()}  # a later round's: one more add
 
@@ -69,13 +69,16 @@ def codec_ms(delta: dict[str, torch.Tensor], name: str, options: dict, workers: 
             encode_with_feedback(delta, residual, codec, 1.0, SHARD_BYTES)
 
     shards = encode_delta(delta, codec, SHARD_BYTES)
+    acc = torch.zeros(sum(t.numel() for t in delta.values()))
 
-    def aggregator_side() -> None:
+    def aggregator_side() -> None:  # diloco.reduce.reduce_round's work per delta, less the download
         for _ in range(workers):
             buf = DeltaBuffer(delta)
             for shard in shards:
                 buf.add_shard(shard, codec)
             buf.check_complete()
+            buf.norm()
+            buf.add_to(acc)
 
     return 1000 * (best_time(worker_side) + best_time(aggregator_side))
 
