@@ -143,9 +143,12 @@ DEDICATED_NOTE = (
     "parallel torch operation wakes a sleeping thread, which costs a codec's many small operations far more "
     "than a training step (earlier versions of this page measured in-process under PASSIVE: topk 13.7 ms "
     "before and 7.5 ms after its numpy selection, against 27.7 and 22.3 ms per AdamW step). The figure moves "
-    "between processes: six separate runs of bench/dedicated.py on a quiet machine (2026-11-21 20:56 UTC, this "
-    "code) put topk's share at H=5 at 4.5, 4.6, 4.7 and 4.8% and twice at 6.6 and 7.2%, the codec time "
-    "jumping from about 4 ms to 6-6.4 ms while the step time stayed at 16.3-17.0 ms.")
+    "between processes: six separate runs of bench/dedicated.py on a quiet machine (2026-11-21 20:56 UTC, "
+    "then without the aggregator's norm and accumulate) put topk's share at H=5 at 4.5, 4.6, 4.7 and 4.8% and "
+    "twice at 6.6 and 7.2%, the codec time jumping from about 4 ms to 6-6.4 ms while the step time stayed at "
+    "16.3-17.0 ms. The aggregator now scatter-adds topk's deltas instead of decoding them dense: in three "
+    "alternating runs (2026-11-21 22:15 UTC, norm and accumulate counted on both sides) topk's codec time went "
+    "from 4.74-4.89 ms to 3.81-4.02 ms, int8's (unchanged code) 2.54-2.65 against 2.48-2.54 ms.")
 
 
 # Each side's inner lr is its best under the cooldown: dp's from runs of this benchmark (--only dp --dp-lr X,
