@@ -274,16 +274,20 @@ class DeltaBuffer:
 
     @property
     def buffer(self) -> torch.Tensor:
-        if self._sparse and self._filled != len(self._positions):
-            self._buffer.zero_()
-            self._buffer[torch.cat(self._positions)] = torch.cat(self._values)
-            self._filled = len(self._positions)
+        self._fill()
         return self._buffer
 
     @property
     def flat(self) -> dict[str, torch.Tensor]:
-        self.buffer  # noqa: B018 -- fills a sparse delta's buffer
+        self._fill()
         return self._views
+
+    def _fill(self) -> None:
+        """Write a sparse delta's pieces into the dense buffer (again if more arrived since)."""
+        if self._sparse and self._filled != len(self._positions):
+            self._buffer.zero_()
+            self._buffer[torch.cat(self._positions)] = torch.cat(self._values)
+            self._filled = len(self._positions)
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
         if codec.sparse:
@@ -333,10 +337,9 @@ class DeltaBuffer:
         begin = self._begin(segments)
         if begin is not None:
             return positions + begin
-        ends = torch.tensor(list(itertools.accumulate(numel for _, _, numel in segments)))
-        shift = torch.tensor([self.offsets[name] + start for name, start, _ in segments]) - (ends - torch.tensor(
-            [numel for _, _, numel in segments]))
-        return positions + shift[torch.searchsorted(ends, positions, right=True)]
+        at = list(itertools.accumulate((numel for _, _, numel in segments), initial=0))  # segment starts in the slice
+        shift = torch.tensor([self.offsets[n] + start - a for (n, start, _), a in zip(segments, at, strict=False)])
+        return positions + shift[torch.searchsorted(torch.tensor(at[1:]), positions, right=True)]
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():

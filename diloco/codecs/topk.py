@@ -36,6 +36,7 @@ _ROWS_PER_THREAD = 256  # about 1M elements: below that a thread costs more than
 class TopK(Codec):
     name = "topk"
     parts = ("idx", "code", "scale")
+    sparse: ClassVar[bool] = True
     option_types: ClassVar[dict[str, tuple[type, ...]]] = {"density": (float, int), "feedback_decay": (float, int)}
 
     def __init__(self, density: float = 0.015, feedback_decay: float = 1.0) -> None:
@@ -70,8 +71,6 @@ class TopK(Codec):
             scales = [torch.zeros(0, dtype=torch.float32, device=x.device)]
         return {"idx": bitpack.pack(torch.cat(idx), 12), "code": bitpack.pack(torch.cat(codes), 2),
                 "scale": torch.cat(scales)}
-
-    sparse: ClassVar[bool] = True
 
     def decode(self, parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
         positions, values = self.decode_sparse(parts, numel)
