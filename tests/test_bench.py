@@ -47,3 +47,19 @@ def test_codec_benchmark_writes_its_section(tmp_path):
         assert row in text, row
     for target in ("bf16 at most 2.02", "int8 at most 1.05", "int4 at most 0.55", "topk 0.015 at most 0.08"):
         assert f"**met**: {target} bytes/param" in text, target
+
+
+def test_simulation_appends_a_result_per_run(tmp_path):
+    results = tmp_path / "r.jsonl"
+    base = [sys.executable, "bench/simulate.py", "--steps", "4", "--h", "2", "--warm-steps", "3",
+            "--warm", str(tmp_path / "warm.safetensors"), "--results", str(results)]
+    runs = (["--tag", "topk", "--codec", "topk", "--flat", "--cooldown", "0.5", "--outer-momentum", "0"],
+            ["--tag", "dp", "--workers", "1", "--batch", "8", "--h", "1", "--outer-lr", "1", "--outer-momentum", "0"])
+    for extra in runs:
+        proc = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["args"]["tag"] for r in lines] == ["topk", "dp"]
+    assert [len(r["points"]) for r in lines] == [2, 4], "an evaluation after every round of a short run"
+    assert all(0 < r["final"] < 10 and r["final"] == r["points"][-1][1] for r in lines)
+    assert lines[0]["points"][0][1] != lines[0]["points"][1][1], "the outer step moved the global model"
