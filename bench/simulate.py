@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cosine", action="store_true", help="instead: cosine inner lr from 1 to 0.1 over the rounds")
     ap.add_argument("--outer-decay", default="", choices=("", "lr", "mu", "lrmu"),
                     help="what of the outer step decays with the inner lr")
+    ap.add_argument("--cooldown-outer-lr", type=float,
+                    help="instead of decaying, the outer lr moves linearly to this value with the inner lr's decay")
     ap.add_argument("--codec", default="fp32")
     ap.add_argument("--density", type=float, default=0.015, help="topk density")
     ap.add_argument("--feedback-decay", type=float, default=1.0, help="share of the residual carried over")
@@ -185,6 +187,8 @@ class Sim:
                 self.set_inner_lr(scale)
             sent = [self.send(w, self.train(w), scale) for w in range(a.workers)]
             lr = a.outer_lr * (scale if "lr" in a.outer_decay else 1.0)
+            if a.cooldown_outer_lr is not None:
+                lr = a.cooldown_outer_lr + (a.outer_lr - a.cooldown_outer_lr) * scale
             mu = a.outer_momentum * (scale if "mu" in a.outer_decay else 1.0)
             self.glob, self.mom = outer_step(self.glob, self.mom, self.average(sent), lr=lr, mu=mu)
             if (r + 1) % max(1, rounds // 24) == 0 or r == rounds - 1:
