@@ -173,7 +173,7 @@ LR_NOTE = (
 
 # Where the gap to dp comes from: bench/simulate.py (TOPK_NOTE) with a dp mode (1 worker, batch 64), every run with
 # this page's cooldown over the last 25%; 2026-11-21 21:25-21:50 UTC (H=1, H=5-25) and 23:00-23:45 UTC (batch 32,
-# 2x and 4x the tokens, --cooldown-outer-lr at 00:27 UTC).
+# 2x and 4x the tokens), 2026-11-22 00:27 UTC (--cooldown-outer-lr) and 00:40 UTC (the larger model).
 GAP_NOTE = (
     "Where the gap to dp comes from, measured in the in-process simulation (bench/simulate.py, described below; "
     "its dp, `--workers 1 --batch 64 --h 1 --outer-lr 1 --outer-momentum 0 --inner-lr 8e-3 --cooldown 0.25`, "
@@ -196,7 +196,10 @@ GAP_NOTE = (
     "the tokens (-0.7% over the last quarter): until the cooldown DiLoCo keeps up with dp, and dp pulls away "
     "in the cooldown's last steps. Letting the outer step grow as its momentum fades in the cooldown (outer lr "
     "from 0.7 to 1 or 1.5, `--cooldown-outer-lr`) did not help at this page's budget: 0.895 and 0.899 against "
-    "0.898. No setting or budget tried comes "
+    "0.898. Nor does a larger model in the same compute (4 layers, width 128, 868k parameters, about 3x the "
+    "cost per token, so 400 steps; `--task-option n_layer=4 --task-option n_embd=128 --steps 400`): dp ended "
+    "at 1.042 (1.075 at lr 4e-3), DiLoCo H=10 at 1.155 (+10.9%) and H=25 at 1.247 (+19.7%), all worse than "
+    "the small model. No setting, budget or model tried comes "
     "within 3% of dp: at this model size (279k parameters) and per-worker batch the target would take more "
     "than 4x this page's tokens, where the page's configurations at 4x would already take about 90 minutes on "
     "this machine against the 20 it is meant to fit in. H=25 stays this page's H, the codec rows' reference.")

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="nzmean: average each entry over the workers that sent it")
     ap.add_argument("--keep-local", action="store_true",
                     help="workers start a round from the global model minus their residual")
+    ap.add_argument("--task-option", action="append", default=[], metavar="KEY=INT",
+                    help="an option of the gpt task (n_layer, n_head, n_embd, seq_len); repeatable")
     ap.add_argument("--warm-steps", type=int, default=300, help="AdamW steps of the shared warm start")
     ap.add_argument("--warm", type=Path, help="where the warm start is cached (default /tmp/diloco-sim-warm-N)")
     ap.add_argument("--results", type=Path, default=Path("/tmp/diloco-sim-results.jsonl"))
@@ -105,7 +107,7 @@ class Sim:
     def __init__(self, args: argparse.Namespace) -> None:
         torch.set_num_threads(1)
         self.args = args
-        self.task = load_task("gpt", {})
+        self.task = load_task("gpt", {k: int(v) for k, v in (o.split("=", 1) for o in args.task_option)})
         self.glob = {n: t.clone().float() for n, t in warm_start(self.task, args.warm, args.warm_steps).items()}
         self.mom = {n: torch.zeros_like(t) for n, t in self.glob.items()}
         self.codec = get_codec(args.codec, {"density": args.density} if args.codec == "topk" else {})

@@ -52,7 +52,7 @@ def test_codec_benchmark_writes_its_section(tmp_path):
 def test_simulation_appends_a_result_per_run(tmp_path):
     results = tmp_path / "r.jsonl"
     base = [sys.executable, "bench/simulate.py", "--steps", "4", "--h", "2", "--warm-steps", "3",
-            "--warm", str(tmp_path / "warm.safetensors"), "--results", str(results)]
+            "--task-option", "n_layer=1", "--warm", str(tmp_path / "warm.safetensors"), "--results", str(results)]
     runs = (["--tag", "topk", "--codec", "topk", "--flat", "--cooldown", "0.5", "--outer-momentum", "0"],
             ["--tag", "dp", "--workers", "1", "--batch", "8", "--h", "1", "--outer-lr", "1", "--outer-momentum", "0"])
     for extra in runs:
@@ -63,3 +63,4 @@ def test_simulation_appends_a_result_per_run(tmp_path):
     assert [len(r["points"]) for r in lines] == [2, 4], "an evaluation after every round of a short run"
     assert all(0 < r["final"] < 10 and r["final"] == r["points"][-1][1] for r in lines)
     assert lines[0]["points"][0][1] != lines[0]["points"][1][1], "the outer step moved the global model"
+    assert lines[0]["args"]["task_option"] == ["n_layer=1"]
