@@ -105,7 +105,6 @@ def lr_scale(args: argparse.Namespace, r: int, rounds: int) -> float:
 
 class Sim:
     def __init__(self, args: argparse.Namespace) -> None:
-        torch.set_num_threads(1)
         self.args = args
         self.task = load_task("gpt", {k: int(v) for k, v in (o.split("=", 1) for o in args.task_option)})
         self.glob = {n: t.clone().float() for n, t in warm_start(self.task, args.warm, args.warm_steps).items()}
@@ -205,6 +204,7 @@ class Sim:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(1)  # one core per simulation: two sweeps side by side on the 2 cores
     res = Sim(args).run()
     print("RESULT", json.dumps({k: res[k] for k in ("args", "final", "tail", "s")}), flush=True)
     with args.results.open("a") as f:
