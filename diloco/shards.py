@@ -70,7 +70,7 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
         target.add_(torch.cat([residual[n].reshape(-1) if n in residual else torch.zeros(delta[n].numel())
                                for n in names]), alpha=decay)
     numels = {n: delta[n].numel() for n in names}
-    offsets = dict(zip(names, itertools.accumulate(numels.values(), initial=0), strict=False))
+    offsets = _offsets(numels)
 
     def slice_of(segments: list[list]) -> torch.Tensor:
         name, start, _ = segments[0]
@@ -261,8 +261,7 @@ class DeltaBuffer:
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
         self.numels = {name: like[name].numel() for name in sorted(like)}
-        # accumulate yields one offset more (the total) than there are names
-        self.offsets = dict(zip(self.numels, itertools.accumulate(self.numels.values(), initial=0), strict=False))
+        self.offsets = _offsets(self.numels)
         # Uninitialised: check_complete proves every element was written before it is read.
         self._buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
         self._views = dict(zip(self.numels, self._buffer.split(list(self.numels.values())), strict=True))
@@ -350,6 +349,12 @@ class DeltaBuffer:
                 pos += numel
             if pos != self.numels[name]:
                 raise BadShard(f"tensor {name!r} covers {pos} of {self.numels[name]} elements")
+
+
+def _offsets(numels: dict[str, int]) -> dict[str, int]:
+    """Where each tensor starts when they lie end to end in the order of `numels`."""
+    # accumulate yields one offset more (the total) than there are names
+    return dict(zip(numels, itertools.accumulate(numels.values(), initial=0), strict=False))
 
 
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
