@@ -123,6 +123,7 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     existing = r.hgetall(keys.config(run))
     if existing:
         return InitResult(_check_same(RunConfig.from_fields(existing), given), created=False)
+    store.check()  # creating a run may create a file store's directory; a running service never does
     if store.list(keys.snapshot_prefix(run)):
         # Redis lost the run but the store has its history: starting over at version 0 would
         # silently throw away every committed version.

@@ -136,7 +136,7 @@ class FileStore(ObjectStore):
     def _put(self, key: str, data: bytes) -> str:
         path = self._path(key)
         digest = hashlib.sha256(data).hexdigest()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(path.parent)
         tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -197,6 +197,13 @@ class FileStore(ObjectStore):
                 raise self._unreachable(f"{self.root} is not a directory")
             raise ObjectMissing(f"no object {key!r} in {self.url}")
         return path.stat().st_size
+
+    def _mkdirs(self, directory: Path) -> None:
+        """Create `directory` and the levels between it and the root, never the root itself: a root
+        that is gone (an unmounted volume) is an outage (OSError here), not an empty store to refill."""
+        parts = directory.relative_to(self.root).parts
+        for depth in range(1, len(parts) + 1):
+            self.root.joinpath(*parts[:depth]).mkdir(exist_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

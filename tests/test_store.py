@@ -166,6 +166,21 @@ def test_file_check_creates_directory(tmp_path):
     assert root.is_dir()
 
 
+def test_file_put_never_recreates_a_root_that_is_gone(tmp_path):
+    root = tmp_path / "store"
+    store = open_store(root.as_uri())
+    store.check()
+    store.put("t/deltas/k", b"x")
+    root.rename(tmp_path / "away")  # the volume is unmounted under a running service
+    with pytest.raises(Unreachable) as info:
+        store.put("t/deltas/k2", b"y")
+    assert store.url in str(info.value)
+    assert not root.exists(), "an empty store would have silently replaced the real one"
+    (tmp_path / "away").rename(root)
+    store.put("t/new/deeper/k3", b"z")  # levels below the root are still created
+    assert store.get("t/new/deeper/k3") == b"z"
+
+
 def test_file_temp_files_are_not_listed(tmp_path):
     store = open_store(tmp_path.as_uri())
     store.put("d/k", b"x")
