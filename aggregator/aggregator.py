@@ -94,7 +94,8 @@ class Aggregator:
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
         codec = get_codec(self.cfg.codec, self.cfg.codec_options)
         while True:
-            if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event):
+            if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event,
+                           lock_lost=self.lock.lost):
                 return False
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")

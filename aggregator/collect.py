@@ -18,7 +18,7 @@ from aggregator.units_check import units_problem
 from diloco import control, keys
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
-from diloco.errors import BadMessage
+from diloco.errors import BadMessage, LockLost
 from diloco.messages import Announcement, Head
 from diloco.scripts import Scripts
 from diloco.shards import max_shard_object_bytes
@@ -34,6 +34,7 @@ class Round:
     accepted: dict[str, tuple[str, Announcement]] = field(default_factory=dict)  # worker -> (id, ann)
     answered: set[str] = field(default_factory=set)    # workers that announced, accepted or not
     rejected: int = 0
+    waiting: str = ""    # why the round is still open, as last published
 
     @property
     def version(self) -> int:
@@ -109,20 +110,38 @@ def live_workers(r: redis.Redis, run: str) -> dict[str, str | None]:
     return {w: state for w, alive, state in zip(ids, replies[0::2], replies[1::2], strict=True) if alive}
 
 
+def waiting_for(cfg: RunConfig, rnd: Round, live: dict[str, str | None], now_ms: int,
+                paused: bool = False) -> str:
+    """Why the round cannot close yet, as an operator reads it ("" once it can)."""
+    deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
+    missing = sorted(w for w in live if w not in rnd.answered)
+    short = cfg.min_workers - len(rnd.accepted)
+    if short > 0:
+        # Workers that are live and have not answered yet can still fill the quorum; beyond them only
+        # new workers (or a lower min_workers) can.
+        more = short - len(missing)
+        if more > 0:
+            need = (f"{more} more worker{'s' * (more > 1)} (min_workers {cfg.min_workers}, {len(live)} live): "
+                    f"start workers or lower it with `diloco control --run {cfg.run} set min_workers=N`")
+        else:
+            need = (f"{short} more delta{'s' * (short > 1)} (min_workers {cfg.min_workers}; "
+                    f"from {', '.join(missing[:5])})")
+        return f"{need}; the run is paused (diloco control --run {cfg.run} resume)" if paused else need
+    if missing and now_ms < deadline:
+        return f"{len(missing)} live workers ({', '.join(missing[:5])}) until the deadline"
+    return ""
+
+
 def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
     """Apply the quorum rule, and publish why the round is still open (status and monitor read it)."""
     live = live_workers(r, cfg.run)
     now = server_time_ms(r)
     deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
-    # A starved worker waits for a free work unit (all are leased, some to this round's workers):
-    # waiting for it would wait for the round itself.
-    missing = sorted(w for w, state in live.items() if w not in rnd.answered and state != "starved")
-    if len(rnd.accepted) < cfg.min_workers:
-        waiting = f"min_workers: {len(rnd.accepted)} of {cfg.min_workers} deltas accepted"
-    elif missing and now < deadline:
-        waiting = f"{len(missing)} live workers ({', '.join(missing[:5])}) until the deadline"
-    else:
-        waiting = ""
+    waiting = waiting_for(cfg, rnd, live, now, paused=control.state(r, cfg.run) == control.PAUSED)
+    if waiting != rnd.waiting:  # said once when it changes, not at every poll
+        if waiting:
+            log.info("round for version %d waits for %s", rnd.version, waiting)
+        rnd.waiting = waiting
     r.hset(keys.round_state(cfg.run), mapping={
         "version": str(rnd.version), "phase": "collecting" if waiting else "reducing",
         "accepted": str(len(rnd.accepted)), "answered": str(len(rnd.answered)), "live": str(len(live)),
@@ -150,11 +169,14 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
 
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
-            stop: threading.Event) -> bool:
+            stop: threading.Event, lock_lost: threading.Event | None = None) -> bool:
     """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
-    stopped the run (False)."""
+    stopped the run (False). Raises LockLost as soon as `lock_lost` is set: a holder that lost its
+    lock (a wipe, a stall) must not sit on a round it can no longer commit."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
+        if lock_lost is not None and lock_lost.is_set():
+            raise LockLost(f"lock lost while collecting version {rnd.version}")
         if control.state(r, cfg.run) == control.STOPPED:
             return False
         if is_closed(r, cfg, rnd):

@@ -1,8 +1,8 @@
 """Checks of an announcement's work units before its delta is reduced.
 
-Cheap reads first: the count, the ranges, and whether each unit is still leased by the worker
-and not done. The commit script checks ownership again atomically; this pass only keeps a doomed
-delta from costing a download and a retried commit.
+Cheap reads first: the count, the ranges, and whether each unit is done or leased to another
+worker (a unit leased to nobody counts: see the COMMIT script). The commit script checks ownership
+again atomically; this pass only keeps a doomed delta from costing a download and a retried commit.
 """
 
 from __future__ import annotations
@@ -37,6 +37,6 @@ def units_problem(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, ann: Announcem
         for b, owner in zip(bits, owners, strict=True):
             if next(replies):
                 return f"work unit {epoch}:{b} is already done"
-            if owner != ann.worker:
-                return f"work unit {epoch}:{b} is not leased by {ann.worker} (lease ended or given to {owner})"
+            if owner is not None and owner != ann.worker:
+                return f"work unit {epoch}:{b} is leased to {owner}, not to {ann.worker} (its lease ended)"
     return None

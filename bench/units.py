@@ -59,17 +59,15 @@ def _claimer(url: str, worker: str, want: int, calls: int, barrier, results) -> 
     units = retries = 0
     barrier.wait()
     start = time.monotonic()
-    lo = int(r.hget(meta, "epoch_lo"))
+    lo, hi = (int(x) for x in r.hmget(meta, "epoch_lo", "epoch_hi"))
     for _ in range(calls):
         t0 = time.perf_counter()
-        got = scripts.claim_units(RUN, DATASET, lo, want, worker, LEASE_MS)
+        got = scripts.claim_units(RUN, DATASET, lo, hi, want, worker, LEASE_MS)
         lat.append(time.perf_counter() - t0)
-        if got is None:  # epoch_lo moved: read it again, as Leases.claim does
+        if got is None:  # epoch_lo or epoch_hi moved: read them again, as Leases.claim does
             retries += 1
-            lo = int(r.hget(meta, "epoch_lo"))
+            lo, hi = (int(x) for x in r.hmget(meta, "epoch_lo", "epoch_hi"))
             continue
-        if not got:
-            break
         units += len(got)
     results.put({"start": start, "end": time.monotonic(), "lat": lat, "units": units, "retries": retries})
 

@@ -28,7 +28,7 @@ from diloco.errors import BadInput, ConfigError, ObjectExists, RunNotFound
 from diloco.messages import Head
 from diloco.scripts import Scripts
 from diloco.store import ObjectStore, put_idempotent
-from diloco.tasks import Task, load_task
+from diloco.tasks import Task, load_task, run_defaults
 from diloco.units import UnitPlan, units_per_round
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,9 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
         )
 
     task = load_task(given.get("task", RunConfig.task), given.get("task_options") or {})
-    cfg = RunConfig.from_options(run, {**given, "task": given.get("task", "gpt"), "task_options": task.options})
+    # The task's defaults fill what the user left out (a setting given explicitly still wins).
+    settings = {**run_defaults(task), **given, "task": given.get("task", RunConfig.task), "task_options": task.options}
+    cfg = RunConfig.from_options(run, settings)
     net = build_model(task, cfg.seed)
     if init is not None:
         _load_init_weights(net, init)

@@ -65,7 +65,7 @@ return 1
 
 COMMIT = """
 -- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream,
--- KEYS[4..] for each epoch whose units the round trained on: done bitmap, leases, owners.
+-- KEYS[4..] for each epoch whose units the round trained on: done bitmap, leases, owners, claimed.
 -- ARGV[1] lock value '<token>:<aggregator>', ARGV[2] base version, ARGV[3] fencing token,
 -- ARGV[4] weights key, ARGV[5] weights sha256, ARGV[6] momentum key, ARGV[7] momentum sha256,
 -- ARGV[8] the id of the last deltas-stream entry the round read (the next round reads after it,
@@ -73,8 +73,10 @@ COMMIT = """
 -- ARGV[9] m, then m round-stat field/value pairs for the versions stream,
 -- then k (epochs), then for each epoch: c, then c (unit bit, worker id) pairs.
 -- Returns the new version, or an error: 'LOCK_LOST', 'STALE <current version>', or
--- 'UNIT <worker> <bit> <why>' when a unit is not leased by the worker that trained it or is
--- already done; then nothing changes, so no unit is ever committed twice.
+-- 'UNIT <worker> <bit> <why>' when a unit is already done or leased to another worker; then
+-- nothing changes, so no unit is ever committed twice. A unit leased to nobody counts: its lease
+-- ended (or Redis was recovered from a snapshot) while the worker trained, and nobody else holds
+-- it, so the work is kept rather than redone; it is marked claimed with done, so no claim takes it.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LOCK_LOST') end
 local current = redis.call('HGET', KEYS[2], 'version')
 if current ~= ARGV[2] then return redis.error_reply('STALE ' .. tostring(current)) end
@@ -83,24 +85,26 @@ local i = 10 + 2 * m
 local k = tonumber(ARGV[i]); i = i + 1
 local units = {}
 for e = 0, k - 1 do
-  local done, owners = KEYS[4 + 3 * e], KEYS[6 + 3 * e]
+  local done, owners = KEYS[4 + 4 * e], KEYS[6 + 4 * e]
   local c = tonumber(ARGV[i]); i = i + 1
   for _ = 1, c do
     local bit, worker = ARGV[i], ARGV[i + 1]; i = i + 2
     if redis.call('GETBIT', done, bit) == 1 then
       return redis.error_reply('UNIT ' .. worker .. ' ' .. bit .. ' already done')
     end
-    if redis.call('HGET', owners, bit) ~= worker then
-      return redis.error_reply('UNIT ' .. worker .. ' ' .. bit .. ' not leased by this worker')
+    local owner = redis.call('HGET', owners, bit)
+    if owner and owner ~= worker then
+      return redis.error_reply('UNIT ' .. worker .. ' ' .. bit .. ' leased to ' .. owner)
     end
     units[#units + 1] = {e, bit}
   end
 end
 for _, u in ipairs(units) do
-  local base = 4 + 3 * u[1]
+  local base = 4 + 4 * u[1]
   redis.call('SETBIT', KEYS[base], u[2], 1)
   redis.call('ZREM', KEYS[base + 1], u[2])
   redis.call('HDEL', KEYS[base + 2], u[2])
+  redis.call('SETBIT', KEYS[base + 3], u[2], 1)
 end
 local new = tostring(tonumber(ARGV[2]) + 1)
 local t = redis.call('TIME')
@@ -117,53 +121,59 @@ return tonumber(new)
 
 
 CLAIM_UNITS = """
--- KEYS[1] units meta hash; KEYS[2..4] claimed, leases, owners of epoch lo; KEYS[5..7] the same
--- three of epoch lo+1. ARGV[1] the epoch_lo the caller read, ARGV[2] units wanted, ARGV[3] worker id,
--- ARGV[4] lease ms, ARGV[5] and ARGV[6] the done bitmaps of epochs lo and lo+1 (read only).
--- The done bitmaps come in ARGV, not KEYS: a Redis ACL checks every declared key of EVAL for read
--- and write, and workers may only read them (diloco/acl.py). They carry the run's hash tag, so the
--- script still touches one Cluster slot.
--- First releases expired leases of units not done and moves epoch_lo past a fully done epoch; then
--- claims up to ARGV[2] units, oldest epoch first, in bit order (bit i = the i-th unit of the epoch's
--- order, so progress reads as a prefix). Returns {'e:bit', ...}, or {'RETRY'} when epoch_lo moved
--- (the caller's KEYS name other epochs and it must read the meta again).
+-- KEYS[1] units meta hash; then for each epoch of the window lo..hi+1 the caller read, in order: its
+-- claimed bitmap, leases, owners. ARGV[1] the epoch_lo and ARGV[2] the epoch_hi the caller read,
+-- ARGV[3] units wanted, ARGV[4] worker id, ARGV[5] lease ms, ARGV[6..] the window's done bitmaps
+-- (read only). The done bitmaps come in ARGV, not KEYS: a Redis ACL checks every declared key of
+-- EVAL for read and write, and workers may only read them (diloco/acl.py). They carry the run's
+-- hash tag, so the script still touches one Cluster slot.
+-- All or nothing, so a claim never waits holding units (two such waits deadlocked each other):
+-- first releases expired leases of units not done and moves epoch_lo past a fully done epoch; then
+-- takes the ARGV[3] lowest free units, oldest epoch first, opening epochs as it goes. The window's
+-- last epoch (hi+1) is fresh and init checks that an epoch has at least a round's units, so the
+-- window always holds enough. Returns {'e:bit', ...}, or {'RETRY'} when lo or hi moved (the
+-- caller's KEYS name other epochs and it must read the meta again); never fewer units than asked.
 local lo = tonumber(redis.call('HGET', KEYS[1], 'epoch_lo'))
-if lo ~= tonumber(ARGV[1]) then return {'RETRY'} end
-local n = tonumber(redis.call('HGET', KEYS[1], 'num_units'))
 local hi = tonumber(redis.call('HGET', KEYS[1], 'epoch_hi'))
+if lo ~= tonumber(ARGV[1]) or hi ~= tonumber(ARGV[2]) then return {'RETRY'} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'num_units'))
+local k = (#KEYS - 1) / 3
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-for j = 0, 1 do
-  local claimed, done, leases, owners = KEYS[2 + 3 * j], ARGV[5 + j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
+for j = 0, k - 1 do
+  local claimed, leases, owners, done = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j], ARGV[6 + j]
   for _, u in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
     if redis.call('GETBIT', done, u) == 0 then redis.call('SETBIT', claimed, u, 0) end
     redis.call('ZREM', leases, u)
     redis.call('HDEL', owners, u)
   end
 end
-if redis.call('BITCOUNT', ARGV[5], 0, n - 1, 'BIT') == n then
+if redis.call('BITCOUNT', ARGV[6], 0, n - 1, 'BIT') == n then
   redis.call('HSET', KEYS[1], 'epoch_lo', lo + 1)
   if hi < lo + 1 then redis.call('HSET', KEYS[1], 'epoch_hi', lo + 1) end
   return {'RETRY'}
 end
+local want = tonumber(ARGV[3])
+local free = 0
+for j = 0, k - 1 do free = free + n - redis.call('BITCOUNT', KEYS[2 + 3 * j], 0, n - 1, 'BIT') end
+if free < want then return {'RETRY'} end  -- only if the window is stale; the caller reads the meta again
 local out = {}
-local want = tonumber(ARGV[2])
-for j = 0, 1 do
+for j = 0, k - 1 do
   local e = lo + j
   local claimed, leases, owners = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
-  if e > hi then
-    redis.call('HSET', KEYS[1], 'epoch_hi', e)  -- open the next epoch: the current one is all claimed
-    hi = e
-  end
   -- BITPOS with an explicit range finds no clear bit past the string's end: give it full length.
   if redis.call('STRLEN', claimed) < math.ceil(n / 8) then redis.call('SETBIT', claimed, n - 1, 0) end
   local pos = 0
   while #out < want and pos < n do
     local p = redis.call('BITPOS', claimed, 0, pos, n - 1, 'BIT')
     if p < 0 then break end
+    if e > hi then  -- open the next epoch: the ones before have no free unit left
+      redis.call('HSET', KEYS[1], 'epoch_hi', e)
+      hi = e
+    end
     redis.call('SETBIT', claimed, p, 1)
-    redis.call('ZADD', leases, now + tonumber(ARGV[4]), p)
-    redis.call('HSET', owners, p, ARGV[3])
+    redis.call('ZADD', leases, now + tonumber(ARGV[5]), p)
+    redis.call('HSET', owners, p, ARGV[4])
     out[#out + 1] = e .. ':' .. p
     pos = p + 1
   end
@@ -277,7 +287,7 @@ class Scripts:
         args.append(len(epochs))
         for e in epochs:
             ks += [keys.units_done(run, dataset, e), keys.units_leases(run, dataset, e),
-                   keys.units_owners(run, dataset, e)]
+                   keys.units_owners(run, dataset, e), keys.units_claimed(run, dataset, e)]
             args.append(len(units[e]))
             for bit, worker in units[e]:
                 args += [bit, worker]
@@ -299,15 +309,15 @@ class Scripts:
         ks = [keys.rejected_entries(run), keys.rejections(run), keys.rejected_counts(run)]
         return bool(self.reject_script(keys=ks, args=args))
 
-    def claim_units(self, run: str, dataset: str, epoch_lo: int, want: int, worker: str,
+    def claim_units(self, run: str, dataset: str, epoch_lo: int, epoch_hi: int, want: int, worker: str,
                     lease_ms: int) -> list[tuple[int, int]] | None:
-        """Claim up to `want` units as [(epoch, bit)]; None if epoch_lo moved (read it again)."""
+        """Claim exactly `want` units as [(epoch, bit)]; None if epoch_lo or epoch_hi moved (read them again)."""
         ks, done = [keys.units_meta(run, dataset)], []
-        for e in (epoch_lo, epoch_lo + 1):
+        for e in range(epoch_lo, epoch_hi + 2):
             claimed, done_e, leases, owners = keys.epoch_keys(run, dataset, e)
             ks += [claimed, leases, owners]
             done.append(done_e)
-        out = self.claim(keys=ks, args=[epoch_lo, want, worker, lease_ms, *done])
+        out = self.claim(keys=ks, args=[epoch_lo, epoch_hi, want, worker, lease_ms, *done])
         if out == ["RETRY"]:
             return None
         return [(int(e), int(b)) for e, b in (item.split(":") for item in out)]

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -32,8 +30,6 @@ from diloco import keys
 from diloco.config import RunConfig
 from diloco.errors import RunNotFound
 from diloco.scripts import Scripts
-
-log = logging.getLogger(__name__)
 
 Unit = tuple[int, int]  # (epoch, bit)
 STRIDED, CONTIGUOUS = "strided", "contiguous"
@@ -108,36 +104,26 @@ class Leases:
         self.held: list[Unit] = []
         self._lock = threading.Lock()  # the heartbeat thread renews while the main thread claims
 
-    def claim(self, want: int, stop: threading.Event, poll_s: float = 0.5,
-              on_wait: Callable[[], None] | None = None) -> list[Unit] | None:
-        """Claim `want` units (waiting while all are leased to others); None if stopped first.
+    def claim(self, want: int, stop: threading.Event) -> list[Unit] | None:
+        """Claim exactly `want` units in one script call; None if stopped first.
 
-        Units still held from an attempt that an outage interrupted count: a retry never leaks them.
-        `on_wait` is called while no unit is free (the worker then tells the aggregator not to wait for it).
+        A claim never waits: it takes free units of the open epochs, oldest first, and opens the next
+        epoch when they run short (docs/architecture.md, "Work units", argues why that cannot stall).
+        Units still held from a round that an outage or a wipe interrupted are given back first.
         """
-        with self._lock:
-            got: list[Unit] = list(self.held)
-        while len(got) < want:
-            if stop.is_set():
-                self.release()
-                return None
-            lo = self.r.hget(keys.units_meta(self.run, self.plan.dataset), "epoch_lo")
-            if lo is None:  # Redis lost the run (wiped): the caller waits for `diloco recover`
+        if self.held:
+            self.release()
+        while not stop.is_set():
+            lo, hi = self.r.hmget(keys.units_meta(self.run, self.plan.dataset), "epoch_lo", "epoch_hi")
+            if lo is None or hi is None:  # Redis lost the run (wiped): the caller waits for `diloco recover`
                 raise RunNotFound(f"run {self.run!r} has no work units in Redis (was it wiped?)")
-            new = self.scripts.claim_units(self.run, self.plan.dataset, int(lo), want - len(got), self.worker,
+            got = self.scripts.claim_units(self.run, self.plan.dataset, int(lo), int(hi), want, self.worker,
                                            self.lease_ms)
-            if new:
+            if got is not None:  # None: another claim moved epoch_lo or epoch_hi; read them again
                 with self._lock:
-                    self.held.extend(new)
-                got.extend(new)
-            elif new is not None:  # every unit of the open epochs is leased: wait for leases to end
-                log.info("no free work unit; waiting for leases to end or be committed")
-                if on_wait is not None:
-                    on_wait()
-                if stop.wait(poll_s):
-                    self.release()
-                    return None
-        return got
+                    self.held = list(got)
+                return got
+        return None
 
     def renew(self) -> None:
         with self._lock:

@@ -168,7 +168,7 @@ def test_worker_credentials_cannot_commit_or_mark_units_done(redis_url, users, f
     token = Scripts(aggregator).acquire_lock(RUN, "agg", 60_000)
     assert token > 0
     # units leased to w0 (the admin claims them: a worker's claim has its own test above)
-    claimed = Scripts(admin).claim_units(RUN, cfg.dataset_id, 0, 3, "w0", 600_000)
+    claimed = Scripts(admin).claim_units(RUN, cfg.dataset_id, 0, 0, 3, "w0", 600_000)
     assert claimed and all(e == 0 for e, _ in claimed)
     head = read_head(admin, RUN)
 

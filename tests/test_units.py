@@ -169,17 +169,16 @@ r = redis.Redis.from_url(url, decode_responses=True)
 scripts = Scripts(r)
 r.incr("test:ready")
 assert r.blpop(["test:go"], timeout=60), "no start signal"
-got, calls = [], 0
-while True:
-    lo = int(r.hget(keys.units_meta(run, ds), "epoch_lo"))
-    new = scripts.claim_units(run, ds, lo, int(want), worker, 600_000)
+got, sizes, calls = [], [], 0
+while not any(e >= 2 for e, _ in got):  # claims never run dry: stop once this claimer reached epoch 2
+    lo, hi = (int(x) for x in r.hmget(keys.units_meta(run, ds), "epoch_lo", "epoch_hi"))
+    new = scripts.claim_units(run, ds, lo, hi, int(want), worker, 600_000)
     calls += 1
     if new is None:
         continue
-    if not new:
-        break
     got += new
-print(json.dumps({"units": got, "calls": calls}))
+    sizes.append(len(new))
+print(json.dumps({"units": got, "sizes": sizes, "calls": calls}))
 """
 
 
@@ -204,10 +203,17 @@ def test_concurrent_claimers_never_get_the_same_unit_and_together_claim_everythi
     every = [tuple(u) for res in results for u in res["units"]]
     twice = [u for u, c in Counter(every).items() if c > 1]
     assert twice == [], f"units handed out twice: {twice[:10]}"
-    # Nothing is done, so the claims run through epoch 0, open epoch 1, and stop when both are claimed.
-    assert set(every) == {(e, b) for e in (0, 1) for b in range(n)}
-    assert r.hmget(keys.units_meta(RUN, ds), "epoch_lo", "epoch_hi") == ["0", "1"]
-    assert sum(1 for res in results if res["units"]) >= 2, "the claimers did not overlap"
+    for want, res in zip(wants, results, strict=True):
+        assert set(res["sizes"]) == {want}, "a claim is all or nothing: exactly the units asked for"
+    # Nothing is done, so the claims run through epoch 0, then 1, and open the next epochs only
+    # once the ones before are all claimed: epochs 0 and 1 are claimed in full, and what lies beyond
+    # is a prefix of each later epoch's order.
+    assert {(e, b) for e in (0, 1) for b in range(n)} <= set(every)
+    lo, hi = (int(x) for x in r.hmget(keys.units_meta(RUN, ds), "epoch_lo", "epoch_hi"))
+    assert lo == 0 and hi >= 2
+    later = sorted(b for e, b in every if e == 2)
+    assert later == list(range(len(later))) and all(e <= 2 for e, _ in every)
+    assert sum(1 for res in results if res["calls"] > 1) >= 2, "the claimers did not overlap"
     for e in (0, 1):
         owners = r.hgetall(keys.units_owners(RUN, ds, e))
         for i, res in enumerate(results):
@@ -334,7 +340,7 @@ def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commi
     (entry,) = harness.wait_for_version(r, RUN, 1)
     assert entry["participants"] == "w1"
     (_, rej), = r.xrange(keys.rejections(RUN))
-    assert rej["worker"] == "w0" and "not leased by this worker" in rej["reason"], rej
+    assert rej["worker"] == "w0" and "leased to thief" in rej["reason"], rej
     _, bit, w0_units = stolen[0]
     (_, w1_ann), = [(v, a) for v, a in committed_announcements(r) if a.worker == "w1"]
     assert ep.done_bits() == {b for _, b in w1_ann.units}
@@ -603,8 +609,8 @@ def test_malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_
     assert harness.worker(redis_url, file_url, "w1", max_rounds=1).result() == 1 and first.result() == 1
     ep = Epoch(r, 0)
     assert ep.done_bits() == {0, 1, 2, 3, 4}
-    lo = int(r.hget(keys.units_meta(RUN, ep.plan.dataset), "epoch_lo"))
-    assert Scripts(r).claim_units(RUN, ep.plan.dataset, lo, 5, "w1", 600_000) == [(0, b) for b in range(5, 10)]
+    lo, hi = (int(x) for x in r.hmget(keys.units_meta(RUN, ep.plan.dataset), "epoch_lo", "epoch_hi"))
+    assert Scripts(r).claim_units(RUN, ep.plan.dataset, lo, hi, 5, "w1", 600_000) == [(0, b) for b in range(5, 10)]
     raw = redis.Redis.from_url(redis_url)
 
     def bitmaps() -> list:
@@ -624,8 +630,10 @@ def test_malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_
         "0:10": "lists 1 work units, a round trains on 5",
         "": "lists 0 work units, a round trains on 5",
         "0:0,0:1,0:2,0:3,0:4": "work unit 0:0 is already done",
-        "0:5,0:6,0:7,0:8,0:9": "work unit 0:5 is not leased by evil (lease ended or given to w1)",
-        f"{free},0:14": "work unit 0:10 is not leased by evil (lease ended or given to None)",
+        "0:5,0:6,0:7,0:8,0:9": "work unit 0:5 is leased to w1, not to evil (its lease ended)",
+        # Units leased to nobody pass the unit check (a lease that ended keeps the work, see COMMIT);
+        # the delta is still rejected, at its first missing shard, and no bitmap changes.
+        f"{free},0:14": "ObjectMissing: no object",
     }
     before = bitmaps()
     base = Announcement(run=RUN, worker="evil", nonce="n1", version=1, codec="fp32",
@@ -652,8 +660,8 @@ def test_units_command_reports_each_epoch_consistently_with_the_bitmaps(redis_ur
     assert harness.worker(redis_url, file_url, "w1", max_rounds=2).result() == 2 and agg.result() == 2
     e0, scripts = Epoch(r, 0), Scripts(r)
     ds = e0.plan.dataset
-    assert len(scripts.claim_units(RUN, ds, 0, 40, "wx", 60_000)) == 40   # the rest of epoch 0
-    assert scripts.claim_units(RUN, ds, 0, 2, "wy", 60_000) == [(1, 0), (1, 1)]   # opens epoch 1
+    assert len(scripts.claim_units(RUN, ds, 0, 0, 40, "wx", 60_000)) == 40   # the rest of epoch 0
+    assert scripts.claim_units(RUN, ds, 0, 0, 2, "wy", 60_000) == [(1, 0), (1, 1)]   # opens epoch 1
     e1 = Epoch(r, 1)
 
     assert cli_main(["units", "--run", RUN, "--redis-url", redis_url, "--json"]) == 0

@@ -153,8 +153,8 @@ class Worker:
         io = self.outage.call
         if not io("Redis", self._wait_while_paused):
             return False
-        # Units first, the version after: a claim may wait (starved) while versions move on, and
-        # training on the version read before that wait would only produce a late delta.
+        # Units first, the version after: a claim that hit an outage retries while versions move on,
+        # and training on the version read before that would only produce a late delta.
         claimed = self._claim()
         if claimed is None:
             log.info("stop requested while claiming work units")
@@ -168,10 +168,18 @@ class Worker:
         entry_id = io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000,
                                                    approximate=True))
         log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
+        # The model now holds local weights: the next round starts from downloaded global ones, even
+        # if it trains on this version again (our delta was rejected, or Redis was recovered to it).
+        self.version = None
         if self.checkpoint is not None:
             self.checkpoint.save(self)
-        self.heartbeat.update(state="waiting")
-        io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
+        self.heartbeat.update(state="waiting", waiting_for=f"version {head.version + 1}")
+        rejected = io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
+        self.heartbeat.update(waiting_for="")
+        if rejected is not None:
+            log.warning("the aggregator rejected our delta for version %d (%s); training again", head.version,
+                        rejected)
+            self.heartbeat.update(last_rejection=f"v{head.version}: {rejected}"[:300])
         # Units the new version did not commit (our delta was dropped) go back to the pool.
         if released := io("Redis", self.leases.release):
             log.warning("%d work units of version %d were not committed; released", released, head.version)
@@ -179,6 +187,7 @@ class Worker:
 
     def _wait_while_paused(self) -> bool:
         """Operator control, read at the start of each round: False once the run is stopped."""
+        said = False
         while not self._should_stop():
             st = control.state(self.r, self.s.run)
             if st == control.STOPPED:
@@ -186,6 +195,9 @@ class Worker:
                 return False
             if st != control.PAUSED:
                 return True
+            if not said:  # once: only an operator ends this wait
+                said = True
+                log.info("run %s is paused; waiting for `diloco control --run %s resume`", self.s.run, self.s.run)
             self.heartbeat.update(state="paused")
             self.stop_event.wait(self.s.block_ms / 1000)
         return False
@@ -223,12 +235,8 @@ class Worker:
 
     def _claim(self) -> list[units.Unit] | None:
         self.heartbeat.update(state="claiming")
-
-        def starved() -> None:  # at once, not at the next heartbeat: the aggregator stops waiting for us
-            self.r.hset(keys.worker_stats(self.s.run, self.s.worker_id), "state", "starved")
-
         want = units.units_per_round(self.cfg)
-        return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event, on_wait=starved))
+        return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event))
 
     def _train_round(self, version: int, claimed: list[units.Unit]) -> Announcement | None:
         self.model.train()
@@ -309,14 +317,16 @@ class Worker:
                                                            self.cfg.shard_bytes)
         return shards, norm
 
-    def _wait_for_version_after(self, version: int, entry_id: str) -> None:
+    def _wait_for_version_after(self, version: int, entry_id: str) -> str | None:
         """Block on the versions stream until the head moves past `version` (or stop).
 
-        Also returns, to train again, when the head went back (Redis restored from a snapshot) or our
-        announcement vanished (Redis wiped and recovered to this very version).
+        Also returns, to train again, when our announcement was rejected (returns the reason), when
+        the head went back (Redis restored from a snapshot) or our announcement vanished (Redis wiped
+        and recovered to this very version). A wait that only an operator can end (no aggregator
+        holds the lock) is logged once and shown in the worker's `waiting_for` stat.
         """
         stream = keys.versions(self.s.run)
-        last = None
+        last, alone = None, False
         while not self._should_stop():
             # One atomic round trip per wake-up: the stream's end, the head, the run state, our entry.
             pipe = self.r.pipeline(transaction=True)
@@ -324,16 +334,35 @@ class Worker:
             pipe.hgetall(keys.head(self.s.run))
             pipe.hget(keys.control(self.s.run), "state")
             pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
-            newest, head, state, ours = pipe.execute()
+            pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
+            pipe.exists(keys.lock(self.s.run))
+            newest, head, state, ours, rejected, locked = pipe.execute()
             # RunNotFound (Redis wiped) goes to the caller, which waits for a recovery
             if runs.parse_head(self.s.run, head).version != version or state == control.STOPPED or not ours:
-                return
+                return None
+            if rejected:
+                return self._rejection_reason(entry_id)
+            if alone != (not locked):
+                alone = not locked
+                why = " (no aggregator holds the lock: start one)" if alone else ""
+                self.heartbeat.update(waiting_for=f"version {version + 1}{why}")
+                if alone:
+                    log.warning("waiting for version %d, but no aggregator holds the round lock: nothing is "
+                                "committed until one starts", version + 1)
             # The stream's end was read with the head, so a later commit lands past `last`: none is missed.
             if last is None:
                 last = newest[0][0] if newest else "0-0"
             reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
             for _, entries in reply or []:
                 last = entries[-1][0]
+        return None
+
+    def _rejection_reason(self, entry_id: str) -> str:
+        """The reason the aggregator gave for rejecting our entry (the newest rejections are searched)."""
+        for _, fields in self.r.xrevrange(keys.rejections(self.s.run), count=1000):
+            if fields.get("entry") == entry_id:
+                return fields.get("reason", "?")
+        return "rejected (reason no longer in the rejections stream)"
 
 
 def default_worker_id() -> str:

@@ -46,6 +46,25 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
+    # Optional: `defaults`, a dict of run settings (sync_every, batch_size, unit_samples, ...) that
+    # suit the task, used by `diloco init` for each setting the user leaves out (see run_defaults).
+
+
+def run_defaults(task: Task) -> dict[str, Any]:
+    """The task's own defaults for run settings, checked to be settings a task may choose."""
+    from diloco.config import RunConfig  # config imports the codecs, which import torch: only when needed
+
+    defaults = getattr(task, "defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"task {task.name!r}: defaults must be a dict of run settings, got {type(defaults).__name__}")
+    allowed = {f.name for f in dataclasses.fields(RunConfig)} - {"run", "task", "task_options", "model_hash",
+                                                                  "dataset_id", "schema_version", "init_weights"}
+    unknown = sorted(set(defaults) - allowed)
+    if unknown:
+        raise ConfigError(f"task {task.name!r}: defaults name {', '.join(unknown)}, which are not run settings "
+                          f"a task may set")
+    return dict(defaults)
+
 
 def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
     """Build the task that `name` names, with `options` passed to its factory as keywords."""

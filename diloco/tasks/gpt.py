@@ -17,7 +17,7 @@ import os
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,8 @@ class GPT(nn.Module):
 
 class GPTTask:
     name = "gpt"
+    # Run settings used when the user gives none (the corpus holds thousands of units of 16 samples).
+    defaults: ClassVar[dict[str, Any]] = {"sync_every": 500, "batch_size": 16}
 
     def __init__(self, opts: GPTOptions) -> None:
         self.opts = opts
