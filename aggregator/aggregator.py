@@ -85,6 +85,8 @@ class Aggregator:
     def _round(self) -> bool:
         """Run one round; True if it committed a version."""
         self.cfg = runs.load_config(self.r, self.s.run)   # settings changed by control take effect now
+        if self.r.get(keys.lock(self.s.run)) != self.lock.value:  # e.g. `diloco recover` replaced every key
+            raise LockLost(f"the round lock is no longer ours (token {self.lock.token})")
         plan = units.plan_for(self.r, self.cfg)
         head = runs.read_head(self.r, self.s.run)
         rnd = Round(head=head, last_id=head.deltas_since)
@@ -131,8 +133,13 @@ class Aggregator:
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
-        w_sha = put_idempotent(self.store, w_key, model.to_bytes(new_w, run=self.s.run, version=str(version)))
-        m_sha = put_idempotent(self.store, m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
+        try:
+            w_sha = put_idempotent(self.store, w_key, model.to_bytes(new_w, run=self.s.run, version=str(version)))
+            m_sha = put_idempotent(self.store, m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
+        except ObjectExists as e:
+            # Other bytes under our token: the token was handed out again, which only a Redis that lost
+            # its counter does (a wipe before `diloco recover`). A fresh lock gets a token above the store's.
+            raise LockLost(f"fencing token {token} was used before ({e}); taking the lock again") from None
         crash_point("after_write")
         inc = red.included
         trained: dict[int, list[tuple[int, str]]] = {}

@@ -33,25 +33,53 @@ def _text(d: dict) -> dict[str, str]:
 
 
 def take(raw: redis.Redis, run: str) -> dict[str, Any]:
-    """The run's state now; `raw` is a client without response decoding (bitmaps are bytes)."""
-    config = _text(raw.hgetall(keys.config(run)))
-    head = _text(raw.hgetall(keys.head(run)))
-    if not config or not head:
-        raise RunNotFound(f"run {run!r} is gone from Redis; no snapshot taken")
-    datasets = _text(raw.hgetall(keys.datasets(run)))
-    units: dict[str, Any] = {}
-    for ds in datasets:
-        meta = _text(raw.hgetall(keys.units_meta(run, ds)))
-        if not meta:
+    """The run's state now, read in one transaction; `raw` is a client without response decoding.
+
+    A first read learns the datasets and their open epochs; the transaction then reads everything,
+    so a wipe (or a commit) in between can never yield a snapshot that mixes two states. If the
+    open epochs moved past what the first read covered, it reads again.
+    """
+    for _ in range(5):
+        ranges = _epoch_ranges(raw, run)
+        pipe = raw.pipeline(transaction=True)
+        pipe.hgetall(keys.config(run))
+        pipe.hgetall(keys.head(run))
+        pipe.hgetall(keys.datasets(run))
+        pipe.get(keys.lock_token(run))
+        pipe.xrevrange(keys.versions(run), count=MAX_VERSION_ENTRIES)
+        for ds, epochs in ranges.items():
+            pipe.hgetall(keys.units_meta(run, ds))
+            for e in epochs:
+                pipe.get(keys.units_done(run, ds, e))
+        config, head, datasets, token, recent, *rest = pipe.execute()
+        config, head, datasets = _text(config), _text(head), _text(datasets)
+        if not config or not head:
+            raise RunNotFound(f"run {run!r} is gone from Redis; no snapshot taken")
+        if set(datasets) != set(ranges):  # registered or wiped between the two reads: read again
             continue
-        epochs = range(int(meta["epoch_lo"]), int(meta["epoch_hi"]) + 1)
-        done = {e: raw.get(keys.units_done(run, ds, e)) or b"" for e in epochs}
-        units[ds] = {"meta": meta, "done": done}
-    recent = raw.xrevrange(keys.versions(run), count=MAX_VERSION_ENTRIES)
-    versions = [[i.decode(), _text(f)] for i, f in reversed(recent)]
-    return {"format": FORMAT, "run": run, "version": int(head["version"]), "config": config, "head": head,
-            "datasets": datasets, "units": units, "lock_token": int(raw.get(keys.lock_token(run)) or 0),
-            "versions": versions}
+        units, answers, covered = {}, iter(rest), True
+        for ds, epochs in ranges.items():
+            meta = _text(next(answers))
+            done = {e: next(answers) or b"" for e in epochs}
+            if not meta:
+                raise RunNotFound(f"run {run!r} has no work units for dataset {ds} in Redis; no snapshot taken")
+            covered &= set(range(int(meta["epoch_lo"]), int(meta["epoch_hi"]) + 1)) <= set(epochs)
+            units[ds] = {"meta": meta, "done": {e: b for e, b in done.items() if e >= int(meta["epoch_lo"])}}
+        if covered:
+            versions = [[i.decode(), _text(f)] for i, f in reversed(recent)]
+            return {"format": FORMAT, "run": run, "version": int(head["version"]), "config": config, "head": head,
+                    "datasets": datasets, "units": units, "lock_token": int(token or 0), "versions": versions}
+    raise RunNotFound(f"run {run!r}: its open epochs kept moving while the snapshot was read; no snapshot taken")
+
+
+def _epoch_ranges(raw: redis.Redis, run: str) -> dict[str, list[int]]:
+    """Each registered dataset's open epochs, with one epoch of slack for a claim that opens the next."""
+    ranges = {}
+    for ds in _text(raw.hgetall(keys.datasets(run))):
+        meta = _text(raw.hgetall(keys.units_meta(run, ds)))
+        lo, hi = (int(meta["epoch_lo"]), int(meta["epoch_hi"])) if meta else (0, 0)
+        ranges[ds] = list(range(lo, hi + 2))
+    return ranges
 
 
 def write(store: ObjectStore, raw: redis.Redis, run: str) -> str:

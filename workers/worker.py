@@ -337,11 +337,11 @@ class Worker:
             pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
             pipe.exists(keys.lock(self.s.run))
             newest, head, state, ours, rejected, locked = pipe.execute()
+            if rejected:  # first: the round may have committed without us since
+                return self._rejection_reason(entry_id)
             # RunNotFound (Redis wiped) goes to the caller, which waits for a recovery
             if runs.parse_head(self.s.run, head).version != version or state == control.STOPPED or not ours:
                 return None
-            if rejected:
-                return self._rejection_reason(entry_id)
             if alone != (not locked):
                 alone = not locked
                 why = " (no aggregator holds the lock: start one)" if alone else ""
