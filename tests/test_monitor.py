@@ -72,14 +72,16 @@ def test_monitor_and_status_show_the_facts_of_a_live_run(live, redis_url, capsys
     n = snap["units"]["num_units"]
     for fact in ("run t", "version 2", "collecting", "task tiny", "H 5", "codec fp32", "min_workers 2",
                  "w0", "stopped", "w1", "waiting", f"{w1['loss']:.4f}", "w9", "lost (was training)",
-                 "1 accepted (1 answered) of 1 live workers", "waiting for 1 more worker (min_workers 2, 1 live): start workers or lower it",
+                 "1 accepted (1 answered) of 1 live workers",
+                 "waiting for 1 more worker (min_workers 2, 1 live): start workers or lower it",
                  f"20/{n} units done", f"{float(last['loss']):.4f} at v2", "0.4321 at v1",
                  "lock held by agg (token 1)", "reduce", "MB/s", "w9 lost", "evicted",
                  "w8: malformed announcement", "rejections: 1 in all (w8 1)"):
         assert fact in text, f"{fact!r} missing from the monitor:\n{text}"
 
     status_text = text_of(status_view(status.snapshot(r, "t")))
-    for fact in ("run t", "version 2", "w0", "stopped", "w1", "w9", "lost", "waiting for min_workers",
+    for fact in ("run t", "version 2", "w0", "stopped", "w1", "w9", "lost",
+                 "waiting for 1 more worker (min_workers 2, 1 live)",
                  f"20/{n} units done", "agg (token 1)", "malformed announcement"):
         assert fact in status_text, f"{fact!r} missing from diloco status:\n{status_text}"
 
