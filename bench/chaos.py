@@ -8,7 +8,9 @@ the round (seeded by --seed):
 
 * worker: SIGKILL a random worker; it is restarted (same id, same checkpoint) once its heartbeat expired;
 * aggregator: SIGKILL the aggregator holding the lock, and start it again at once (the standby takes over);
-* redis: SIGKILL redis-server, leave it down 0.5 to 3 s, start it on the same port and data directory.
+* redis: SIGKILL redis-server, leave it down 0.5 to 3 s, start it on the same port and data directory;
+* wipe: FLUSHALL under the running services, then `diloco recover` 0.5 to 3 s later (the services wait
+  through it and carry on by themselves; what the wipe took is kept aside for the checks).
 
 Then it checks, and prints: every version 1..N committed exactly once; replay (diloco.replay): every
 committed version equals, bit for bit, a fault-free recomputation from the deltas it included; work
@@ -48,9 +50,10 @@ from diloco.replay import replay
 from diloco.store import open_store
 
 RUN = "chaos"
-KINDS = ("worker", "aggregator", "redis")
+KINDS = ("worker", "aggregator", "redis", "wipe")
 ROUND_TIMEOUT_S = 20.0  # bounds a stalled round; the rounds it closes are counted
-FAULT_ROWS = {"worker": "worker killed", "aggregator": "aggregator killed", "redis": "redis restarted"}
+FAULT_ROWS = {"worker": "worker killed", "aggregator": "aggregator killed", "redis": "redis restarted",
+              "wipe": "redis wiped and recovered"}
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Chaos:
         self.unexpected_exits = 0
         self.pending: list[Service] = []   # killed workers, restarted once their alive key is gone
         self.kinds: list[str] = []
+        self.archive: dict[str, dict[str, str]] = {}  # announcements a wipe took from the deltas stream
+        self.leased_at_wipes = self.units_of_lost_commits = 0
         self.t0 = time.monotonic()
         common = ["--run", RUN, "--redis-url", self.server.url, "--store", self.store_url]
         self.aggregators = [Service(f"agg{i}", ["aggregator", *common, "--id", f"agg{i}", "--lock-ttl-s", "2"],
@@ -233,7 +238,7 @@ class Chaos:
         if not self.kinds:
             self.kinds = self.rng.sample(KINDS, len(KINDS))
         kind = self.kinds[0]
-        if kind == "redis" and not self.ready(r):
+        if kind in ("redis", "wipe") and not self.ready(r):
             return False
         workers = [w for w in self.workers if self.worker_ready(r, w)]
         if kind == "worker" and not workers:
@@ -253,6 +258,8 @@ class Chaos:
             victim.start(self.env)
             self.say(f"SIGKILL aggregator {victim.name}{' (lock holder)' if victim.name == holder else ''}; "
                      "started again")
+        elif kind == "wipe":
+            self.wipe(r)
         else:
             down = self.rng.uniform(0.5, 3.0)
             self.server.kill()
@@ -261,6 +268,34 @@ class Chaos:
             self.say(f"SIGKILL redis-server; down {down:.1f}s; started again with its AOF")
         self.faults[kind] += 1
         return True
+
+    def wipe(self, r: redis.Redis) -> None:
+        """FLUSHALL with the services running, then `diloco recover`, as an operator would."""
+        ds = runs.load_config(r, RUN).dataset_id
+        lo, hi = (int(x) for x in r.hmget(keys.units_meta(RUN, ds), "epoch_lo", "epoch_hi"))
+        pipe = r.pipeline(transaction=True)  # what the wipe takes, read in the same transaction
+        pipe.xrange(keys.deltas(RUN))
+        pipe.xrange(keys.versions(RUN))
+        for e in range(lo, hi + 2):
+            pipe.zcard(keys.units_leases(RUN, ds, e))
+        pipe.flushall()
+        deltas, versions, *leased, _ = pipe.execute()
+        self.archive.update(dict(deltas))
+        self.leased_at_wipes += sum(leased)
+        down = self.rng.uniform(0.5, 3.0)
+        self.say(f"FLUSHALL at version {int(versions[-1][1]['version']) if versions else 0}; recover in {down:.1f}s")
+        time.sleep(down)
+        out = subprocess.run([sys.executable, "-m", "diloco", "recover", "--run", RUN, "--redis-url",
+                              self.server.url, "--store", self.store_url], env=self.env, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            self.violations.append(f"diloco recover failed with {out.returncode}: {out.stderr[-2000:]}")
+            return
+        recovered = runs.read_head(r, RUN).version
+        lost = [f for _, f in versions if int(f["version"]) > recovered]  # committed, but after the snapshot
+        self.units_of_lost_commits += sum(
+            len(self.archive[e]["units"].split(",")) for f in lost for e in filter(None, f["entries"].split(",")))
+        self.say(f"recovered at version {recovered}; {len(lost)} later commits lost with the wipe")
 
     def stop_all(self) -> bool:
         for s in self.services:
@@ -289,11 +324,13 @@ class Chaos:
         gaps = 0 if versions == list(range(1, head + 1)) else len(set(range(1, head + 1)) ^ set(versions)) or 1
         if gaps:
             self.violations.append(f"versions stream {versions} is not 1..{head}, each once")
-        rep = replay(r, open_store(self.store_url), RUN)
+        rep = replay(r, open_store(self.store_url), RUN, self.archive)
         if rep.mismatched:
             self.violations.append(f"versions {rep.mismatched} differ from a fault-free replay")
         cfg = runs.load_config(r, RUN)
-        a = audit(r, cfg)
+        a = audit(r, cfg, self.archive)
+        if a.unresolved:
+            self.violations.append(f"committed announcements found nowhere: {a.unresolved[:5]}")
         meta = r.hgetall(keys.units_meta(RUN, cfg.dataset_id))
         lo, hi, n = int(meta["epoch_lo"]), int(meta["epoch_hi"]), int(meta["num_units"])
         lost = sum(len(a.lost(e)) for e in range(lo))
@@ -319,6 +356,8 @@ class Chaos:
             "version gaps or repeats": str(gaps),
             "replay mismatches": str(len(rep.mismatched)),
             "units committed": str(sum(a.committed.values())),
+            "units leased at a wipe": str(self.leased_at_wipes),
+            "units of commits lost with a wipe (trained again)": str(self.units_of_lost_commits),
             "finished epochs": str(lo),
             "units lost": str(lost),
             "units committed twice": str(len(a.twice)),
@@ -354,7 +393,11 @@ aggregator processes with `--lock-ttl-s 2`, `heartbeat_timeout_s` 3, codec {a.co
 {a.sync_every}, {a.samples} samples) and, every 1 to {a.fault_every} committed versions, injects one fault,
 the kinds in shuffled rounds: SIGKILL a worker (restarted with its checkpoint once its heartbeat
 expired), SIGKILL the aggregator holding the lock (started again at once; the standby takes over), or
-SIGKILL redis-server (down 0.5 to 3 s, then started on the same port and data directory). Afterwards
+SIGKILL redis-server (down 0.5 to 3 s, then started on the same port and data directory), or FLUSHALL
+under the running services followed by `diloco recover` 0.5 to 3 s later (nothing is restarted; the
+units leased at the wipe are free again after the recovery, and a delta trained on them is accepted if
+nobody else took them; the commits made after the newest snapshot are lost with the wipe and their
+units trained again: the table counts both). Afterwards
 it checks that every version was committed exactly once, that every committed version equals a
 fault-free replay of the deltas it included (`diloco.replay`), that no work unit was committed twice
 or lost in a finished epoch and the done bitmaps equal the commits (`diloco.audit`), that no unit is

@@ -41,7 +41,8 @@ class Audit:
         return sorted(set(self.committed) ^ self.done)
 
 
-def audit(r: redis.Redis, cfg: RunConfig) -> Audit:
+def audit(r: redis.Redis, cfg: RunConfig, archive: dict[str, dict[str, str]] | None = None) -> Audit:
+    """`archive` holds announcements (stream id -> fields) that a wipe took from the deltas stream."""
     plan = plan_for(r, cfg)
     committed: Counter = Counter()
     unresolved: list[str] = []
@@ -49,13 +50,17 @@ def audit(r: redis.Redis, cfg: RunConfig) -> Audit:
     for _, fields in versions:
         for entry_id in filter(None, fields.get("entries", "").split(",")):
             found = r.xrange(keys.deltas(cfg.run), entry_id, entry_id)
-            if not found:  # the deltas stream did not survive a wipe; the caller audits around it
+            fields = found[0][1] if found else (archive or {}).get(entry_id)
+            if fields is None:  # the deltas stream did not survive a wipe; the caller audits around it
                 unresolved.append(entry_id)
                 continue
-            committed.update(Announcement.from_fields(found[0][1]).units)
+            committed.update(Announcement.from_fields(fields).units)
     meta = r.hgetall(keys.units_meta(cfg.run, plan.dataset))
-    done: set[Unit] = set()
-    for e in range(int(meta["epoch_hi"]) + 1):
+    # An epoch below epoch_lo is all done (the claim script moves epoch_lo only past a finished one);
+    # a recovered Redis keeps only the bitmaps from epoch_lo on.
+    lo = int(meta["epoch_lo"])
+    done: set[Unit] = {(e, b) for e in range(lo) for b in range(plan.num_units)}
+    for e in range(lo, int(meta["epoch_hi"]) + 1):
         pipe = r.pipeline(transaction=False)
         for b in range(plan.num_units):
             pipe.getbit(keys.units_done(cfg.run, plan.dataset, e), b)

@@ -28,7 +28,9 @@ class ReplayResult:
     mismatched: list[int]      # versions whose recomputed weights differ from the committed ones
 
 
-def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
+def replay(r: redis.Redis, store: ObjectStore, run: str,
+           archive: dict[str, dict[str, str]] | None = None) -> ReplayResult:
+    """`archive` holds announcements (stream id -> fields) that a wipe took from the deltas stream."""
     cfg = runs.load_config(r, run)
     codec = get_codec(cfg.codec, cfg.codec_options)
     weights = model.from_bytes(store.get(keys.weights_object(run, 0, 0)), "weights v0")
@@ -39,8 +41,7 @@ def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
             version = int(entry["version"])
             anns = []
             for entry_id in filter(None, entry.get("entries", "").split(",")):
-                (_, fields), = r.xrange(keys.deltas(run), entry_id, entry_id)
-                anns.append((entry_id, Announcement.from_fields(fields)))
+                anns.append((entry_id, Announcement.from_fields(announcement(r, run, entry_id, archive))))
             floats = {n: t for n, t in weights.items() if t.is_floating_point()}
             red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool)
             weights, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
@@ -54,3 +55,12 @@ def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def announcement(r: redis.Redis, run: str, entry_id: str, archive: dict[str, dict[str, str]] | None = None
+                 ) -> dict[str, str]:
+    """The fields of deltas-stream entry `entry_id`, from Redis or else from `archive` (KeyError if neither)."""
+    found = r.xrange(keys.deltas(run), entry_id, entry_id)
+    if found:
+        return found[0][1]
+    return (archive or {})[entry_id]

@@ -619,7 +619,7 @@ def test_chaos_short(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     figures = dict(re.findall(r"^\| ([a-z][a-z ,()-]+?) +\| +(\S+) +\|$", out.stdout, re.M))
     assert int(figures["versions committed"]) >= 4 and int(figures["finished epochs"]) >= 1, figures
-    for kind in ("worker killed", "aggregator killed", "redis restarted"):
+    for kind in ("worker killed", "aggregator killed", "redis restarted", "redis wiped and recovered"):
         assert int(figures[kind]) >= 1, figures
     for check in ("version gaps or repeats", "replay mismatches", "units lost", "units committed twice",
                   "done bitmap mismatches", "units stuck", "unexpected exits", "unclean stops"):
