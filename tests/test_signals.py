@@ -299,3 +299,35 @@ def test_a_data_dir_serves_one_run_and_a_dead_runs_leftovers_are_killed_after_th
         stubborn.wait()
     assert "w0 (pid" in said[0] and "killing w0" in said[1], said
     assert not (tmp_path / "processes.json").exists()
+
+
+def _systemd_entries(path: Path) -> list[tuple[str, str]]:
+    """(key, value) of a unit file in order; keys repeat (Environment=), so no configparser."""
+    entries = []
+    for line in path.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            entries.append((key, value))
+    return entries
+
+
+def test_the_systemd_worker_unit_parses_and_stops_within_its_timeout(monkeypatch):
+    from diloco.cli import _grace, build_parser
+
+    unit = _systemd_entries(ROOT / "deploy" / "systemd" / "diloco-worker@.service")
+    settings = dict(unit)
+    env = dict(v.replace("%i", "0").replace("%H", "gpu-07").split("=", 1) for k, v in unit if k == "Environment")
+    env_file = dict(line.split("=", 1) for line in (ROOT / "deploy" / "systemd" / "worker.env.example")
+                    .read_text().splitlines() if line and not line.startswith("#"))
+    assert not {"DILOCO_WORKER_ID", "DILOCO_CHECKPOINT_DIR", "CUDA_VISIBLE_DEVICES"} & env_file.keys(), \
+        "the env file is shared by every GPU's instance"
+    for name, value in {**env, **env_file}.items():  # systemd: the EnvironmentFile wins
+        monkeypatch.setenv(name, value)
+    argv = settings["ExecStart"].split()
+    assert argv[0].endswith("/diloco")
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.device, args.worker_id) == ("worker", "cuda", "gpu-07-gpu0")
+    assert args.checkpoint_dir == "/var/lib/diloco/worker-0" and args.redis_url.startswith("redis://worker:")
+    # The worker's own grace ends before systemd's SIGKILL, so a stop is the worker's, not the kernel's.
+    assert _grace(args) < float(settings["TimeoutStopSec"])
+    assert settings["KillSignal"] == "SIGTERM" and settings["Restart"] == "on-failure"
