@@ -412,8 +412,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     def leave(signum: int) -> None:  # unwind like Ctrl-C, so the terminal leaves the full-screen mode
         raise stopping.Interrupted(signum)
 
-    stopping.GracefulStop(leave, grace_s=_grace(args)).install()
-    return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
+    with stopping.GracefulStop(leave, grace_s=_grace(args)).installed():
+        return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
 
 
 COMMANDS = {"run": cmd_run, "monitor": cmd_monitor,

@@ -115,8 +115,9 @@ def run_local(args: argparse.Namespace, given: dict[str, Any]) -> int:
     hurry = threading.Event()
     # From here on SIGTERM unwinds like Ctrl-C; a signal while stopping kills what is left at once.
     signals = GracefulStop(_interrupt, grace_s=None, on_again=lambda _s: hurry.set()).install()
+    # Before the try: if they cannot be cleared, processes.json must stay to name them next time.
+    data.clear_left_over(grace, say=lambda line: console.print(f"[yellow]{line}[/]"))
     try:
-        data.clear_left_over(grace, say=lambda line: console.print(f"[yellow]{line}[/]"))
         console.print(f"[dim]data in {data.path}; redis-server on {server.url}; logs in {log_dir}[/]")
         server.start()
         data.record("redis-server", server.proc.pid)

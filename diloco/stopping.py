@@ -16,13 +16,14 @@ forced exit leaves behind (work-unit leases, the aggregator lock, the alive key)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from diloco.errors import ConfigError
@@ -88,11 +89,27 @@ class GracefulStop:
         self.on_again = on_again or (lambda signum: exit_now(signum, "second signal"))
         self.signum: int | None = None
         self.stopping = False
+        self._watchdog: threading.Timer | None = None
 
     def install(self) -> GracefulStop:
+        """For the rest of the process's life: the watchdog then also covers the interpreter's exit."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         return self
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[GracefulStop]:
+        """Only around a block (a command run inside another program, such as the tests): the previous
+        handlers come back and the watchdog is disarmed when the block ends."""
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        self.install()
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
 
     def begin(self) -> None:
         self.stopping = True
@@ -104,9 +121,9 @@ class GracefulStop:
         self.stopping, self.signum = True, signum
         if self.grace_s is not None:
             why = f"{signal.Signals(signum).name}: not stopped within the grace of {self.grace_s:g}s"
-            watchdog = threading.Timer(self.grace_s, exit_now, (signum, why))
-            watchdog.daemon = True  # must not keep a process that finished in time alive
-            watchdog.start()
+            self._watchdog = threading.Timer(self.grace_s, exit_now, (signum, why))
+            self._watchdog.daemon = True  # must not keep a process that finished in time alive
+            self._watchdog.start()
         self.on_stop(signum)
 
 
