@@ -98,6 +98,7 @@ class LocalRun:
     def mid_round(self, version: int = 1) -> tuple[int, list[int]]:
         """Wait until `version` is committed and w0 trains the next round; (head version, child pids)."""
         harness.wait_for_version(self.r, "local", version)
+        harness.wait_for_key(self.r, keys.eval_losses("local"))  # the evaluator is past its start too
         harness.wait_for_field(self.r, keys.worker_stats("local", "w0"), "state", "training")
         head = runs.read_head(self.r, "local").version
         return head, _children(self.proc.pid)
