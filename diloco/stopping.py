@@ -112,6 +112,7 @@ class GracefulStop:
                 self._watchdog.cancel()
 
     def begin(self) -> None:
+        """The process stops on its own (e.g. `diloco run` reached its goal): a signal now hurries it."""
         self.stopping = True
 
     def _handle(self, signum: int, _frame: Any) -> None:
