@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from diloco import config as C
+from diloco import stopping
 from diloco.errors import ConfigError, DilocoError
 
 _NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id", "schema_version", "num_fragments",
@@ -93,6 +94,18 @@ def _connection_flags(p: argparse.ArgumentParser, *, store: bool = True) -> None
                        help=f"object store URL, s3://bucket/prefix or file:///dir (env {C.ENV_STORE})")
 
 
+def _stop_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop-grace-s", type=float, default=None, metavar="S",
+                   help=f"on SIGTERM/SIGINT, seconds to finish cleanly before exiting anyway (env "
+                        f"{stopping.ENV_STOP_GRACE}; default {stopping.DEFAULT_GRACE_S:g}); a second signal "
+                        "exits at once")
+
+
+def _grace(args: argparse.Namespace) -> float:
+    """--stop-grace-s, else the environment's, else the default; read late so a bad env value is a clear error."""
+    return stopping.check_grace(args.stop_grace_s) if args.stop_grace_s is not None else stopping.grace_from_env()
+
+
 def _require_store(args: argparse.Namespace) -> str:
     if not args.store:
         raise ConfigError(f"no object store: pass --store s3://bucket/prefix or file:///dir, or set {C.ENV_STORE}")
@@ -114,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_flags(run, exclude=frozenset({"max_versions"}))
     run.add_argument("--no-monitor", action="store_true",
                      help="print a line per version instead of the live dashboard (always so when not a terminal)")
+    _stop_flag(run)
 
     monitor = sub.add_parser("monitor", help="a live dashboard of a run in the terminal")
     _connection_flags(monitor, store=False)
     monitor.add_argument("--refresh-s", type=float, default=1.0, help="seconds between refreshes (default %(default)s)")
     monitor.add_argument("--once", action="store_true", help="print one frame and exit (1 if the run cannot be read)")
+    _stop_flag(monitor)
 
     init = sub.add_parser("init", help="create a run (idempotent)")
     _connection_flags(init)
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep inner optimizer state here, so a restarted worker resumes it")
     worker.add_argument("--outage-limit-s", type=float, default=600.0,
                         help="exit once Redis or the store has been unreachable this long")
+    _stop_flag(worker)
 
     agg = sub.add_parser("aggregator", help="the aggregator service")
     _connection_flags(agg)
@@ -145,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--max-rounds", type=int, default=None, help="exit after committing this many versions")
     agg.add_argument("--outage-limit-s", type=float, default=600.0,
                      help="exit once Redis or the store has been unreachable this long")
+    _stop_flag(agg)
 
     status = sub.add_parser("status", help="show a run's state")
     _connection_flags(status, store=False)
@@ -165,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, default=512, help="evaluation samples per version")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--max-rounds", type=int, default=None, help="exit after evaluating this many versions")
+    _stop_flag(ev)
 
     units = sub.add_parser("units", help="work-unit progress per epoch: claimed, done, leases, ETA")
     _connection_flags(units, store=False)
@@ -191,17 +209,27 @@ def _cuda() -> bool:
     return os.environ.get("DILOCO_DEVICE") == "cuda"
 
 
-def _serve(service: Any, max_rounds: int | None) -> int:
-    """Run a service with SIGTERM/SIGINT as a graceful stop; a second signal stops at once."""
-    def handle(signum: int, _frame: Any) -> None:
-        if service.stop_event.is_set():
-            raise KeyboardInterrupt
-        logging.getLogger("diloco").info("signal %d: stopping after the current step", signum)
+def _serve(service: Any, max_rounds: int | None, grace_s: float) -> int:
+    """Run a service with SIGTERM/SIGINT as a graceful stop (exit 0), forced with 128+N after
+    `grace_s` or at a second signal (diloco.stopping)."""
+    from diloco.connect import OUTAGE_ERRORS
+    from diloco.errors import Unreachable
+
+    def stop(signum: int) -> None:
+        logging.getLogger("diloco").info("%s: stopping after the current step (grace %gs; a second signal "
+                                         "exits at once)", signal.Signals(signum).name, grace_s)
         service.stop()
 
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    service.run(max_rounds=max_rounds)
+    stopping.GracefulStop(stop, grace_s=grace_s).install()
+    try:
+        service.run(max_rounds=max_rounds)
+    except OUTAGE_ERRORS as e:
+        if not service.stop_event.is_set():
+            raise
+        # Asked to stop while Redis or the store is away (e.g. `diloco run` died and took its
+        # redis-server with it): one line, not a traceback; leases, lock and alive key expire by TTL.
+        raise Unreachable(f"stopped without releasing what it held, Redis or the store is unreachable: "
+                          f"{e}") from None
     return 0
 
 
@@ -228,7 +256,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id or default_worker_id(), device=args.device,
         heartbeat_interval_s=args.heartbeat_interval_s, threads=args.threads,
         checkpoint_dir=args.checkpoint_dir, outage_limit_s=args.outage_limit_s)
-    return _serve(Worker(settings), args.max_rounds)
+    return _serve(Worker(settings), args.max_rounds, _grace(args))
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -241,7 +269,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
         aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency,
         outage_limit_s=args.outage_limit_s)
-    return _serve(Aggregator(settings), args.max_rounds)
+    return _serve(Aggregator(settings), args.max_rounds, _grace(args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -304,7 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diloco.evaluate import Evaluator
 
     return _serve(Evaluator(args.redis_url, _require_store(args), args.run, max_samples=args.max_samples,
-                            device=args.device), args.max_rounds)
+                            device=args.device), args.max_rounds, _grace(args))
 
 
 def cmd_units(args: argparse.Namespace) -> int:
@@ -374,13 +402,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from diloco.local import run_local
 
+    args.stop_grace_s = _grace(args)
     return run_local(args, _given_settings(args))
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from diloco.monitor import watch
 
-    return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
+    def leave(signum: int) -> None:  # unwind like Ctrl-C, so the terminal leaves the full-screen mode
+        raise stopping.Interrupted(signum)
+
+    with stopping.GracefulStop(leave, grace_s=_grace(args)).installed():
+        return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
 
 
 COMMANDS = {"run": cmd_run, "monitor": cmd_monitor,
@@ -390,6 +423,7 @@ COMMANDS = {"run": cmd_run, "monitor": cmd_monitor,
 
 
 def main(argv: list[str] | None = None) -> int:
+    stopping.tie_to_parent()  # first: a child of `diloco run` must not outlive it, even while starting
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -401,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     except DilocoError as e:
         print(f"diloco {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C before a command's own handling, or a command that re-raises it
+        return stopping.signal_exit_code(getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

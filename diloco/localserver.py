@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from diloco.errors import ConfigError
+from diloco.stopping import die_with_parent_preexec
 
 INSTALL_HINT = (
     "redis-server is not installed. Install it with `sudo apt-get install -y redis-server` "
@@ -44,12 +47,13 @@ class RedisServer:
     """One redis-server process bound to 127.0.0.1; `restart()` keeps its data directory."""
 
     def __init__(self, data_dir: Path, *, appendonly: bool = True, port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), die_with_parent: bool = False) -> None:
         self.binary = find_redis_server()
         self.data_dir = Path(data_dir)
         self.appendonly = appendonly
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.die_with_parent = die_with_parent  # SIGTERM (redis-server's clean shutdown) when we die; Linux
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -66,8 +70,9 @@ class RedisServer:
             "--save", "", "--daemonize", "no", "--protected-mode", "no",
             "--logfile", str(self.data_dir / "redis.log"), *self.extra_args,
         ]
+        preexec = die_with_parent_preexec() if self.die_with_parent else None
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec)
         self._wait_ready(timeout_s)
         return self
 
@@ -96,9 +101,12 @@ class RedisServer:
         """Graceful stop: SHUTDOWN flushes the AOF, then wait for the process."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        # SHUTDOWN closes the connection, so an error here is the expected outcome.
+        # SHUTDOWN closes the connection, so an error here is the expected outcome. No retries: the
+        # client's default ones would reconnect to the stopped server for seconds. The timeouts keep a
+        # hung server from holding up the stop (it is killed below).
         with contextlib.suppress(redis.RedisError):
-            redis.Redis(host="127.0.0.1", port=self.port).shutdown(nosave=not self.appendonly)
+            redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                        retry=Retry(NoBackoff(), 0)).shutdown(nosave=not self.appendonly)
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
