@@ -164,7 +164,7 @@ def inconsistent(f: Forger) -> tuple[list[dict[str, str]], dict[str, str]]:
         "few-units": (f.announce("few-units", payload, units=f.claim("few-units")[:2]),
                       r"^lists 2 work units, a round trains on \d+"),
         "not-my-units": (f.announce("not-my-units", payload, units=someone_elses),
-                         r"^work unit \d+:\d+ is not leased by not-my-units \(lease ended or given to someone-else\)"),
+                         r"^work unit \d+:\d+ is leased to someone-else, not to not-my-units \(its lease ended\)"),
         "far-units": (f.announce("far-units", payload, units=((7, 0), *f.claim("far-units")[1:])),
                       r"^work unit 7:0 is out of range"),
     }
