@@ -18,6 +18,7 @@ import pytest
 
 from diloco import keys
 from diloco.cli import build_parser
+from diloco.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -207,3 +208,17 @@ def test_every_shown_key_is_one_keys_py_makes() -> None:
 @pytest.mark.parametrize("key", ["diloco:{r1}:bogus", "diloco:{r1}:units:ds:0:claimd", "diloco:{r1}:round:x"])
 def test_a_wrong_key_is_caught(key: str) -> None:
     assert not any(p.fullmatch(key) for p in _key_patterns().values())
+
+
+# --- settings `diloco control set` can change ---------------------------------------------------
+
+@pytest.mark.parametrize(("doc", "marker"), [("docs/architecture.md", "## Operator control"),
+                                             ("docs/operations.md", "| `set NAME=VALUE` |")])
+def test_docs_list_every_tunable_setting(doc: str, marker: str) -> None:
+    text = (ROOT / doc).read_text()
+    assert marker in text, f"{doc}: no {marker!r}"
+    listing = text[text.index(marker):].split("\n\n", 2)
+    listing = "\n".join(listing[:2])
+    named = set(re.findall(r"[a-z_]+", listing)) & set(RunConfig.TUNABLE)
+    missing = sorted(set(RunConfig.TUNABLE) - named)
+    assert not missing, f"{doc}, {marker!r}: tunable settings not listed: {missing}"
