@@ -34,7 +34,8 @@ def config(run: str) -> str:
 
 
 def head(run: str) -> str:
-    """Hash: the committed version pointer and what it points at; written only by the commit script."""
+    """Hash: the committed version pointer and what it points at; written by the init and commit scripts and
+    by `diloco recover` (which also resets `deltas_since`)."""
     return _k(run, "head")
 
 
@@ -59,7 +60,8 @@ def rejected_counts(run: str) -> str:
 
 
 def round_state(run: str) -> str:
-    """Hash: the open round as the aggregator sees it (version, phase, accepted, expected, deadline, waiting)."""
+    """Hash: the open round as the aggregator sees it (version, phase, accepted, answered, live, min_workers,
+    deadline_ms, waiting, rejected)."""
     return _k(run, "round")
 
 
