@@ -43,6 +43,7 @@ class Aggregator:
         self.lock = RoundLock(self.r, settings.run, settings.aggregator_id, settings.lock_ttl_s)
         self.scripts = Scripts(self.r)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="fetch")
+        self.progress_at = time.monotonic()   # the round loop's last sign of life (see _watch)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -51,6 +52,7 @@ class Aggregator:
         """Serve rounds until stopped (or `max_rounds` committed); returns versions committed."""
         committed = 0
         outage = Outage(self.s.outage_limit_s, self.stop_event)
+        threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
         try:
             while not self.stop_event.is_set() and (max_rounds is None or committed < max_rounds):
                 try:
@@ -58,6 +60,7 @@ class Aggregator:
                         log.info("run %s is stopped; the aggregator exits", self.s.run)
                         break
                     outage.ok()  # Redis answered: an outage, if any, is over (a standby commits nothing)
+                    self._touch()
                     if not self.lock.held and not self._acquire():
                         continue
                     if self._round():
@@ -74,6 +77,19 @@ class Aggregator:
             self.lock.release()
             self.pool.shutdown(wait=False, cancel_futures=True)
         return committed
+
+    def _touch(self) -> None:
+        self.progress_at = time.monotonic()
+
+    def _watch(self) -> None:
+        """A holder whose round loop is stuck (a hung call, a deadlock) would renew its lock forever from
+        the renewal thread and stall the run: past `stall_limit_s` without progress it gives the lock up."""
+        check_s = min(5.0, self.s.stall_limit_s / 4)
+        while not self.stop_event.wait(check_s):
+            idle = time.monotonic() - self.progress_at
+            if self.lock.held and idle > self.s.stall_limit_s:
+                self.lock.abandon(f"the round loop made no progress for {idle:.0f}s (stall limit "
+                                  f"{self.s.stall_limit_s:g}s)")
 
     def _acquire(self) -> bool:
         if self.lock.try_acquire():
@@ -97,13 +113,15 @@ class Aggregator:
         codec = get_codec(self.cfg.codec, self.cfg.codec_options)
         while True:
             if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event,
-                           lock_lost=self.lock.lost):
+                           lock_lost=self.lock.lost, on_poll=self._touch):
                 return False
+            self._touch()
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
             t_reduce = time.perf_counter()
             red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
                                self.cfg.shard_bytes, self.pool)
+            self._touch()
             for _, ann, reason in red.rejected:
                 self._drop(rnd, ann.worker, reason)
             # The outlier rule looks only at deltas the reduce verified (norm included), so broken

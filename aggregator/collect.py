@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -169,12 +170,15 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
 
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
-            stop: threading.Event, lock_lost: threading.Event | None = None) -> bool:
+            stop: threading.Event, lock_lost: threading.Event | None = None,
+            on_poll: Callable[[], None] | None = None) -> bool:
     """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
     stopped the run (False). Raises LockLost as soon as `lock_lost` is set: a holder that lost its
     lock (a wipe, a stall) must not sit on a round it can no longer commit."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
+        if on_poll is not None:
+            on_poll()
         if lock_lost is not None and lock_lost.is_set():
             raise LockLost(f"lock lost while collecting version {rnd.version}")
         if control.state(r, cfg.run) == control.STOPPED:

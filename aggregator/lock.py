@@ -68,3 +68,17 @@ class RoundLock:
             except redis.RedisError as e:
                 log.warning("could not release the lock (it expires by itself): %s", e)
         self.token = 0
+
+    def abandon(self, why: str) -> None:
+        """Give the lock up while the holder's main loop is stuck: stop renewing, delete it if still ours.
+
+        A standby takes it at its next poll; if the stuck round ever reaches its commit, the commit
+        script refuses it (the lock value no longer matches).
+        """
+        log.error("giving up the round lock (token %d): %s", self.token, why)
+        self.lost.set()
+        self._stop.set()
+        try:
+            self.scripts.release_if_owner(keys.lock(self.run), self.value)
+        except redis.RedisError as e:
+            log.warning("could not delete the lock (it expires by itself): %s", e)

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--max-rounds", type=int, default=None, help="exit after committing this many versions")
     agg.add_argument("--outage-limit-s", type=float, default=600.0,
                      help="exit once Redis or the store has been unreachable this long")
+    agg.add_argument("--stall-limit-s", type=float, default=1800.0,
+                     help="give the round lock up when this holder's round loop made no progress this long "
+                          "(a hung call); a standby takes over (default %(default)s)")
     _stop_flag(agg)
 
     status = sub.add_parser("status", help="show a run's state")
@@ -268,7 +271,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     settings = C.AggregatorSettings(
         redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
         aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency,
-        outage_limit_s=args.outage_limit_s)
+        outage_limit_s=args.outage_limit_s, stall_limit_s=args.stall_limit_s)
     return _serve(Aggregator(settings), args.max_rounds, _grace(args))
 
 

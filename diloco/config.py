@@ -269,6 +269,7 @@ class AggregatorSettings:
     block_ms: int = 1000        # how long one XREAD waits before re-checking liveness and deadline
     standby_poll_s: float = 1.0  # how often a standby aggregator tries the lock
     outage_limit_s: float = 600.0   # give up (exit non-zero) once Redis or the store is gone this long
+    stall_limit_s: float = 1800.0   # give the lock up when the round loop made no progress this long
 
     def __post_init__(self) -> None:
         try:
@@ -276,5 +277,5 @@ class AggregatorSettings:
             keys.check_name("aggregator id", self.aggregator_id)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        _positive_num(self, "lock_ttl_s", "standby_poll_s")
+        _positive_num(self, "lock_ttl_s", "standby_poll_s", "stall_limit_s")
         _positive_int(self, "concurrency")

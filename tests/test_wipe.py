@@ -8,6 +8,7 @@ whose delta is rejected for any reason (here as an outlier) learns of it and tra
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import redis
@@ -95,3 +96,33 @@ def test_a_worker_whose_delta_is_rejected_as_an_outlier_trains_again(redis_url, 
     finally:
         for s in (*ws, agg):
             s.service.stop()
+
+
+def test_a_holder_whose_round_loop_hangs_gives_the_lock_up_and_a_standby_commits(redis_url, file_url, r,
+                                                                                  monkeypatch):
+    """A zombie holder: its renewal thread would keep the lock forever while its round never ends."""
+    import aggregator.aggregator as agg_module
+
+    harness.init(redis_url, file_url, **SMALL)
+    real, hung, release = agg_module.reduce_round, [], threading.Event()
+
+    def hang_first(*args, **kw):
+        if not hung:  # the first holder's first reduce never returns (until the test ends)
+            hung.append(threading.current_thread().name)
+            release.wait(120)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(agg_module, "reduce_round", hang_first)
+    zombie = harness.aggregator(redis_url, file_url, "zombie", stall_limit_s=1.0, lock_ttl_s=30)
+    harness.wait_for_key(r, keys.lock(RUN))
+    standby = harness.aggregator(redis_url, file_url, "standby", lock_ttl_s=30)
+    w0 = harness.worker(redis_url, file_url, "w0")
+    try:
+        entries = harness.wait_for_version(r, RUN, 2, timeout_s=60)  # well within the 30 s lock TTL
+        assert {e["aggregator"] for e in entries} == {"standby"}
+        assert hung, "the zombie never reached its reduce"
+    finally:
+        release.set()
+        for s in (w0, standby, zombie):
+            s.service.stop()
+    assert zombie.error is None and standby.error is None
