@@ -64,3 +64,20 @@ def test_simulation_appends_a_result_per_run(tmp_path):
     assert all(0 < r["final"] < 10 and r["final"] == r["points"][-1][1] for r in lines)
     assert lines[0]["points"][0][1] != lines[0]["points"][1][1], "the outer step moved the global model"
     assert lines[0]["args"]["task_option"] == ["n_layer=1"]
+
+
+def test_sync_benchmark_writes_its_section_at_toy_size(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Other\n\nkept as it was\n")
+    cmd = [sys.executable, "bench/sync.py", "--workers", "2", "--main-workers", "2", "--warmup", "1", "--rounds", "1",
+           "--width", "32", "--layers", "2", "--profile-rounds", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("| diloco file | 2 |", "| gloo all-reduce | 2 |"):
+        assert row in proc.stdout, row
+    diloco_row = next(line for line in proc.stdout.splitlines() if line.startswith("| diloco file | 2 |"))
+    assert diloco_row.split("|")[4].strip().endswith("x"), "the diloco row gives its ratio to gloo"
+    assert "announced -> committed" in proc.stdout, "the stage breakdown is printed"
+    text = out.read_text()
+    assert "## Other\n\nkept as it was\n" in text and "## Sync round" in text
+    assert "| diloco file | 2 |" in text and "Worker wait" in text
