@@ -23,8 +23,9 @@ from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
 from diloco.errors import DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
 from diloco.faults import crash_point
+from diloco.messages import Announcement
 from diloco.outer import outer_step
-from diloco.reduce import reduce_round
+from diloco.reduce import Reducer
 from diloco.scripts import Scripts
 from diloco.store import open_store, put_idempotent
 
@@ -44,6 +45,7 @@ class Aggregator:
         self.scripts = Scripts(self.r)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="fetch")
         self.progress_at = time.monotonic()   # the round loop's last sign of life (see _watch)
+        self._cache: tuple | None = None      # (version, weights sha256, momentum sha256, weights, momentum)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -99,7 +101,13 @@ class Aggregator:
         return False
 
     def _round(self) -> bool:
-        """Run one round; True if it committed a version."""
+        """Run one round; True if it committed a version.
+
+        Each accepted delta is reduced as soon as it is read (the pipelined reduce), in the order of
+        the deltas stream, while the other workers still train; when the round closes only the outer
+        step, the writes and the commit remain. Dropping a delta already summed (an outlier, a unit
+        conflict at commit) means summing the rest again from the start, in the same order.
+        """
         self.cfg = runs.load_config(self.r, self.s.run)   # settings changed by control take effect now
         if self.r.get(keys.lock(self.s.run)) != self.lock.value:  # e.g. `diloco recover` replaced every key
             raise LockLost(f"the round lock is no longer ours (token {self.lock.token})")
@@ -107,53 +115,81 @@ class Aggregator:
         head = runs.read_head(self.r, self.s.run)
         rnd = Round(head=head, last_id=head.deltas_since)
         t0 = time.perf_counter()
-        weights = runs.load_weights(self.store, head)
-        momentum = runs.load_momentum(self.store, head)
+        weights, momentum = self._base(head)
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
         codec = get_codec(self.cfg.codec, self.cfg.codec_options)
+        red = Reducer(self.store, codec, floats, self.cfg.shard_bytes, self.pool)
+        reduce_s = 0.0
+
+        def reduce_one(entry_id: str, ann: Announcement) -> str | None:
+            nonlocal reduce_s
+            t = time.perf_counter()
+            reason = red.add(entry_id, ann)
+            reduce_s += time.perf_counter() - t
+            self._touch()
+            return reason
+
+        def again() -> Reducer:  # every accepted delta but the dropped, from the start, in stream order
+            fresh = Reducer(self.store, codec, floats, self.cfg.shard_bytes, self.pool)
+            for entry_id, ann in list(rnd.accepted.values()):
+                if (reason := fresh.add(entry_id, ann)) is not None:  # cannot happen: verified before
+                    self._drop(rnd, ann.worker, reason)
+            return fresh
+
         while True:
             if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event,
-                           lock_lost=self.lock.lost, on_poll=self._touch):
+                           lock_lost=self.lock.lost, on_poll=self._touch, on_accept=reduce_one):
                 return False
-            self._touch()
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
-            t_reduce = time.perf_counter()
-            red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
-                               self.cfg.shard_bytes, self.pool)
-            self._touch()
-            for _, ann, reason in red.rejected:
-                self._drop(rnd, ann.worker, reason)
             # The outlier rule looks only at deltas the reduce verified (norm included), so broken
-            # announcements cannot drag the median; dropping one means reducing again without it.
+            # announcements cannot drag the median.
             dropped = outliers(rnd, self.cfg.outlier_factor)
             for worker, reason in dropped:
                 self._drop(rnd, worker, reason)
+            if dropped:
+                red = again()
             if dropped or len(red.included) < self.cfg.min_workers:
                 continue
             try:
-                self._step_and_commit(rnd, red, weights, momentum, plan, reduce_s=time.perf_counter() - t_reduce,
-                                      t0=t0)
+                self._step_and_commit(rnd, red, weights, momentum, plan, reduce_s=reduce_s, t0=t0)
                 return True
-            except UnitConflict as e:  # a lease ended while we reduced: that delta cannot count
+            except UnitConflict as e:  # a lease moved to another worker while we reduced: that delta cannot count
                 self._drop(rnd, e.worker, f"work units: {e.reason}")
+                red = again()
+
+    def _base(self, head) -> tuple[dict, dict]:
+        """The weights and momentum of `head`: kept from our own last commit when its checksums match
+        the head's (the holder usually committed it), else read from the store."""
+        if self._cache is not None:
+            version, w_sha, m_sha, weights, momentum = self._cache
+            if (version, w_sha, m_sha) == (head.version, head.weights_sha256, head.momentum_sha256):
+                return weights, momentum
+        self._cache = None  # stale (another holder committed since): free it before loading
+        return runs.load_weights(self.store, head), runs.load_momentum(self.store, head)
 
     def _drop(self, rnd: Round, worker: str, reason: str) -> None:
         entry_id, ann = rnd.accepted.pop(worker)
         reject(self.r, self.s.run, worker, reason, entry_id, ann.version)
         rnd.rejected += 1
 
-    def _step_and_commit(self, rnd: Round, red, weights, momentum, plan, *, reduce_s: float, t0: float) -> None:
+    def _step_and_commit(self, rnd: Round, reducer: Reducer, weights, momentum, plan, *, reduce_s: float,
+                         t0: float) -> None:
         head = rnd.head
+        red = reducer.result()
         mu = schedule.outer_momentum(self.cfg, head.version)
         new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
         version = head.version + 1
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
-        try:
-            w_sha = put_idempotent(self.store, w_key, model.to_bytes(new_w, run=self.s.run, version=str(version)))
-            m_sha = put_idempotent(self.store, m_key, model.to_bytes(new_m, run=self.s.run, version=str(version)))
+        def write(key: str, state: dict) -> str:
+            return put_idempotent(self.store, key, model.to_bytes(state, run=self.s.run, version=str(version)))
+
+        try:  # weights and momentum serialised and written side by side (both release the GIL)
+            w_future = self.pool.submit(write, w_key, new_w)
+            m_sha = write(m_key, new_m)
+            w_sha = w_future.result()
         except ObjectExists as e:
             # Other bytes under our token: the token was handed out again, which only a Redis that lost
             # its counter does (a wipe before `diloco recover`). A fresh lock gets a token above the store's.
@@ -165,7 +201,7 @@ class Aggregator:
             for epoch, bit in ann.units:
                 trained.setdefault(epoch, []).append((bit, ann.worker))
         stats = {
-            "aggregator": self.s.aggregator_id, "participants": ",".join(a.worker for a in inc),
+            "aggregator": self.s.aggregator_id, "participants": ",".join(sorted(a.worker for a in inc)),
             "n": str(len(inc)), "bytes": str(red.nbytes), "rejected": str(rnd.rejected),
             "loss": f"{sum(a.loss for a in inc) / len(inc):.6f}",
             "samples": str(sum(a.samples for a in inc)), "tokens": str(sum(a.tokens for a in inc)),
@@ -173,7 +209,7 @@ class Aggregator:
             "reduce_s": f"{reduce_s:.3f}", "aggregate_s": f"{time.perf_counter() - t0:.3f}",
             "units": str(sum(len(a.units) for a in inc)),
             "outer_lr": repr(self.cfg.outer_lr), "outer_momentum": repr(mu),
-            "entries": ",".join(rnd.accepted[a.worker][0] for a in inc),
+            "entries": ",".join(reducer.entries),  # in the order they were summed: replay sums them so
         }
         try:
             self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,
@@ -183,6 +219,7 @@ class Aggregator:
             for key in (w_key, m_key):  # ours, never committed: the retry writes them again
                 self.store.delete(key)
             raise
+        self._cache = (version, w_sha, m_sha, new_w, new_m)
         crash_point("after_commit")
         log.info("committed version %d: %d workers, loss %s, %s bytes, round %ss",
                  version, len(inc), stats["loss"], stats["bytes"], stats["duration_s"])

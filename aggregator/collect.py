@@ -72,8 +72,9 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
     return None
 
 
-def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: str, fields: dict[str, str]) -> None:
-    """Accept or reject one stream entry into the round."""
+def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: str, fields: dict[str, str],
+         on_accept: Callable[[str, Announcement], str | None] | None = None) -> None:
+    """Accept or reject one stream entry into the round; `on_accept` (the reduce) may still reject it."""
     worker = str(fields.get("worker", "?"))[:64]
     try:
         ann = Announcement.from_fields(fields)
@@ -94,8 +95,13 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
         if ann.version == rnd.version:
             rnd.answered.add(ann.worker)
         return
-    rnd.accepted[ann.worker] = (entry_id, ann)
     rnd.answered.add(ann.worker)
+    reason = on_accept(entry_id, ann) if on_accept is not None else None
+    if reason is not None:
+        reject(r, cfg.run, ann.worker, reason, entry_id, ann.version)
+        rnd.rejected += 1
+        return
+    rnd.accepted[ann.worker] = (entry_id, ann)
 
 
 def live_workers(r: redis.Redis, run: str) -> dict[str, str | None]:
@@ -171,7 +177,8 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
             stop: threading.Event, lock_lost: threading.Event | None = None,
-            on_poll: Callable[[], None] | None = None) -> bool:
+            on_poll: Callable[[], None] | None = None,
+            on_accept: Callable[[str, Announcement], str | None] | None = None) -> bool:
     """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
     stopped the run (False). Raises LockLost as soon as `lock_lost` is set: a holder that lost its
     lock (a wipe, a stall) must not sit on a round it can no longer commit."""
@@ -189,5 +196,5 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 rnd.last_id = entry_id
-                take(r, cfg, plan, rnd, entry_id, fields)
+                take(r, cfg, plan, rnd, entry_id, fields, on_accept)
     return False

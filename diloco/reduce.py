@@ -1,12 +1,18 @@
 """Stream the round's shards into one fp32 accumulator, in a fixed order.
 
-Announcements are reduced sorted by worker id, so a round redone after a crash sums the same
-numbers in the same order and yields bit-identical weights. Each worker's delta is decoded into a
-staging buffer and checked complete before it touches the accumulator: a bad shard rejects that
-worker only; a sparse codec's (topk) delta is staged as the positions and values it sent and
-scatter-added, so its cost per worker is O(sent), not O(model). Memory is O(model): the accumulator,
-one staging buffer, and the next worker's shards downloading concurrently while the current one is
-decoded.
+Deltas are added in the order they are given: the aggregator gives them in the order of their
+entries in the deltas stream, which is durable, so a round redone after a crash sums the same
+numbers in the same order and yields bit-identical weights (runs committed before that order
+list their entries sorted by worker id, and replay them so). Each worker's delta is decoded into
+a staging buffer and checked complete before it touches the accumulator: a bad shard rejects
+that worker only; a sparse codec's (topk) delta is staged as the positions and values it sent and
+scatter-added, so its cost per worker is O(sent), not O(model). Memory is O(model): the
+accumulator, one staging buffer, and the next worker's shards downloading concurrently while the
+current one is decoded.
+
+`Reducer` takes one delta at a time, so the aggregator reduces each as soon as it is announced,
+while the other workers still train (the pipelined reduce): once the round closes only the last
+deltas remain on the critical path.
 """
 
 from __future__ import annotations
@@ -35,26 +41,31 @@ class Reduced:
     nbytes: int
 
 
-def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor],
-                 anns: list[tuple[str, Announcement]], shard_bytes: int, pool: ThreadPoolExecutor) -> Reduced:
-    """Mean of the valid deltas among `anns` (entry id, announcement), over the tensors in `like`."""
-    order = sorted(anns, key=lambda item: item[1].worker)
-    acc = torch.zeros(sum(t.numel() for t in like.values()), dtype=torch.float32)  # laid out as DeltaBuffer.buffer
-    limit = max_shard_object_bytes(shard_bytes)
+class Reducer:
+    """Deltas added one by one (each fetched, decoded, verified, then summed), and their mean."""
 
-    def fetch(ann: Announcement) -> list[Future]:
+    def __init__(self, store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor], shard_bytes: int,
+                 pool: ThreadPoolExecutor) -> None:
+        self.store, self.codec, self.like, self.pool = store, codec, like, pool
+        self.limit = max_shard_object_bytes(shard_bytes)
+        self.acc = torch.zeros(sum(t.numel() for t in like.values()), dtype=torch.float32)  # as DeltaBuffer.buffer
+        self.included: list[Announcement] = []
+        self.entries: list[str] = []     # the included deltas' stream ids, in the order they were summed
+        self.rejected: list[tuple[str, Announcement, str]] = []
+        self.nbytes = 0
+
+    def fetch(self, ann: Announcement) -> list[Future]:
         pairs = zip(ann.shards, ann.sha256, strict=True)
-        return [pool.submit(store.get, k, sha256=h, max_bytes=limit) for k, h in pairs]
+        return [self.pool.submit(self.store.get, k, sha256=h, max_bytes=self.limit) for k, h in pairs]
 
-    included, rejected, nbytes = [], [], 0
-    pending = fetch(order[0][1]) if order else []
-    for i, (entry_id, ann) in enumerate(order):
-        futures, pending = pending, (fetch(order[i + 1][1]) if i + 1 < len(order) else [])
+    def add(self, entry_id: str, ann: Announcement, futures: list[Future] | None = None) -> str | None:
+        """Sum this delta in; the reason it cannot count (and it was not summed), or None."""
+        futures = self.fetch(ann) if futures is None else futures
         crash_point("during_download")
-        buf = DeltaBuffer(like)
+        buf = DeltaBuffer(self.like)
         try:
             for f in futures:
-                buf.add_shard(f.result(), codec)
+                buf.add_shard(f.result(), self.codec)
             buf.check_complete()
             norm = buf.norm()
             if abs(norm - ann.norm) > 1e-4 * max(1.0, norm):
@@ -62,11 +73,27 @@ def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor]
         except BadInput as e:
             for f in futures:
                 f.cancel()
-            rejected.append((entry_id, ann, f"{type(e).__name__}: {e}"))
-            continue
-        buf.add_to(acc)
-        included.append(ann)
-        nbytes += ann.nbytes
-    if included:
-        acc /= len(included)
-    return Reduced(unflatten(acc, like), included, rejected, nbytes)
+            reason = f"{type(e).__name__}: {e}"
+            self.rejected.append((entry_id, ann, reason))
+            return reason
+        buf.add_to(self.acc)
+        self.included.append(ann)
+        self.entries.append(entry_id)
+        self.nbytes += ann.nbytes
+        return None
+
+    def result(self) -> Reduced:
+        acc = self.acc / len(self.included) if self.included else self.acc
+        return Reduced(unflatten(acc, self.like), list(self.included), list(self.rejected), self.nbytes)
+
+
+def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor],
+                 anns: list[tuple[str, Announcement]], shard_bytes: int, pool: ThreadPoolExecutor) -> Reduced:
+    """Mean of the valid deltas among `anns` (entry id, announcement), summed in the order given,
+    over the tensors in `like`; the next delta's shards download while one is decoded."""
+    red = Reducer(store, codec, like, shard_bytes, pool)
+    pending = red.fetch(anns[0][1]) if anns else []
+    for i, (entry_id, ann) in enumerate(anns):
+        futures, pending = pending, (red.fetch(anns[i + 1][1]) if i + 1 < len(anns) else [])
+        red.add(entry_id, ann, futures)
+    return red.result()

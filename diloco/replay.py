@@ -1,9 +1,9 @@
 """Replay a run: recompute every committed version from the deltas it included, bit for bit.
 
-The aggregator's result depends only on the base weights and momentum, the included deltas (in
-worker-id order) and the outer settings recorded with the version. So a fault-free replay of the
-committed deltas must reproduce each committed weights object byte for byte, whatever crashed,
-restarted or was rejected along the way. The chaos run and the fault tests check exactly that.
+The aggregator's result depends only on the base weights and momentum, the included deltas (in the
+order the version's `entries` lists them) and the outer settings recorded with the version. So a
+fault-free replay of the committed deltas must reproduce each committed weights object byte for
+byte, whatever crashed, restarted or was rejected along the way. The chaos run and the fault tests check exactly that.
 """
 
 from __future__ import annotations

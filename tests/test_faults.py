@@ -573,8 +573,11 @@ def test_file_store_outage_services_wait_then_resume(redis_url, file_url, r, pro
         harness.wait_for_version(r, "t", 1)
         root.rename(away)
         root.write_text("unmounted\n")  # a plain file: nothing can silently re-create an empty store here
+        # The holder keeps the head's weights in memory, so the worker (uploading or downloading) is
+        # usually the first to meet the missing store.
         wait_until(lambda: any(p.poll() is not None for p in services.values()) or r.xlen(keys.rejections("t"))
-                   or "waiting for Redis and the object store" in procs.log("agg"), 60, "the outage to be noticed")
+                   or "waiting for Redis and the object store" in procs.log("agg")
+                   or "waiting for the object store" in procs.log("w0"), 60, "the outage to be noticed")
         assert all(p.poll() is None for p in services.values()), {n: procs.log(n)[-600:] for n in services}
         assert r.xlen(keys.rejections("t")) == 0, r.xrange(keys.rejections("t"))
     finally:

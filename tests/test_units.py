@@ -318,22 +318,21 @@ def test_stalled_worker_keeps_its_lease_then_its_late_delta_is_dropped_and_its_u
 
 def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commits_the_rest(
         redis_url, file_url, r, monkeypatch):
-    import aggregator.aggregator as agg_module
+    from diloco.reduce import Reducer
 
     cfg = harness.init(redis_url, file_url, **SMALL)
     ep = Epoch(r, 0)
-    real_reduce, stolen = agg_module.reduce_round, []
+    real_add, stolen = Reducer.add, []
 
-    def reduce_then_move_a_lease(store, codec, like, anns, *args, **kw):
+    def reduce_then_move_a_lease(self, entry_id, ann, *args, **kw):
         # As if w0's lease on one unit ended during the reduce and another worker claimed it.
-        for _, ann in anns:
-            if ann.worker == "w0" and not stolen:
-                epoch, bit = ann.units[2]
-                r.hset(ep.owners, bit, "thief")
-                stolen.append((epoch, bit, ann.units))
-        return real_reduce(store, codec, like, anns, *args, **kw)
+        if ann.worker == "w0" and not stolen:
+            epoch, bit = ann.units[2]
+            r.hset(ep.owners, bit, "thief")
+            stolen.append((epoch, bit, ann.units))
+        return real_add(self, entry_id, ann, *args, **kw)
 
-    monkeypatch.setattr(agg_module, "reduce_round", reduce_then_move_a_lease)
+    monkeypatch.setattr(Reducer, "add", reduce_then_move_a_lease)
     agg = harness.aggregator(redis_url, file_url, max_rounds=1)
     ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=1) for i in range(2)]
     assert agg.result() == 1 and [w.result() for w in ws] == [1, 1]
@@ -354,21 +353,21 @@ def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commi
 
 
 def test_a_late_delta_landing_during_the_reduce_is_still_rejected_with_a_reason(redis_url, file_url, r, monkeypatch):
-    import aggregator.aggregator as agg_module
+    from diloco.reduce import Reducer
 
     harness.init(redis_url, file_url, **SMALL)
-    real_reduce, ghost = agg_module.reduce_round, []
+    real_add, ghost = Reducer.add, []
 
-    def reduce_while_a_late_delta_lands(store, codec, like, anns, *args, **kw):
-        if anns and anns[0][1].version == 1 and not ghost:
+    def reduce_while_a_late_delta_lands(self, entry_id, ann, *args, **kw):
+        if ann.version == 1 and not ghost:
             late = Announcement(run=RUN, worker="ghost", nonce="n1", version=0, codec="fp32",
                                 shards=(keys.delta_shard(RUN, 0, "ghost", "n1", 0),), sizes=(100,),
                                 sha256=("0" * 64,), samples=40, tokens=40, inner_steps=5, loss=0.5,
                                 units=((0, 40), (0, 41), (0, 42), (0, 43), (0, 44)))
             ghost.append(r.xadd(keys.deltas(RUN), late.to_fields()))
-        return real_reduce(store, codec, like, anns, *args, **kw)
+        return real_add(self, entry_id, ann, *args, **kw)
 
-    monkeypatch.setattr(agg_module, "reduce_round", reduce_while_a_late_delta_lands)
+    monkeypatch.setattr(Reducer, "add", reduce_while_a_late_delta_lands)
     agg = harness.aggregator(redis_url, file_url, max_rounds=3)
     w0 = harness.worker(redis_url, file_url, "w0", max_rounds=3)
     assert agg.result() == 3 and w0.result() == 3 and ghost

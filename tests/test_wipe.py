@@ -101,10 +101,10 @@ def test_a_worker_whose_delta_is_rejected_as_an_outlier_trains_again(redis_url, 
 def test_a_holder_whose_round_loop_hangs_gives_the_lock_up_and_a_standby_commits(redis_url, file_url, r,
                                                                                   monkeypatch):
     """A zombie holder: its renewal thread would keep the lock forever while its round never ends."""
-    import aggregator.aggregator as agg_module
+    from diloco.reduce import Reducer
 
     harness.init(redis_url, file_url, **SMALL)
-    real, hung, release = agg_module.reduce_round, [], threading.Event()
+    real, hung, release = Reducer.add, [], threading.Event()
 
     def hang_first(*args, **kw):
         if not hung:  # the first holder's first reduce never returns (until the test ends)
@@ -112,7 +112,7 @@ def test_a_holder_whose_round_loop_hangs_gives_the_lock_up_and_a_standby_commits
             release.wait(120)
         return real(*args, **kw)
 
-    monkeypatch.setattr(agg_module, "reduce_round", hang_first)
+    monkeypatch.setattr(Reducer, "add", hang_first)
     zombie = harness.aggregator(redis_url, file_url, "zombie", stall_limit_s=1.0, lock_ttl_s=30)
     harness.wait_for_key(r, keys.lock(RUN))
     standby = harness.aggregator(redis_url, file_url, "standby", lock_ttl_s=30)

@@ -1,0 +1,66 @@
+"""The sync round's critical path: the pipelined reduce and the holder's cached weights.
+
+The aggregator sums each delta as soon as it is accepted, in the order of the deltas stream, and
+records that order in the version's `entries`; summing the same deltas after the round closes, in
+that order (what `diloco.replay` does), must give the committed weights bit for bit. The lock
+holder keeps the weights and momentum it committed and reads them from the store only when the
+head is not its own last commit.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from diloco import keys, runs
+from diloco.replay import replay
+from diloco.store import open_store
+from tests import harness
+
+RUN = "t"
+
+
+def _ids(entries: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in e.split("-")) for e in entries.split(",")]
+
+
+@pytest.mark.parametrize("codec", ["fp32", "topk"])
+def test_pipelined_reduce_equals_a_reduce_after_the_round_in_stream_order(redis_url, file_url, r, codec):
+    harness.init(redis_url, file_url, codec=codec, min_workers=3, task_options={"num_samples": 400})
+    agg = harness.aggregator(redis_url, file_url, max_rounds=3)
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=3) for i in range(3)]
+    assert agg.result() == 3 and [w.result() for w in ws] == [3, 3, 3]
+    versions = [f for _, f in r.xrange(keys.versions(RUN))]
+    for v in versions:
+        ids = _ids(v["entries"])
+        assert len(ids) == 3 and ids == sorted(ids), "summed in the order of the deltas stream"
+        assert v["participants"] == "w0,w1,w2"  # a display field: sorted by worker id
+    rep = replay(r, open_store(file_url), RUN)
+    assert rep.versions == 3 and rep.mismatched == []
+
+
+def test_the_holder_reads_the_weights_from_the_store_only_when_the_head_is_not_its_own(redis_url, file_url, r,
+                                                                                        monkeypatch):
+    import aggregator.aggregator as agg_module
+
+    harness.init(redis_url, file_url, task_options={"num_samples": 400})
+    loads: list[int] = []
+    real = runs.load_weights
+
+    def counted(store, head):
+        if threading.current_thread().name == "Aggregator":  # workers download every version, as they must
+            loads.append(head.version)
+        return real(store, head)
+
+    monkeypatch.setattr(agg_module.runs, "load_weights", counted)
+    agg = harness.aggregator(redis_url, file_url, max_rounds=4)
+    w0 = harness.worker(redis_url, file_url, "w0", max_rounds=4)
+    assert agg.result() == 4 and w0.result() == 4
+    assert loads.count(0) == 1 and set(loads) == {0}, loads  # only version 0, written by init
+    assert replay(r, open_store(file_url), RUN).mismatched == []
+    # A head this holder did not commit (as after another aggregator's commit) is read from the store.
+    agg2 = harness.aggregator(redis_url, file_url, "agg2", max_rounds=1)
+    w1 = harness.worker(redis_url, file_url, "w1", max_rounds=1)
+    assert agg2.result() == 1 and w1.result() == 1
+    assert loads[-1] == 4
