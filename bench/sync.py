@@ -354,7 +354,7 @@ AGG_ROWS = [
     ("aggregator/collect.py", "collect", "collect: wait for the round to close"),
     ("diloco/runs.py", "load_weights", "read + decode the head's weights"),
     ("diloco/runs.py", "load_momentum", "read + decode the head's momentum"),
-    ("diloco/reduce.py", "reduce_round", "fetch+decode+reduce"),
+    ("diloco/reduce.py", "add", "fetch+decode+reduce, each delta as it is accepted (inside collect)"),
     ("_base.py", "result", "  waiting on shard downloads (threads)"),
     ("diloco/shards.py", "add_shard", "  decode shards into the staging buffer"),
     ("diloco/shards.py", "norm", "  norm check"),
