@@ -94,10 +94,12 @@ class Aggregator:
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
         codec = get_codec(self.cfg.codec, self.cfg.codec_options)
         while True:
-            if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event):
-                return False
+            closed = collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event,
+                             lost=self.lock.lost)
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")
+            if not closed:
+                return False
             t_reduce = time.perf_counter()
             red = reduce_round(self.store, codec, floats, list(rnd.accepted.values()),
                                self.cfg.shard_bytes, self.pool)

@@ -150,11 +150,12 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
 
 
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
-            stop: threading.Event) -> bool:
-    """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
-    stopped the run (False)."""
+            stop: threading.Event, lost: threading.Event | None = None) -> bool:
+    """Read announcements into `rnd` until the round closes (True), or stop is set, the round lock
+    is `lost` (a round that cannot commit is not worth waiting for) or an operator stopped the run
+    (False)."""
     stream = keys.deltas(cfg.run)
-    while not stop.is_set():
+    while not stop.is_set() and not (lost is not None and lost.is_set()):
         if control.state(r, cfg.run) == control.STOPPED:
             return False
         if is_closed(r, cfg, rnd):
