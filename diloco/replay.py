@@ -9,10 +9,12 @@ restarted or was rejected along the way. The chaos run and the fault tests check
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
+import torch
 
 from diloco import keys, model, runs
 from diloco.codecs import get_codec
@@ -28,15 +30,23 @@ class ReplayResult:
     mismatched: list[int]      # versions whose recomputed weights differ from the committed ones
 
 
-def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
+@dataclass
+class Recomputed:
+    """One committed version as the replay recomputes it."""
+    entry: dict[str, str]              # its entry in the versions stream
+    weights: dict[str, torch.Tensor]   # recomputed from the replay's own previous version
+    momentum: dict[str, torch.Tensor]
+    matches: bool                      # every delta verified and the weights' bytes hash as committed
+
+
+def recompute(r: redis.Redis, store: ObjectStore, run: str) -> Iterator[Recomputed]:
+    """Each committed version in order, recomputed from version 0 and the deltas each one included."""
     cfg = runs.load_config(r, run)
     codec = get_codec(cfg.codec, cfg.codec_options)
     weights = model.from_bytes(store.get(keys.weights_object(run, 0, 0)), "weights v0")
     momentum = model.from_bytes(store.get(keys.momentum_object(run, 0, 0)), "momentum v0")
-    mismatched, count = [], 0
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _, entry in r.xrange(keys.versions(run)):
-            version = int(entry["version"])
             anns = []
             for entry_id in filter(None, entry.get("entries", "").split(",")):
                 (_, fields), = r.xrange(keys.deltas(run), entry_id, entry_id)
@@ -45,10 +55,16 @@ def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
             red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool)
             weights, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
                                            mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov)
-            data = model.to_bytes(weights, run=run, version=str(version))
-            if red.rejected or _sha(data) != entry["weights_sha256"]:
-                mismatched.append(version)
-            count += 1
+            data = model.to_bytes(weights, run=run, version=entry["version"])
+            yield Recomputed(entry, weights, momentum, not red.rejected and _sha(data) == entry["weights_sha256"])
+
+
+def replay(r: redis.Redis, store: ObjectStore, run: str) -> ReplayResult:
+    count, mismatched = 0, []
+    for version in recompute(r, store, run):  # one version's tensors at a time: memory O(model)
+        count += 1
+        if not version.matches:
+            mismatched.append(int(version.entry["version"]))
     return ReplayResult(count, mismatched)
 
 
