@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -73,6 +73,28 @@ def wait_for_entry(r, stream: str, pred: Callable[[dict[str, str]], bool], timeo
                 if pred(fields):
                     return entry_id, fields
     raise TimeoutError(f"no matching entry in {stream} within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def renewing(leases: units.Leases, interval_s: float = 0.5) -> Iterator[threading.Event]:
+    """Renew `leases` in a thread, as a live worker's heartbeat would, until the event it yields is
+    set (the worker "dies") or the block ends, however it ends: a heartbeat left running would renew
+    leases of the same run name in the tests after this one."""
+    dead = threading.Event()
+
+    def heartbeat() -> None:
+        while not dead.wait(interval_s):
+            with contextlib.suppress(redis.RedisError):  # a test may kill Redis; the ghost keeps trying
+                leases.renew()
+
+    thread = threading.Thread(target=heartbeat, name="ghost-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield dead
+    finally:
+        dead.set()
+        thread.join(30)
+        assert not thread.is_alive(), "the ghost heartbeat did not stop"
 
 
 def versions(r) -> list[int]:
@@ -290,28 +312,21 @@ def test_units_of_a_dead_worker_do_not_stall_the_next_rounds(redis_url, file_url
     # A worker that claimed its units and then died: its leases run on until it stops renewing them.
     ghost = units.Leases(r, "t", units.plan_for(r, cfg), "ghost", lease_ms=2000)
     assert ghost.claim(5, threading.Event()) == [(0, b) for b in range(5)]
-    dead = threading.Event()
-
-    def heartbeat() -> None:
-        while not dead.wait(0.5):
-            with contextlib.suppress(redis.RedisError):
-                ghost.renew()
-    threading.Thread(target=heartbeat, daemon=True).start()
-    agg = harness.aggregator(redis_url, file_url, lock_ttl_s=2)
-    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(3)]
-    try:
-        # Workers that find no free unit say so ("starved"), and the round does not wait for them.
-        first = harness.wait_for_version(r, "t", 1, timeout_s=30)[-1]
-        assert first["participants"]
-        dead.set()  # the ghost's leases end 2 s from now; its units go back to the pool
-        entries = harness.wait_for_version(r, "t", 3, timeout_s=30)
-        assert all(int(e["n"]) >= 1 for e in entries)
-        assert {"w0", "w1", "w2"} <= {w for e in entries for w in e["participants"].split(",")}
-    finally:
-        dead.set()
-        for w in ws:
-            w.service.stop()
-        agg.stop()
+    with renewing(ghost) as dead:
+        agg = harness.aggregator(redis_url, file_url, lock_ttl_s=2)
+        ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(3)]
+        try:
+            # Workers that find no free unit say so ("starved"), and the round does not wait for them.
+            first = harness.wait_for_version(r, "t", 1, timeout_s=30)[-1]
+            assert first["participants"]
+            dead.set()  # the ghost's leases end 2 s from now; its units go back to the pool
+            entries = harness.wait_for_version(r, "t", 3, timeout_s=30)
+            assert all(int(e["n"]) >= 1 for e in entries)
+            assert {"w0", "w1", "w2"} <= {w for e in entries for w in e["participants"].split(",")}
+        finally:
+            for w in ws:
+                w.service.stop()
+            agg.stop()
 
 
 # --- 3. Redis killed and restarted; the object store unreachable ---------------------------------
@@ -353,6 +368,7 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
     seen = Seen()
     logging.getLogger("diloco.connect").addHandler(seen)
     fired: list[str] = []
+    restarter: list[threading.Thread] = []  # joined at the end: it must not start Redis in a later test
     real_crash_point = aggregator_module.crash_point
 
     def redis_dies_after_write(name: str) -> None:
@@ -363,7 +379,8 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
             def restart() -> None:  # back once the aggregator has given up retrying the commit
                 aggregator_waits.wait(60)
                 redis_server.start()
-            threading.Thread(target=restart, daemon=True).start()
+            restarter.append(threading.Thread(target=restart, daemon=True))
+            restarter[0].start()
         real_crash_point(name)
 
     monkeypatch.setattr(aggregator_module, "crash_point", redis_dies_after_write)
@@ -383,6 +400,9 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
         logging.getLogger("diloco.connect").removeHandler(seen)
         w.service.stop()
         agg.service.stop()
+        aggregator_waits.set()  # a restarter still waiting restarts Redis now, not in a later test
+        for t in restarter:
+            t.join(30)
         if redis_server.proc is None or redis_server.proc.poll() is not None:
             redis_server.start()
 
@@ -427,15 +447,8 @@ def test_units_claimed_before_a_redis_outage_are_not_leaked(redis_server, redis_
     plan = units.plan_for(r, cfg)
     ghost = units.Leases(r, "t", plan, "ghost", lease_ms=2000)  # a worker busy with all but two units
     assert len(ghost.claim(18, threading.Event())) == 18
-    ghost_gone = threading.Event()
-
-    def heartbeat() -> None:
-        while not ghost_gone.wait(0.5):
-            with contextlib.suppress(redis.RedisError):  # Redis is killed below; the ghost keeps trying
-                ghost.renew()
-    threading.Thread(target=heartbeat, daemon=True).start()
     w = harness.worker(redis_url, file_url, "w0", max_rounds=1, start=False)  # no aggregator: nothing commits
-    with ThreadLog("diloco.units", "no free work unit", lambda: w.ident) as short, \
+    with renewing(ghost) as ghost_gone, ThreadLog("diloco.units", "no free work unit", lambda: w.ident) as short, \
             ThreadLog("diloco.connect", "waiting for Redis", lambda: w.ident) as outage:
         w.start()
         try:
