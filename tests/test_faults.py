@@ -651,19 +651,32 @@ def test_min_workers_holds_the_round_until_enough_workers(redis_url, file_url, r
         agg.stop()
 
 
-# --- the chaos run, short ---------------------------------------------------------------------------
+# --- the chaos run, short (and full, with -m slow) ---------------------------------------------------
 
-def test_chaos_short(tmp_path):
-    """bench/chaos.py, short: every kind of fault at least once, then every invariant holds."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--versions", "4", "--workers", "2",
-                          "--seed", "1", "--sync-every", "100", "--unit-samples", "80", "--samples", "4000",
-                          "--data-dir", str(tmp_path / "chaos")],
-                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+def _chaos(tmp_path: Path, timeout_s: float, *args: str) -> dict[str, str]:
+    """Run bench/chaos.py; its figures table, after checking every invariant it reports held."""
+    cmd = [sys.executable, str(ROOT / "bench" / "chaos.py"), *args, "--data-dir", str(tmp_path / "chaos")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     figures = dict(re.findall(r"^\| ([a-z][a-z ,()-]+?) +\| +(\S+) +\|$", out.stdout, re.M))
-    assert int(figures["versions committed"]) >= 4 and int(figures["finished epochs"]) >= 1, figures
     for kind in ("worker killed", "aggregator killed", "redis restarted"):
         assert int(figures[kind]) >= 1, figures
     for check in ("version gaps or repeats", "replay mismatches", "units lost", "units committed twice",
                   "done bitmap mismatches", "units stuck", "unexpected exits", "unclean stops"):
         assert figures[check] == "0", (check, figures)
+    return figures
+
+
+def test_chaos_short(tmp_path):
+    """bench/chaos.py, short: every kind of fault at least once, then every invariant holds."""
+    figures = _chaos(tmp_path, 240, "--versions", "4", "--workers", "2", "--seed", "1", "--sync-every", "100",
+                     "--unit-samples", "80", "--samples", "4000")
+    assert int(figures["versions committed"]) >= 4 and int(figures["finished epochs"]) >= 1, figures
+
+
+@pytest.mark.slow
+def test_chaos_full(tmp_path):
+    """bench/chaos.py as docs/benchmarks.md runs it: 60 versions, 3 workers, about 30 faults."""
+    figures = _chaos(tmp_path, 3600, "--versions", "60", "--workers", "3", "--seed", "0")
+    assert int(figures["versions committed"]) >= 60 and int(figures["finished epochs"]) >= 10, figures
+    assert int(figures["worker killed"]) + int(figures["aggregator killed"]) + int(figures["redis restarted"]) >= 25
