@@ -9,6 +9,7 @@ modules and tests. Then it prints killed and surviving mutants per module. Not i
 
     nice -n 15 .venv/bin/python scripts/mutation.py                # every group
     nice -n 15 .venv/bin/python scripts/mutation.py outer reduce   # some groups
+    nice -n 15 .venv/bin/python scripts/mutation.py --rerun-survivors codecs   # after adding tests
     cd mutation-runs/outer && ../../.venv/bin/mutmut show NAME     # the diff of one mutant
 
 docs/mutation.md has the scores and the surviving mutants judged equivalent.
@@ -99,23 +100,31 @@ def prepare(group: Group) -> Path:
     return tree
 
 
-def run(group: Group, max_children: int) -> dict[str, Counter]:
+def results(tree: Path) -> list[tuple[str, str]]:
+    """(mutant, status) of every mutant mutmut has a verdict for in `tree`."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=tree, capture_output=True, text=True,
+                             check=True).stdout
+    return [(name, status.strip()) for name, status in re.findall(r"^\s+(\S+): (.+)$", listing, re.M)]
+
+
+def run(group: Group, max_children: int, rerun_survivors: bool) -> dict[str, Counter]:
     """Run mutmut on the group; per module, how many mutants ended in each state."""
     tree = prepare(group)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     print(f"== {group.name}: {', '.join(group.modules)}", flush=True)
-    done = subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=tree, capture_output=True,
-                          text=True)
+    # mutmut keeps a verdict until the mutated function changes; after new tests, name the survivors
+    again = [name for name, status in results(tree) if status == "survived"] if rerun_survivors else []
+    done = subprocess.run([mutmut, "run", "--max-children", str(max_children), *again], cwd=tree,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
         raise SystemExit(f"mutmut run failed in {tree}")
-    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=tree, capture_output=True, text=True,
-                             check=True).stdout
     counts: dict[str, Counter] = {}
-    for name, status in re.findall(r"^\s+(\S+): (.+)$", listing, re.M):
-        counts.setdefault(name.split(".x", 1)[0].split(".xǁ", 1)[0], Counter())[status.strip()] += 1
-        if status.strip() != "killed":
-            print(f"   {status.strip():10} {name}")
+    for name, status in results(tree):
+        counts.setdefault(name.split(".x", 1)[0], Counter())[status] += 1
+        if status != "killed":
+            print(f"   {status:10} {name}")
     return counts
 
 
@@ -123,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", nargs="*", help=f"of: {', '.join(g.name for g in GROUPS)} (default: all)")
     ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--rerun-survivors", action="store_true", help="test the surviving mutants again (new tests)")
     args = ap.parse_args(argv)
     chosen = [g for g in GROUPS if not args.groups or g.name in args.groups]
     print(f"{'module':28} {'mutants':>8} {'killed':>7} {'survived':>9} {'other':>6}")
     rows = []
     for group in chosen:
-        for module, c in sorted(run(group, args.max_children).items()):
+        for module, c in sorted(run(group, args.max_children, args.rerun_survivors).items()):
             rows.append(f"{module:28} {sum(c.values()):8} {c['killed']:7} {c['survived']:9} "
                         f"{sum(c.values()) - c['killed'] - c['survived']:6}")
     print("\n".join(rows))
