@@ -610,3 +610,39 @@ def test_encode_delta_takes_a_float64_delta_as_fp32():
     delta = {"a": torch.randn(300, generator=torch.Generator().manual_seed(2))}
     for codec in (FP32, get_codec("int8"), get_codec("topk")):
         assert encode_delta({"a": delta["a"].double()}, codec, 1 << 20) == encode_delta(delta, codec, 1 << 20)
+
+
+def test_shard_errors_say_exactly_what_is_wrong():
+    """Kills the mutants that change what these errors say (the found format and codec, the reason)."""
+    cases = [
+        (b"garbage", r"^not a safetensors object: "),
+        (_shard(_good_tensors(), meta={"format": "diloco-delta/1", "codec": "fp32",
+                                       "segments": json.dumps(GOOD_SEGMENTS)}),
+         r"^shard format is 'diloco-delta/1', expected 'diloco-delta/2'$"),
+        (encode_delta({"a": torch.ones(4)}, BF16, 1000)[0], r"^shard codec is 'bf16', the run's codec is 'fp32'$"),
+        (_shard({"v": torch.ones(4)}, json.dumps([])), r"^shard metadata 'segments' is not a non-empty list$"),
+        (st_save(_good_tensors(), metadata={"diloco": "{not json"}), r"^shard metadata 'diloco' is not JSON$"),
+    ]
+    for data, message in cases:
+        with pytest.raises(BadShard, match=message):
+            list(decode_shard(data, FP32, NUMELS))
+
+
+def test_shard_metadata_is_compact_json():
+    """One key holding JSON without spaces (shards are compared byte for byte). Kills the mutants that
+    drop `separators=(",", ":")`."""
+    [shard] = encode_delta({"a": torch.ones(3), "b": torch.ones(2)}, FP32, 1 << 20)
+    header = json.loads(shard[8:8 + int.from_bytes(shard[:8], "little")])
+    assert header["__metadata__"]["diloco"] == \
+        '{"format":"diloco-delta/2","codec":"fp32","segments":[["a",0,3],["b",0,2]]}'
+
+
+def test_long_tensor_names_count_against_the_shard_limit():
+    """300 one-element tensors with 2000-character names: their segments' header bytes, not their
+    values, fill the shards, and every shard stays within the object limit. Kills the mutants that
+    shrink a segment's header cost (`64 - 2 * len`, `2 / len`): all would go in one shard of ~1 MB."""
+    delta = {f"{i:03d}" + "n" * 1997: torch.ones(1) for i in range(300)}
+    shards = encode_delta(delta, FP32, 4096)
+    assert len(shards) > 10
+    assert max(len(s) for s in shards) <= max_shard_object_bytes(4096)
+    assert _decode(shards, FP32, delta) == delta
