@@ -18,10 +18,14 @@ docs/mutation.md has the scores and the surviving mutants judged equivalent.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +53,9 @@ class Group:
     name: str
     modules: tuple[str, ...]
     tests: tuple[str, ...]
+    # A mutant that makes a service wait forever burns no CPU, so mutmut's CPU-time limit never ends
+    # it: groups running services give each test a wall-clock limit (pytest-timeout) instead.
+    timeout_s: int | None = None
 
 
 GROUPS = (
@@ -61,7 +68,7 @@ GROUPS = (
            "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected")),
     Group("reduce", ("diloco/reduce.py",),
           ("tests/test_replay_reference.py", "tests/test_hostile.py", "tests/test_nesterov.py",
-           "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected")),
+           "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected"), 60),
     Group("units", ("diloco/units.py",),
           (UNITS + "claim_neither_spins_nor_ignores_stop_while_the_units_meta_is_gone",
            UNITS + "units_command_reports_each_epoch_consistently_with_the_bitmaps",
@@ -70,10 +77,10 @@ GROUPS = (
            UNITS + "commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commits_the_rest",
            UNITS + "malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_bitmap",
            "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds",
-           "tests/test_faults.py::test_units_claimed_before_a_redis_outage_are_not_leaked")),
-    Group("aggregator", ("aggregator/collect.py", "aggregator/aggregator.py"), AGGREGATOR_TESTS),
+           "tests/test_faults.py::test_units_claimed_before_a_redis_outage_are_not_leaked"), 60),
+    Group("aggregator", ("aggregator/collect.py", "aggregator/aggregator.py"), AGGREGATOR_TESTS, 60),
     Group("lock", ("aggregator/lock.py",),
-          ("tests/test_lock.py", "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once")),
+          ("tests/test_lock.py", "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once"), 90),
 )
 
 
@@ -90,14 +97,37 @@ def prepare(group: Group) -> Path:
     text = (ROOT / "pyproject.toml").read_text()
     base = tomllib.loads(text)["tool"]["mutmut"]
     head = text[:text.index("[tool.mutmut]")]
+    timeout = [f"--timeout={group.timeout_s}"] if group.timeout_s else []
     (tree / "pyproject.toml").write_text(head + "[tool.mutmut]\n" + "\n".join([
         f"source_paths = {base['source_paths']!r}",
         f"only_mutate = {list(group.modules)!r}",
         f"process_isolation = {base['process_isolation']!r}",
-        f"pytest_add_cli_args = {base['pytest_add_cli_args']!r}",
+        f"pytest_add_cli_args = {[*base['pytest_add_cli_args'], *timeout]!r}",
         f"pytest_add_cli_args_test_selection = {list(group.tests)!r}",
     ]) + "\n")
     return tree
+
+
+def stop_servers_under(directory: Path) -> None:
+    """SIGTERM every process whose working directory lies under `directory` (redis-server runs in
+    its data directory; moto_server in the test's), then SIGKILL what is left after 10 s."""
+    def under() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(directory):
+                    found.append(int(proc.name))
+            except OSError:
+                continue   # gone, or not ours to read
+        return found
+
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        for pid in under():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while under() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def results(tree: Path) -> list[tuple[str, str]]:
@@ -115,8 +145,15 @@ def run(group: Group, max_children: int, rerun_survivors: bool) -> dict[str, Cou
     print(f"== {group.name}: {', '.join(group.modules)}", flush=True)
     # mutmut keeps a verdict until the mutated function changes; after new tests, name the survivors
     again = [name for name, status in results(tree) if status == "survived"] if rerun_survivors else []
-    done = subprocess.run([mutmut, "run", "--max-children", str(max_children), *again], cwd=tree,
-                          capture_output=True, text=True)
+    # Tests start redis-server and moto_server in their own sessions; a mutant's run that mutmut kills
+    # leaves them behind. Their directories lie under this group's TMPDIR, which tells them apart.
+    tmp = RUNS / f"{group.name}-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run([mutmut, "run", "--max-children", str(max_children), *again], cwd=tree,
+                              capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    finally:
+        stop_servers_under(tmp)
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
         raise SystemExit(f"mutmut run failed in {tree}")
