@@ -30,9 +30,9 @@ codec-time table, the targets met or missed, and a plot of eval loss against tok
 
 `--out` writes the "Convergence" section of that file (replacing an earlier one, leaving the other
 sections alone). `--quick` is a smoke check: T/5 steps (whole rounds) and three configurations; it
-writes no plot unless `--png` is given. `--save-json` keeps every evaluation (after each
-configuration), `--resume` then runs only the configurations that file lacks, and `--from-json`
-rebuilds tables, plot and report from it without training. Needs matplotlib for the plot
+writes no plot unless `--png` is given (`--no-png`: none in a full run either). `--save-json` keeps
+every evaluation (after each configuration), `--resume` then runs only the configurations that file
+lacks, and `--from-json` rebuilds tables, plot and report from it without training. Needs matplotlib for the plot
 (`pip install -e '.[bench]'`).
 """
 
@@ -732,6 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-timeout-s", type=float, default=3600.0, help="give up on one DiLoCo run after this")
     ap.add_argument("--out", type=Path, help="write the 'Convergence' section of this markdown file")
     ap.add_argument("--png", type=Path, help="plot path (default docs/convergence.png; none with --quick)")
+    ap.add_argument("--no-png", action="store_true", help="write no plot (a full run without matplotlib)")
     ap.add_argument("--save-json", type=Path, help="also save the raw results (every evaluation) here")
     ap.add_argument("--from-json", type=Path, help="redo table, plot and report from --save-json output, no runs")
     ap.add_argument("--resume", action="store_true",
@@ -744,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:  # a fifth of the steps, rounded down to whole rounds
         args.steps = max(args.h_small, args.steps // 5 // args.h_small * args.h_small)
-    if args.png is None and not args.quick:
+    if args.png is None and not args.quick and not args.no_png:
         args.png = Path("docs/convergence.png")
     names = ["dp", "fp32", "topk"] if args.quick else ["dp", "fp32", "fp32-large", *CODECS, "topk-frequent",
                                                        *REPEATED, "dp-scratch", "fp32-scratch"]

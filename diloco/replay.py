@@ -3,16 +3,19 @@
 The aggregator's result depends only on the base weights and momentum, the included deltas (in the
 order the version's `entries` lists them) and the outer settings recorded with the version. So a
 fault-free replay of the committed deltas must reproduce each committed weights object byte for
-byte, whatever crashed, restarted or was rejected along the way. The chaos run and the fault tests check exactly that.
+byte, whatever crashed, restarted or was rejected along the way. The chaos run and the fault
+tests check exactly that.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
+import torch
 
 from diloco import keys, model, runs
 from diloco.codecs import get_codec
@@ -28,17 +31,26 @@ class ReplayResult:
     mismatched: list[int]      # versions whose recomputed weights differ from the committed ones
 
 
-def replay(r: redis.Redis, store: ObjectStore, run: str,
-           archive: dict[str, dict[str, str]] | None = None) -> ReplayResult:
-    """`archive` holds announcements (stream id -> fields) that a wipe took from the deltas stream."""
+@dataclass
+class Recomputed:
+    """One committed version as the replay recomputes it."""
+    entry: dict[str, str]              # its entry in the versions stream
+    weights: dict[str, torch.Tensor]   # recomputed from the replay's own previous version
+    momentum: dict[str, torch.Tensor]
+    matches: bool                      # every delta verified and the weights' bytes hash as committed
+
+
+def recompute(r: redis.Redis, store: ObjectStore, run: str,
+              archive: dict[str, dict[str, str]] | None = None) -> Iterator[Recomputed]:
+    """Each committed version in order, recomputed from version 0 and the deltas each one included.
+
+    `archive` holds announcements (stream id -> fields) that a wipe took from the deltas stream."""
     cfg = runs.load_config(r, run)
     codec = get_codec(cfg.codec, cfg.codec_options)
     weights = model.from_bytes(store.get(keys.weights_object(run, 0, 0)), "weights v0")
     momentum = model.from_bytes(store.get(keys.momentum_object(run, 0, 0)), "momentum v0")
-    mismatched, count = [], 0
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _, entry in r.xrange(keys.versions(run)):
-            version = int(entry["version"])
             anns = []
             for entry_id in filter(None, entry.get("entries", "").split(",")):
                 anns.append((entry_id, Announcement.from_fields(announcement(r, run, entry_id, archive))))
@@ -46,10 +58,17 @@ def replay(r: redis.Redis, store: ObjectStore, run: str,
             red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool)
             weights, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
                                            mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov)
-            data = model.to_bytes(weights, run=run, version=str(version))
-            if red.rejected or _sha(data) != entry["weights_sha256"]:
-                mismatched.append(version)
-            count += 1
+            data = model.to_bytes(weights, run=run, version=entry["version"])
+            yield Recomputed(entry, weights, momentum, not red.rejected and _sha(data) == entry["weights_sha256"])
+
+
+def replay(r: redis.Redis, store: ObjectStore, run: str,
+           archive: dict[str, dict[str, str]] | None = None) -> ReplayResult:
+    count, mismatched = 0, []
+    for version in recompute(r, store, run, archive):  # one version's tensors at a time: memory O(model)
+        count += 1
+        if not version.matches:
+            mismatched.append(int(version.entry["version"]))
     return ReplayResult(count, mismatched)
 
 

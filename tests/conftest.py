@@ -24,6 +24,7 @@ from diloco.errors import ConfigError
 from diloco.localserver import RedisServer, free_port
 from tests import harness
 
+ENV_AT_START = dict(os.environ)  # as the session began: no fixture may leave its settings here
 MOTO_HINT = "moto_server not found: install the test extras with `pip install -e '.[test]'`."
 
 
@@ -62,13 +63,24 @@ def r(redis_url: str) -> redis.Redis:
     client.close()
 
 
+# moto accepts any keys; against MinIO (DILOCO_TEST_S3_ENDPOINT) the caller's own AWS_* variables win.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_credentials() -> dict[str, str]:
+    return {k: os.environ.get(k, v) for k, v in S3_TEST_ENV.items()}
+
+
 class S3Server:
     def __init__(self, endpoint: str, proc: subprocess.Popen | None) -> None:
         self.endpoint = endpoint
         self.proc = proc
 
     def client(self):
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        creds = s3_credentials()
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=creds["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
 
 
 def _start_moto(log_dir: Path) -> S3Server:
@@ -95,12 +107,10 @@ def _start_moto(log_dir: Path) -> S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    """The session's S3 server. It leaves os.environ alone: a test that uses S3 gets the endpoint and
+    keys from `s3_env`, for itself and the processes it starts, and later tests do not inherit them."""
     endpoint = os.environ.get("DILOCO_TEST_S3_ENDPOINT")
     server = S3Server(endpoint, None) if endpoint else _start_moto(tmp_path_factory.mktemp("moto"))
-    os.environ["DILOCO_S3_ENDPOINT"] = server.endpoint
     yield server
     if server.proc is not None:
         server.proc.kill()
@@ -108,10 +118,19 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 
 @pytest.fixture
-def s3_url(s3_server: S3Server) -> str:
+def s3_env(s3_server: S3Server, monkeypatch) -> S3Server:
+    """DILOCO_S3_ENDPOINT and the AWS_* keys in os.environ for this test only (undone after it)."""
+    for name, value in s3_credentials().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DILOCO_S3_ENDPOINT", s3_server.endpoint)
+    return s3_server
+
+
+@pytest.fixture
+def s3_url(s3_env: S3Server) -> str:
     """A fresh bucket per test, so tests never see each other's objects."""
     bucket = f"test-{uuid.uuid4().hex[:12]}"
-    s3_server.client().create_bucket(Bucket=bucket)
+    s3_env.client().create_bucket(Bucket=bucket)
     return f"s3://{bucket}/diloco"
 
 

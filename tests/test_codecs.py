@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -328,10 +329,11 @@ def test_registry():
     ("bf16", {"seed": -1}, "seed"),
     ("topk", {"density": "0.1"}, "option 'density' must be float or int"),
     ("topk", {"density": True}, "option 'density' must be float or int"),
-    ("topk", {"density": 0}, "(0, 1]"),
+    ("topk", {"density": 0}, "topk option 'density' must be a number in (0, 1], got 0"),
     ("topk", {"density": 1.5}, "(0, 1]"),
     ("topk", {"density": math.nan}, "(0, 1]"),
-    ("int8", [("a", 1)], "must be a mapping"),
+    ("int8", [("a", 1)], "codec options must be a mapping, got list"),
+    ("topk", {"dens": 0.1}, "valid options: density, feedback_decay"),
 ])
 def test_bad_codec_config(name, options, message):
     with pytest.raises(ConfigError) as e:
@@ -368,36 +370,41 @@ MALFORMED = {
     "int8 q dtype": ("int8", lambda p: _set(p, "q", p["q"].to(torch.uint8)), "expected torch.int8"),
     "int8 q length": ("int8", lambda p: _set(p, "q", p["q"][:-1]), "expected torch.int8"),
     "int8 q 2-D": ("int8", lambda p: _set(p, "q", p["q"].view(1, -1)), "expected torch.int8"),
-    "int8 q -128": ("int8", lambda p: _set(p, "q", _poke(p["q"], 3, -128)), "-128"),
+    "int8 q -128": ("int8", lambda p: _set(p, "q", _poke(p["q"], 3, -128)), "part 'q' holds -128, outside [-127, 127]"),
     "int8 scale length": ("int8", lambda p: _set(p, "scale", p["scale"][:-1]), "expected torch.float32"),
     "int8 scale fp16": ("int8", lambda p: _set(p, "scale", p["scale"].half()), "expected torch.float32"),
-    "int8 scale NaN": ("int8", lambda p: _set(p, "scale", _poke(p["scale"], 0, math.nan)), "NaN or Inf"),
+    "int8 scale NaN": ("int8", lambda p: _set(p, "scale", _poke(p["scale"], 0, math.nan)),
+                       "part 'scale' holds NaN or Inf"),
     "int8 scale Inf": ("int8", lambda p: _set(p, "scale", _poke(p["scale"], -1, math.inf)), "NaN or Inf"),
     "int8 scale negative": ("int8", lambda p: _set(p, "scale", _poke(p["scale"], 1, -0.5)), "negative"),
     "int8 missing": ("int8", lambda p: {"q": p["q"]}, "missing"),
     "int4 q dtype": ("int4", lambda p: _set(p, "q", p["q"].to(torch.int8)), "expected torch.uint8"),
     "int4 q length": ("int4", lambda p: _set(p, "q", torch.cat([p["q"], p["q"][:1]])), "expected torch.uint8"),
-    "int4 padding": ("int4", lambda p: _set(p, "q", _poke(p["q"], -1, int(p["q"][-1]) | 0x80)), "padding"),
-    "int4 nibble 0": ("int4", lambda p: _set(p, "q", _poke(p["q"], 0, int(p["q"][0]) & 0xF0)), "nibble 0"),
+    "int4 padding": ("int4", lambda p: _set(p, "q", _poke(p["q"], -1, int(p["q"][-1]) | 0x80)),
+                     "part 'q' has non-zero padding"),
+    "int4 nibble 0": ("int4", lambda p: _set(p, "q", _poke(p["q"], 0, int(p["q"][0]) & 0xF0)),
+                      "part 'q' holds the nibble 0 (-8), outside [-7, 7]"),
     "int4 scale NaN": ("int4", lambda p: _set(p, "scale", _poke(p["scale"], 0, math.nan)), "NaN or Inf"),
     "int4 scale negative": ("int4", lambda p: _set(p, "scale", _poke(p["scale"], 0, -1.0)), "negative"),
     "int4 missing": ("int4", lambda p: {"scale": p["scale"]}, "missing"),
     "topk idx length": ("topk", lambda p: _set(p, "idx", p["idx"][:-1]), "expected torch.uint8"),
     "topk idx dtype": ("topk", lambda p: _set(p, "idx", p["idx"].to(torch.int8)), "expected torch.uint8"),
     "topk idx padding": ("topk", lambda p: _set(p, "idx", _poke(p["idx"], -1, int(p["idx"][-1]) | 0x10)),
-                         "padding"),
+                         "part 'idx' has non-zero padding"),
     "topk code length": ("topk", lambda p: _set(p, "code", torch.cat([p["code"], p["code"][:1]])),
                          "expected torch.uint8"),
     "topk code padding": ("topk", lambda p: _set(p, "code", _poke(p["code"], -1, int(p["code"][-1]) | 0x80)),
-                          "padding"),
-    "topk duplicate": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i.__setitem__(1, i[0])), "repeats"),
+                          "part 'code' has non-zero padding"),
+    "topk duplicate": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i.__setitem__(1, i[0])),
+                       "part 'idx' repeats an index within a chunk"),
     "topk duplicate tail": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i.__setitem__(-1, i[-2])), "repeats"),
     "topk unsorted": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i[60:62].copy_(i[60:62].flip(0))),
-                      "not increasing"),
+                      "part 'idx' is not increasing within a chunk"),
     "topk index range": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i.__setitem__(-1, 301)), ">= 301"),
     "topk index 4095 in tail": ("topk", lambda p: _repack_idx(p, N_ODD, lambda i: i.__setitem__(-1, 4095)),
                                 ">= 301"),
-    "topk scale order": ("topk", lambda p: _set(p, "scale", _poke(p["scale"], 0, 1e9)), "exceeds"),
+    "topk scale order": ("topk", lambda p: _set(p, "scale", _poke(p["scale"], 0, 1e9)),
+                         "part 'scale' has a chunk whose s1 exceeds its s2"),
     "topk scale NaN": ("topk", lambda p: _set(p, "scale", _poke(p["scale"], 3, math.nan)), "NaN or Inf"),
     "topk scale negative": ("topk", lambda p: _set(p, "scale", _poke(p["scale"], 0, -1e-9)), "negative"),
     "topk scale length": ("topk", lambda p: _set(p, "scale", p["scale"][:-2]), "expected torch.float32"),
@@ -411,7 +418,7 @@ def test_malformed_parts_are_rejected(case):
     codec = get_codec(name)
     parts = codec.encode(_randn(N_ODD, 11))
     codec.decode(parts, N_ODD)  # the intact parts decode
-    with pytest.raises(BadShard, match=message.replace("(", r"\(").replace("]", r"\]")):
+    with pytest.raises(BadShard, match=re.escape(message)):
         codec.decode(corrupt(parts), N_ODD)
 
 
@@ -462,3 +469,78 @@ def test_cuda_matches_cpu(name):
         assert all(torch.equal(on_gpu[p], on_cpu[p]) for p in codec.parts)
     seeded = [Bf16(stochastic=True, seed=3).encode(x.cuda())["v"] for _ in range(2)]
     assert torch.equal(seeded[0], seeded[1])
+
+
+# --- edges the round trips do not reach (each kills mutants the mutation run found: docs/mutation.md) ---
+
+@pytest.mark.parametrize("options", [{"name": n} for n in CODEC_NAMES] + [{"name": "bf16", "stochastic": True}])
+def test_a_slice_of_another_float_dtype_encodes_as_its_fp32_values(options):
+    """Kills the mutants that drop `x.to(torch.float32)` from an encode (fp32, bf16, int8, int4, topk):
+    a float64 slice would be stored, or quantized, as float64."""
+    name = options.pop("name")
+    x = _randn(3 * 300 + 7, seed=1)
+    as_fp32 = get_codec(name, {**options, "seed": 5} if options else None).encode(x)
+    as_fp64 = get_codec(name, {**options, "seed": 5} if options else None).encode(x.double())
+    assert as_fp64.keys() == as_fp32.keys()
+    for part, t in as_fp32.items():
+        assert as_fp64[part].dtype == t.dtype and torch.equal(as_fp64[part], t), part
+
+
+def test_bf16_seed_must_fit_63_bits():
+    """Kills the mutants of the seed bound (`<=`, `2 * 63`, `3**63`, `2**64`)."""
+    for bad in (2**63, 2**64 - 1, -1):
+        with pytest.raises(ConfigError, match=r"must be in \[0, 2\^63\)"):
+            Bf16(stochastic=True, seed=bad)
+    for good in (0, 1000, 2**63 - 1):
+        assert Bf16(stochastic=True, seed=good).seed == good
+
+
+def test_stochastic_bf16_draws_new_noise_for_every_encode_from_one_seeded_stream():
+    """Two encodes of the same slice round differently (the stream advances), and a second codec with
+    the seed repeats the first's sequence. Kills the mutants that make a new generator on every call
+    (the cache lookup or store dropped): every encode would round the same way."""
+    x = torch.full((4096,), 1.0 + 2.0**-8)   # halfway between two bf16 neighbours
+    first, again = Bf16(stochastic=True, seed=9), Bf16(stochastic=True, seed=9)
+    a1, a2 = first.encode(x)["v"], first.encode(x)["v"]
+    assert not torch.equal(a1, a2)
+    assert torch.equal(again.encode(x)["v"], a1) and torch.equal(again.encode(x)["v"], a2)
+
+
+def test_stochastic_bf16_of_an_empty_slice_is_empty():
+    """Kills the mutant `if n or not ...`: the overflow check would take amax of nothing."""
+    assert Bf16(stochastic=True, seed=1).encode(torch.zeros(0))["v"].numel() == 0
+
+
+def test_stochastic_bf16_never_rounds_a_large_negative_value_to_minus_inf():
+    """Kills the mutant that tests `x.amin()` instead of `-x.amin()` for the overflow path."""
+    x = torch.full((2000,), -torch.finfo(torch.float32).max)
+    assert torch.isfinite(Bf16(stochastic=True, seed=2).encode(x)["v"]).all()
+
+
+def test_stochastic_bf16_still_rounds_finite_values_in_a_slice_holding_inf():
+    """A slice with an Inf takes the slow path; its finite values are still rounded stochastically
+    (about half of the halfway values up), not truncated. Kills the mutant `finite | isinf(...)`."""
+    x = torch.full((4001,), 1.0 + 2.0**-8)
+    x[0] = float("inf")
+    v = Bf16(stochastic=True, seed=3).encode(x)["v"].float()
+    up = int((v[1:] > 1.0).sum())
+    assert v[0] == float("inf") and 1000 < up < 3000, up
+
+
+def test_topk_splits_one_element_onto_the_lower_level_when_that_is_best():
+    """61 kept values, one of magnitude 8 and sixty of 10: two levels, so the round trip is exact.
+    Kills the mutant `j.clamp(min=2)`, which halves a one-element low group's gain and sends all
+    61 to one level."""
+    codec = get_codec("topk")
+    assert codec._k(CHUNK) == 61
+    x = torch.zeros(CHUNK)
+    x[torch.arange(61) * 67] = 10.0
+    x[67 * 5] = -8.0
+    assert torch.equal(codec.decode(codec.encode(x), CHUNK), x)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8", "int4"])
+def test_a_dense_codec_has_no_sparse_decode(name):
+    """Kills the mutant that drops the codec's name from the NotImplementedError."""
+    with pytest.raises(NotImplementedError, match=f"the {name} codec is dense"):
+        get_codec(name).decode_sparse({}, 0)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -74,6 +74,28 @@ def wait_for_entry(r, stream: str, pred: Callable[[dict[str, str]], bool], timeo
                 if pred(fields):
                     return entry_id, fields
     raise TimeoutError(f"no matching entry in {stream} within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def renewing(leases: units.Leases, interval_s: float = 0.5) -> Iterator[threading.Event]:
+    """Renew `leases` in a thread, as a live worker's heartbeat would, until the event it yields is
+    set (the worker "dies") or the block ends, however it ends: a heartbeat left running would renew
+    leases of the same run name in the tests after this one."""
+    dead = threading.Event()
+
+    def heartbeat() -> None:
+        while not dead.wait(interval_s):
+            with contextlib.suppress(redis.RedisError):  # a test may kill Redis; the ghost keeps trying
+                leases.renew()
+
+    thread = threading.Thread(target=heartbeat, name="ghost-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield dead
+    finally:
+        dead.set()
+        thread.join(30)
+        assert not thread.is_alive(), "the ghost heartbeat did not stop"
 
 
 def versions(r) -> list[int]:
@@ -291,30 +313,23 @@ def test_units_of_a_dead_worker_do_not_stall_the_next_rounds(redis_url, file_url
     # A worker that claimed its units and then died: its leases run on until it stops renewing them.
     ghost = units.Leases(r, "t", units.plan_for(r, cfg), "ghost", lease_ms=2000)
     assert ghost.claim(5, threading.Event()) == [(0, b) for b in range(5)]
-    dead = threading.Event()
-
-    def heartbeat() -> None:
-        while not dead.wait(0.5):
-            with contextlib.suppress(redis.RedisError):
-                ghost.renew()
-    threading.Thread(target=heartbeat, daemon=True).start()
-    agg = harness.aggregator(redis_url, file_url, lock_ttl_s=2)
-    ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(3)]
-    try:
-        # A claim never waits for the ghost's units: it takes the next epoch's, so every worker trains.
-        entries = harness.wait_for_version(r, "t", 2, timeout_s=30)
-        assert [e["n"] for e in entries] == ["3", "3"], entries
-        assert r.getbit(keys.units_done("t", cfg.dataset_id, 0), 0) == 0, "the ghost's units are still its own"
-        dead.set()  # the ghost's leases end 2 s from now; its units go back to the pool, oldest first
-        deadline = time.monotonic() + 30
-        while not all(r.getbit(keys.units_done("t", cfg.dataset_id, 0), b) for b in range(5)):
-            assert time.monotonic() < deadline, "the dead worker's units were never trained again"
-            time.sleep(0.05)
-    finally:
-        dead.set()
-        for w in ws:
-            w.service.stop()
-        agg.stop()
+    with renewing(ghost) as dead:
+        agg = harness.aggregator(redis_url, file_url, lock_ttl_s=2)
+        ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(3)]
+        try:
+            # A claim never waits for the ghost's units: it takes the next epoch's, so every worker trains.
+            entries = harness.wait_for_version(r, "t", 2, timeout_s=30)
+            assert [e["n"] for e in entries] == ["3", "3"], entries
+            assert r.getbit(keys.units_done("t", cfg.dataset_id, 0), 0) == 0, "the ghost's units are its own"
+            dead.set()  # the ghost's leases end 2 s from now; its units go back to the pool, oldest first
+            deadline = time.monotonic() + 30
+            while not all(r.getbit(keys.units_done("t", cfg.dataset_id, 0), b) for b in range(5)):
+                assert time.monotonic() < deadline, "the dead worker's units were never trained again"
+                time.sleep(0.05)
+        finally:
+            for w in ws:
+                w.service.stop()
+            agg.stop()
     a = audit(r, cfg)
     assert a.twice == [] and a.mismatched == [] and a.lost(0) == []
 
@@ -358,6 +373,7 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
     seen = Seen()
     logging.getLogger("diloco.connect").addHandler(seen)
     fired: list[str] = []
+    restarter: list[threading.Thread] = []  # joined at the end: it must not start Redis in a later test
     real_crash_point = aggregator_module.crash_point
 
     def redis_dies_after_write(name: str) -> None:
@@ -368,7 +384,8 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
             def restart() -> None:  # back once the aggregator has given up retrying the commit
                 aggregator_waits.wait(60)
                 redis_server.start()
-            threading.Thread(target=restart, daemon=True).start()
+            restarter.append(threading.Thread(target=restart, daemon=True))
+            restarter[0].start()
         real_crash_point(name)
 
     monkeypatch.setattr(aggregator_module, "crash_point", redis_dies_after_write)
@@ -388,6 +405,9 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
         logging.getLogger("diloco.connect").removeHandler(seen)
         w.service.stop()
         agg.service.stop()
+        aggregator_waits.set()  # a restarter still waiting restarts Redis now, not in a later test
+        for t in restarter:
+            t.join(30)
         if redis_server.proc is None or redis_server.proc.poll() is not None:
             redis_server.start()
 
@@ -611,19 +631,32 @@ def test_min_workers_holds_the_round_until_enough_workers(redis_url, file_url, r
         agg.stop()
 
 
-# --- the chaos run, short ---------------------------------------------------------------------------
+# --- the chaos run, short (and full, with -m slow) ---------------------------------------------------
 
-def test_chaos_short(tmp_path):
-    """bench/chaos.py, short: every kind of fault at least once, then every invariant holds."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--versions", "4", "--workers", "2",
-                          "--seed", "1", "--sync-every", "100", "--unit-samples", "80", "--samples", "4000",
-                          "--data-dir", str(tmp_path / "chaos")],
-                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+def _chaos(tmp_path: Path, timeout_s: float, *args: str) -> dict[str, str]:
+    """Run bench/chaos.py; its figures table, after checking every invariant it reports held."""
+    cmd = [sys.executable, str(ROOT / "bench" / "chaos.py"), *args, "--data-dir", str(tmp_path / "chaos")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     figures = dict(re.findall(r"^\| ([a-z][a-z ,()-]+?) +\| +(\S+) +\|$", out.stdout, re.M))
-    assert int(figures["versions committed"]) >= 4 and int(figures["finished epochs"]) >= 1, figures
     for kind in ("worker killed", "aggregator killed", "redis restarted", "redis wiped and recovered"):
         assert int(figures[kind]) >= 1, figures
     for check in ("version gaps or repeats", "replay mismatches", "units lost", "units committed twice",
                   "done bitmap mismatches", "units stuck", "unexpected exits", "unclean stops"):
         assert figures[check] == "0", (check, figures)
+    return figures
+
+
+def test_chaos_short(tmp_path):
+    """bench/chaos.py, short: every kind of fault at least once, then every invariant holds."""
+    figures = _chaos(tmp_path, 240, "--versions", "4", "--workers", "2", "--seed", "1", "--sync-every", "100",
+                     "--unit-samples", "80", "--samples", "4000")
+    assert int(figures["versions committed"]) >= 4 and int(figures["finished epochs"]) >= 1, figures
+
+
+@pytest.mark.slow
+def test_chaos_full(tmp_path):
+    """bench/chaos.py as docs/benchmarks.md runs it: 60 versions, 3 workers, about 30 faults."""
+    figures = _chaos(tmp_path, 3600, "--versions", "60", "--workers", "3", "--seed", "0")
+    assert int(figures["versions committed"]) >= 60 and int(figures["finished epochs"]) >= 10, figures
+    assert int(figures["worker killed"]) + int(figures["aggregator killed"]) + int(figures["redis restarted"]) >= 25

@@ -172,3 +172,14 @@ def test_zero_delta_with_zero_momentum_is_a_fixed_point():
     theta = _randn(8, seed=9)
     w, m = outer_step({"p": theta}, {"p": torch.zeros(8)}, {"p": torch.zeros(8)}, lr=0.7, mu=0.9)
     assert torch.equal(w["p"], theta) and torch.equal(m["p"], torch.zeros(8))
+
+
+def test_a_delta_and_momentum_of_another_float_dtype_are_taken_in_fp32():
+    """A float64 mean delta and momentum (as a reference computation holds them) step like fp32 ones,
+    and the new momentum is fp32. Kills the mutants that drop `.to(torch.float32)` from the gradient
+    (SGD refuses a grad of another dtype) or from the momentum buffer (the new momentum is float64)."""
+    theta, b, d = _randn(5, seed=11), _randn(5, seed=12), _randn(5, seed=13)
+    want_w, want_m = outer_step({"p": theta}, {"p": b}, {"p": d}, lr=0.7, mu=0.9)
+    w, m = outer_step({"p": theta}, {"p": b.double()}, {"p": d.double()}, lr=0.7, mu=0.9)
+    assert m["p"].dtype == torch.float32 and w["p"].dtype == torch.float32
+    assert torch.equal(w["p"], want_w["p"]) and torch.equal(m["p"], want_m["p"])

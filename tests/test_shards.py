@@ -531,3 +531,118 @@ def test_slices_are_capped_in_elements(monkeypatch):
     for s in encode_delta(delta, topk, 1 << 20):
         buf.add_shard(s, topk)
     buf.check_complete()
+
+
+# --- edges the mutation run found untested (docs/mutation.md) --------------------------------------
+
+def test_a_shard_whose_segments_are_not_end_to_end_lands_where_they_name():
+    """Segments b[0:2] then a[4:6] are adjacent in the buffer only backwards; a[0:4] and b[2:4] come in
+    a second shard of three segments. Kills the mutants of `_begin` that would take the first shard
+    as contiguous (`begin - pos`, `pos -= numel`) and of `_write` that lose a segment's place in the
+    slice (`pos = numel`)."""
+    like = {"a": torch.zeros(6), "b": torch.zeros(4)}
+    buf = DeltaBuffer(like)
+    buf.add_shard(_shard({"v": torch.tensor([60.0, 61.0, 4.0, 5.0])}, [["b", 0, 2], ["a", 4, 2]]), FP32)
+    buf.add_shard(_shard({"v": torch.tensor([62.0, 0.0, 1.0, 2.0, 63.0, 3.0])},
+                         [["b", 2, 1], ["a", 0, 3], ["b", 3, 1], ["a", 3, 1]]), FP32)
+    buf.check_complete()
+    assert buf.flat["a"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert buf.flat["b"].tolist() == [60.0, 61.0, 62.0, 63.0]
+
+
+def test_a_sparse_shard_with_segments_starting_inside_tensors_lands_where_they_name():
+    """Kills the mutant of `_buffer_positions` that subtracts a segment's start (`offsets - start`)."""
+    codec = get_codec("topk", {"density": 1.0})
+    x = torch.tensor([7.0, 8.0, 9.0, 1.0, 2.0])
+    sent = codec.decode(codec.encode(x), 5)
+    buf = DeltaBuffer({"a": torch.zeros(3), "b": torch.zeros(4)})
+    buf.add_shard(_shard(codec.encode(x), [["b", 1, 3], ["a", 1, 2]], codec="topk"), codec)
+    assert buf.flat["b"][1:].tolist() == sent[:3].tolist() and buf.flat["a"][1:].tolist() == sent[3:].tolist()
+
+
+def test_a_non_finite_value_is_reported_in_the_segment_that_holds_it():
+    """Kills the mutants of `_segment_at` and `_check_finite` that name another segment (or none)."""
+    like = {"a": torch.zeros(4), "b": torch.zeros(3), "c": torch.zeros(2)}
+    numels = {n: t.numel() for n, t in like.items()}
+    for index, named in ((0, r"a\[1:3\]"), (1, r"a\[1:3\]"), (2, r"b\[0:3\]"), (4, r"b\[0:3\]"), (5, r"c\[1:2\]")):
+        x = torch.arange(6.0)
+        x[index] = float("nan")
+        data = _shard({"v": x}, [["a", 1, 2], ["b", 0, 3], ["c", 1, 1]])
+        with pytest.raises(BadShard, match=rf"^slice {named} holds NaN or Inf$"):
+            list(decode_shard(data, FP32, numels))
+
+
+def test_malformed_segments_are_quoted_in_the_error():
+    """Kills the mutants that change what the segment errors quote (the segment, 80 characters of a
+    name, the slice's end)."""
+    long = "t" * 100
+    numels = {"a": 4, long: 3}
+    with pytest.raises(BadShard, match=r"^malformed segment \['a', 0\]$"):
+        list(decode_shard(_shard({"v": torch.ones(4)}, [["a", 0]]), FP32, numels))
+    with pytest.raises(BadShard, match=rf"^tensor '{'x' * 80}' is not a floating tensor of the model$"):
+        list(decode_shard(_shard({"v": torch.ones(4)}, [["x" * 100, 0, 4]]), FP32, numels))
+    with pytest.raises(BadShard, match=r"^slice a\[3:5\] is out of bounds \(numel 4\)$"):
+        list(decode_shard(_shard({"v": torch.ones(2)}, [["a", 3, 2]]), FP32, numels))
+
+
+def test_encode_with_feedback_of_a_dense_lossy_codec():
+    """int8 sends delta + decay * residual quantized; the new residual is what it did not send, the
+    norm that of what it sent. A float64 delta is taken as fp32; a tensor the residual lacks starts
+    from zero. Kills the mutants of the dense branch of `encode_with_feedback` (the decoded values
+    dropped or misplaced) and of its residual and dtype handling."""
+    g = torch.Generator().manual_seed(8)
+    delta = {"a": torch.randn(700, generator=g).double(), "b": torch.randn(5, 3, generator=g)}
+    residual = {"a": torch.randn(700, generator=g)}
+    codec = get_codec("int8")
+    shards, new_residual, norm = encode_with_feedback(delta, residual, codec, 0.5, 600)
+    assert len(shards) > 1
+    target = {"a": delta["a"].float() + 0.5 * residual["a"], "b": delta["b"]}
+    sent = _decode(shards, codec, target)
+    assert not torch.equal(sent["a"], target["a"]), "int8 is lossy: something is left for the residual"
+    for n in target:
+        assert new_residual[n].dtype == torch.float32 and new_residual[n].shape == target[n].shape
+        torch.testing.assert_close(new_residual[n], target[n] - sent[n], rtol=0, atol=1e-6)
+    assert norm == pytest.approx(float(sum(t.double().pow(2).sum() for t in sent.values()) ** 0.5), rel=1e-9)
+
+
+def test_encode_delta_takes_a_float64_delta_as_fp32():
+    """Kills the mutant that drops `.to(torch.float32)` from encode_delta's slices."""
+    delta = {"a": torch.randn(300, generator=torch.Generator().manual_seed(2))}
+    for codec in (FP32, get_codec("int8"), get_codec("topk")):
+        assert encode_delta({"a": delta["a"].double()}, codec, 1 << 20) == encode_delta(delta, codec, 1 << 20)
+
+
+def test_shard_errors_say_exactly_what_is_wrong():
+    """Kills the mutants that change what these errors say (the found format and codec, the reason)."""
+    cases = [
+        (b"garbage", r"^not a safetensors object: "),
+        (_shard(_good_tensors(), meta={"format": "diloco-delta/1", "codec": "fp32",
+                                       "segments": json.dumps(GOOD_SEGMENTS)}),
+         r"^shard format is 'diloco-delta/1', expected 'diloco-delta/2'$"),
+        (encode_delta({"a": torch.ones(4)}, BF16, 1000)[0], r"^shard codec is 'bf16', the run's codec is 'fp32'$"),
+        (_shard({"v": torch.ones(4)}, json.dumps([])), r"^shard metadata 'segments' is not a non-empty list$"),
+        (st_save(_good_tensors(), metadata={"diloco": "{not json"}), r"^shard metadata 'diloco' is not JSON$"),
+    ]
+    for data, message in cases:
+        with pytest.raises(BadShard, match=message):
+            list(decode_shard(data, FP32, NUMELS))
+
+
+def test_shard_metadata_is_compact_json():
+    """One key holding JSON without spaces (shards are compared byte for byte). Kills the mutants that
+    drop `separators=(",", ":")`."""
+    [shard] = encode_delta({"a": torch.ones(3), "b": torch.ones(2)}, FP32, 1 << 20)
+    header = json.loads(shard[8:8 + int.from_bytes(shard[:8], "little")])
+    assert header["__metadata__"]["diloco"] == \
+        '{"format":"diloco-delta/2","codec":"fp32","segments":[["a",0,3],["b",0,2]]}'
+
+
+def test_long_tensor_names_count_against_the_shard_limit():
+    """300 one-element tensors with 2000-character names: their segments' header bytes, not their
+    values, fill the shards, and every shard stays within the object limit. Kills the mutants that
+    shrink a segment's header cost (`64 - 2 * len`, `2 / len`): all would go in one shard of ~1 MB."""
+    delta = {f"{i:03d}" + "n" * 1997: torch.ones(1) for i in range(300)}
+    shards = encode_delta(delta, FP32, 4096)
+    assert len(shards) > 10
+    assert max(len(s) for s in shards) <= max_shard_object_bytes(4096)
+    assert _decode(shards, FP32, delta) == delta

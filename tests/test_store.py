@@ -151,12 +151,12 @@ def test_unreachable_endpoint(s3_url, monkeypatch):
     assert s3_url in str(info.value)
 
 
-def test_missing_bucket(s3_server):
+def test_missing_bucket(s3_env):
     store = open_store("s3://no-such-bucket-diloco/prefix")
     with pytest.raises(Unreachable) as info:
         store.check()
     assert "no-such-bucket-diloco" in str(info.value)
-    assert s3_server.endpoint in str(info.value)
+    assert s3_env.endpoint in str(info.value)
 
 
 def test_file_check_creates_directory(tmp_path):
