@@ -66,8 +66,8 @@ def _bits(r: redis.Redis, key: str) -> set[int]:
 
 
 def _claimed(s: Scripts, want: int, worker: str = "w", lease_ms: int = LEASE_MS) -> list[tuple[int, int]] | None:
-    lo = int(s.client.hget(keys.units_meta(RUN, DS), "epoch_lo"))
-    return s.claim_units(RUN, DS, lo, want, worker, lease_ms)
+    lo, hi = (int(x) for x in s.client.hmget(keys.units_meta(RUN, DS), "epoch_lo", "epoch_hi"))
+    return s.claim_units(RUN, DS, lo, hi, want, worker, lease_ms)
 
 
 # --- COMMIT with units --------------------------------------------------------------------------
@@ -77,7 +77,8 @@ def test_commit_marks_the_units_of_two_epochs_done_and_ends_only_their_leases(r,
 
     Kills the mutants that address an epoch's keys wrongly (each epoch checked or written in the
     first one's keys, `KEYS[4 + 3 * e]` -> `KEYS[4]`) and that skip the ZREM or HDEL of a committed
-    unit."""
+    unit, and the mutant that does not mark a committed unit claimed (a unit committed while leased
+    to nobody could be claimed and trained again)."""
     assert _claimed(s, N, worker="x") == [(0, b) for b in range(N)]
     assert _claimed(s, 2) == [(1, 0), (1, 1)]
     committed = {0: [(b, "x") for b in range(N)], 1: [(1, "w")]}     # epoch 1's unit 0 is not in this round
@@ -87,8 +88,20 @@ def test_commit_marks_the_units_of_two_epochs_done_and_ends_only_their_leases(r,
     assert r.zcard(keys.units_leases(RUN, DS, 0)) == 0 and r.hgetall(keys.units_owners(RUN, DS, 0)) == {}
     assert r.zrange(keys.units_leases(RUN, DS, 1), 0, -1) == ["0"], "the uncommitted unit keeps its lease"
     assert r.hgetall(keys.units_owners(RUN, DS, 1)) == {"0": "w"}
-    assert _bits(r, keys.units_claimed(RUN, DS, 1)) == {0, 1}, "commit leaves the claimed bitmap alone"
+    assert _bits(r, keys.units_claimed(RUN, DS, 1)) == {0, 1}, "committed units stay claimed"
     assert r.hget(keys.head(RUN), "version") == "1"
+
+
+def test_commit_accepts_a_unit_leased_to_nobody_and_marks_it_claimed(r, s):
+    """A unit whose lease ended (or that a recover freed) while its worker trained: nobody else took
+    it, so the work counts. Kills the mutant that refuses an unowned unit (the delta would be
+    trained again) and the mutant that does not set its claimed bit (a later claim would hand out a
+    done unit: trained twice)."""
+    r.hset(keys.units_meta(RUN, DS), "epoch_hi", "0")
+    assert _commit(s, {0: [(2, "w")]}) == 1
+    assert _bits(r, keys.units_done(RUN, DS, 0)) == {2}
+    assert _bits(r, keys.units_claimed(RUN, DS, 0)) == {2}
+    assert _claimed(s, 3) == [(0, 0), (0, 1), (0, 3)], "the committed unit is never offered again"
 
 
 def test_commit_refuses_a_unit_already_done_and_changes_nothing(r, s, state):
@@ -109,17 +122,15 @@ def test_commit_refuses_a_unit_already_done_and_changes_nothing(r, s, state):
     assert state() == before
 
 
-@pytest.mark.parametrize("owner", ["other", None])
-def test_commit_refuses_a_unit_not_leased_by_the_worker_that_trained_it_and_changes_nothing(r, s, state, owner):
-    """Kills the mutant without the owner guard (a unit leased to another worker, or to nobody, would
-    be committed for w), and the mutant that writes each unit as it checks it (unit 0 would be done
-    although the commit failed on unit 1)."""
+def test_commit_refuses_a_unit_leased_to_another_worker_and_changes_nothing(r, s, state):
+    """Kills the mutant without the owner guard (a unit leased to another worker would be committed
+    for w, and trained again by its owner), and the mutant that writes each unit as it checks it
+    (unit 0 would be done although the commit failed on unit 1)."""
     assert _claimed(s, 1) == [(0, 0)]
-    if owner:
-        assert _claimed(s, 1, worker=owner) == [(0, 1)]
+    assert _claimed(s, 1, worker="other") == [(0, 1)]
     lock_value = _lock(s)
     before = state()
-    with pytest.raises(UnitConflict, match="unit 1 not leased by this worker") as info:
+    with pytest.raises(UnitConflict, match="unit 1 leased to other") as info:
         _commit(s, {0: [(0, "w"), (1, "w")]}, lock_value)
     assert info.value.worker == "w"
     assert state() == before
@@ -140,30 +151,42 @@ def test_a_commit_without_the_lock_is_refused_before_its_units_are_looked_at(r, 
 # --- CLAIM_UNITS --------------------------------------------------------------------------------
 
 def test_claim_with_a_stale_epoch_lo_claims_nothing_and_says_retry(r, s):
-    """Kills the mutant without the RETRY guard: it would claim in the epochs the caller named."""
+    """Kills the mutant without the RETRY guard on epoch_lo: it would claim in the epochs the caller
+    named, and the one without it on epoch_hi (another claim opened an epoch since the caller read
+    the meta: the caller's window no longer ends in a fresh epoch)."""
     r.hset(keys.units_meta(RUN, DS), mapping={"epoch_lo": "1", "epoch_hi": "1"})
-    assert s.claim_units(RUN, DS, 0, 2, "w", LEASE_MS) is None
+    assert s.claim_units(RUN, DS, 0, 1, 2, "w", LEASE_MS) is None
+    assert s.claim_units(RUN, DS, 1, 0, 2, "w", LEASE_MS) is None
     for e in (0, 1, 2):
         assert _bits(r, keys.units_claimed(RUN, DS, e)) == set()
         assert r.zcard(keys.units_leases(RUN, DS, e)) == 0
 
 
 def test_a_claim_stays_in_the_oldest_epoch_while_it_has_enough_units(r, s):
-    """Kills the mutant without the `#out >= want` break: the next epoch would be opened (epoch_hi
-    moved) although nothing of it was claimed."""
+    """Kills the mutant without the `#out >= want` break: the next epoch's bitmap would be created
+    (sized for BITPOS) although nothing of it was claimed."""
     assert _claimed(s, N) == [(0, b) for b in range(N)]
     assert r.hmget(keys.units_meta(RUN, DS), "epoch_lo", "epoch_hi") == ["0", "0"]
+    assert not r.exists(keys.units_claimed(RUN, DS, 1)), "the fresh epoch of the window was touched"
 
 
-def test_a_claim_takes_what_is_free_crossing_into_the_next_epoch_and_stops_when_none_is(r, s):
-    """Kills the mutants without the `e > hi` opening of the next epoch and without `p < 0` break
-    (a SETBIT at -1 fails the script)."""
+def test_a_claim_takes_all_it_asks_for_crossing_into_the_next_epochs_and_never_part(r, s):
+    """Kills the mutants without the `e > hi` opening of the next epoch, without the `p < 0` break
+    (a SETBIT at -1 fails the script) and without the count of free units (a claim the window cannot
+    fill would take part of a round: the partial claims that deadlocked two workers)."""
     assert _claimed(s, 3) == [(0, 0), (0, 1), (0, 2)]
     assert _claimed(s, 3, worker="x") == [(0, 3), (1, 0), (1, 1)]
     assert r.hget(keys.units_meta(RUN, DS), "epoch_hi") == "1"
-    assert _claimed(s, 5, worker="y") == [(1, 2), (1, 3)]
-    assert _claimed(s, 1, worker="z") == []
+    assert _claimed(s, 4, worker="y") == [(1, 2), (1, 3), (2, 0), (2, 1)]
+    assert r.hget(keys.units_meta(RUN, DS), "epoch_hi") == "2"
     assert r.hgetall(keys.units_owners(RUN, DS, 1)) == {"0": "x", "1": "x", "2": "y", "3": "y"}
+    # A window that cannot hold the claim takes nothing: here the window's last epoch is (by hand)
+    # not fresh, so epochs 0..3 have 2 free units for a claim of 3.
+    r.setrange(keys.units_claimed(RUN, DS, 3), 0, b"\xf0")
+    before = [_bits(r, keys.units_claimed(RUN, DS, e)) for e in range(4)]
+    assert s.claim_units(RUN, DS, 0, 2, 3, "z", LEASE_MS) is None
+    assert [_bits(r, keys.units_claimed(RUN, DS, e)) for e in range(4)] == before
+    assert _claimed(s, 2, worker="z") == [(2, 2), (2, 3)]
 
 
 def test_claims_find_free_units_past_the_end_of_a_short_claimed_bitmap(r, s):
@@ -171,7 +194,7 @@ def test_claims_find_free_units_past_the_end_of_a_short_claimed_bitmap(r, s):
     without the STRLEN guard: once the first byte is all claimed, no unit past bit 8 is found."""
     r.hset(keys.units_meta(RUN, DS), mapping=UnitPlan(DS, 20 * 8, 8, 0).meta())   # 20 units: 3 bytes
     r.setrange(keys.units_claimed(RUN, DS, 0), 0, b"\xff")    # units 0-7 claimed: a one-byte string
-    assert s.claim_units(RUN, DS, 0, 2, "w", LEASE_MS) == [(0, 8), (0, 9)]
+    assert s.claim_units(RUN, DS, 0, 0, 2, "w", LEASE_MS) == [(0, 8), (0, 9)]
 
 
 def test_a_finished_epoch_moves_epoch_lo_and_the_claim_retries_in_the_next(r, s):
@@ -179,7 +202,7 @@ def test_a_finished_epoch_moves_epoch_lo_and_the_claim_retries_in_the_next(r, s)
     and without `if hi < lo + 1` (epoch_hi would stay below epoch_lo)."""
     r.setrange(keys.units_done(RUN, DS, 0), 0, b"\xf0")   # all four units of epoch 0 done
     r.setrange(keys.units_claimed(RUN, DS, 0), 0, b"\xf0")
-    assert s.claim_units(RUN, DS, 0, 2, "w", LEASE_MS) is None
+    assert s.claim_units(RUN, DS, 0, 0, 2, "w", LEASE_MS) is None
     assert r.hmget(keys.units_meta(RUN, DS), "epoch_lo", "epoch_hi") == ["1", "1"]
     assert _claimed(s, 2) == [(1, 0), (1, 1)]
 

@@ -574,7 +574,7 @@ def test_claim_neither_spins_nor_ignores_stop_while_the_units_meta_is_gone(redis
 
     def claim() -> None:
         try:
-            outcome["value"] = leases.claim(5, stop, poll_s=0.05)
+            outcome["value"] = leases.claim(5, stop)
         except Exception as e:
             outcome["error"] = e
 
