@@ -25,7 +25,10 @@ def absmax_quantize(x: torch.Tensor, block: int, qmax: int) -> tuple[torch.Tenso
     n = x.numel()
     pad = -n % block
     b = (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(-1, block)
-    scale = torch.maximum(b.amax(dim=1), -b.amin(dim=1)) / qmax if n else x.new_zeros(0)
+    absmax = torch.maximum(b.amax(dim=1), -b.amin(dim=1))
+    # A tensor divisor, not a Python number: CUDA divides by a number as a multiply by its reciprocal,
+    # which differs in the last bit (found on an H200), and a GPU encode must match the CPU's bits.
+    scale = torch.div(absmax, torch.full_like(absmax, qmax)) if n else x.new_zeros(0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.div(b, safe[:, None]).round_().clamp_(-qmax, qmax)  # divide, not multiply: exact rounding
     return q.view(-1)[:n], scale
