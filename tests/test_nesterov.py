@@ -4,7 +4,8 @@ local weights."""
 
 from __future__ import annotations
 
-from diloco import runs
+from diloco import keys, runs
+from diloco.messages import Announcement
 from diloco.store import open_store
 from tests import reference
 from tests.test_pipeline import committed, run_pipeline
@@ -24,6 +25,8 @@ def test_a_run_without_nesterov_takes_heavy_ball_steps(redis_url, file_url, r):
     theta, b = runs.load_weights(store, head0), runs.load_momentum(store, head0)
     assert [(int(e["version"]), e["participants"]) for e in entries] == [(1, "w0,w1"), (2, "w0,w1"), (3, "w0,w1")]
     for entry in entries:
+        anns = [Announcement.from_fields(r.xrange(keys.deltas("t"), i, i)[0][1]) for i in entry["entries"].split(",")]
+        assert int(entry["bytes"]) == sum(a.nbytes for a in anns), "the round's bytes are its deltas' bytes"
         base = int(entry["version"]) - 1
         deltas = [{n: theta[n].double() - local[n].double() for n in theta if theta[n].is_floating_point()}
                   for _, local in sorted(rec.local[base].items())]

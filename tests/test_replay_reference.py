@@ -8,11 +8,16 @@ the one trained from it; the reference agrees with the aggregator on version 1 o
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 from safetensors.torch import load as st_load
 
 import aggregator.aggregator as aggregator_module
 from diloco import keys
+from diloco.codecs import get_codec
 from diloco.messages import Announcement
+from diloco.reduce import reduce_round
 from diloco.replay import recompute, replay
 from diloco.store import open_store
 from tests import harness, reference
@@ -68,3 +73,12 @@ def test_replay_recomputes_what_an_independent_reference_computes_and_flags_a_wr
     assert [v.matches for v in recomputed] == [True, False, False]
     result = replay(r, store, "t")
     assert (result.versions, result.mismatched) == (3, [2, 3])
+
+
+def test_a_round_of_no_deltas_reduces_to_zero(tmp_path):
+    """Kills the mutant that fetches the first announcement's shards even when there is none."""
+    like = {"a": torch.ones(3), "b": torch.ones(2, 2)}
+    with ThreadPoolExecutor(2) as pool:
+        red = reduce_round(open_store(tmp_path.as_uri()), get_codec("fp32"), like, [], 1 << 20, pool)
+    assert (red.included, red.rejected, red.nbytes) == ([], [], 0)
+    assert {n: t.tolist() for n, t in red.mean.items()} == {"a": [0.0] * 3, "b": [[0.0, 0.0], [0.0, 0.0]]}

@@ -579,6 +579,8 @@ def test_malformed_segments_are_quoted_in_the_error():
     numels = {"a": 4, long: 3}
     with pytest.raises(BadShard, match=r"^malformed segment \['a', 0\]$"):
         list(decode_shard(_shard({"v": torch.ones(4)}, [["a", 0]]), FP32, numels))
+    with pytest.raises(BadShard, match=rf"^malformed segment \['{'y' * 78}$"):
+        list(decode_shard(_shard({"v": torch.ones(4)}, [["y" * 100, 0]]), FP32, numels))
     with pytest.raises(BadShard, match=rf"^tensor '{'x' * 80}' is not a floating tensor of the model$"):
         list(decode_shard(_shard({"v": torch.ones(4)}, [["x" * 100, 0, 4]]), FP32, numels))
     with pytest.raises(BadShard, match=r"^slice a\[3:5\] is out of bounds \(numel 4\)$"):
