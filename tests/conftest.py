@@ -35,6 +35,17 @@ def _no_service_outlives_its_test():
     assert not still, f"services still running 120 s after the test asked them to stop: {still}"
 
 
+@pytest.fixture
+def procs():
+    """Processes a test started; any still running (or stopped) at the end are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
     try:

@@ -73,18 +73,7 @@ def _spawn_aggregator(redis_url: str, store_url: str, agg_id: str, log: Path, tt
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=ROOT)
 
 
-@pytest.fixture
-def spawned():
-    """Processes a test started; any still running (or stopped) at the end are killed."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def test_a_stalled_holder_loses_the_lock_and_goes_back_to_standby(redis_url, file_url, r, tmp_path, spawned):
+def test_a_stalled_holder_loses_the_lock_and_goes_back_to_standby(redis_url, file_url, r, tmp_path, procs):
     """A real aggregator process is frozen (SIGSTOP) for longer than its TTL while collecting; the
     standby takes the lock. Thawed, the old holder must notice at once, leave the round and stand by,
     then take the lock again when the other releases it.
@@ -95,7 +84,7 @@ def test_a_stalled_holder_loses_the_lock_and_goes_back_to_standby(redis_url, fil
     harness.init(redis_url, file_url, **FAST)
     log = tmp_path / "aggA.log"
     a = _spawn_aggregator(redis_url, file_url, "aggA", log, ttl_s=2.0)
-    spawned.append(a)
+    procs.append(a)
     wait_until(lambda: r.get(keys.lock(RUN)) == "1:aggA", "A took the lock")
     harness.wait_for_field(r, keys.round_state(RUN), "version", "0")  # A collects version 0's round
     b = harness.aggregator(redis_url, file_url, "aggB", lock_ttl_s=2.0)

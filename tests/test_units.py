@@ -145,17 +145,6 @@ def spawn_worker(redis_url: str, store_url: str, worker_id: str, log_dir: Path,
                   "--heartbeat-interval-s", "0.5", "--threads", "1"], log_dir / f"{worker_id}.log", env)
 
 
-@pytest.fixture
-def procs():
-    """Processes a test started; any still running at the end are killed."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 # --- 1. concurrent claims ----------------------------------------------------------------------
 
 CLAIMER = r"""
