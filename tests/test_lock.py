@@ -164,11 +164,13 @@ def test_a_renewal_failure_shorter_than_the_ttl_keeps_the_lock(own_redis, caplog
     the next renewal succeeds and the lock is still held.
 
     Kills the mutant that marks the lock lost on any failed renewal (what docs/architecture.md used
-    to say): a one-second outage would throw away every round in progress."""
+    to say): a one-second outage would throw away every round in progress. (And the mutants of the
+    log line that says which token was taken.)"""
     ttl_s = 8.0
-    caplog.set_level(logging.WARNING, logger="aggregator.lock")
+    caplog.set_level(logging.INFO, logger="aggregator.lock")
     lock = RoundLock(connect_redis(own_redis.url), RUN, "agg", ttl_s)
     assert lock.try_acquire()
+    assert caplog.messages == ["took the round lock with fencing token 1"]
     r = connect_redis(own_redis.url)
     try:
         own_redis.kill()
