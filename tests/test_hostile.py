@@ -274,6 +274,10 @@ def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r):
     })
     honest = [float(fields["norm"]) for _, fields in r.xrange(keys.deltas("t")) if fields["worker"].startswith("w")]
     assert 1700 / max(honest) > 100, "the outlier is far out, the honest deltas are not"
+    # Both were dropped after the collect, by the reduce: each rejection names the version, and the
+    # version's stats count both (kills the mutants of the aggregator's `_drop` bookkeeping).
+    assert [f["version"] for _, f in r.xrange(keys.rejections("t"))] == ["0", "0"]
+    assert entries[0]["rejected"] == "2"
 
 
 def test_same_worker_twice_for_one_version(redis_url, file_url, r):
