@@ -327,3 +327,18 @@ def test_broken_announcements_cannot_make_an_honest_delta_an_outlier(redis_url, 
         w.service.stop()
         if agg is not None:
             agg.stop()
+
+
+def test_an_announced_norm_is_checked_to_a_relative_1e_4(redis_url, file_url, r):
+    """A delta of norm 1.5 announced 1.0e-4 off passes (the tolerance is 1e-4 * max(1, norm) = 1.5e-4),
+    one announced 1.8e-4 off is rejected. Kills the mutants of the tolerance (`1e-4 / max(...)`,
+    `max(2.0, norm)`), which the honest workers, whose norms agree exactly, never reach."""
+    harness.init(redis_url, file_url, min_workers=3)
+    f = Forger(r, file_url)
+    delta = f.delta(norm=1.5)
+    norm = l2_norm(delta.values())
+    forged = [f.announce("near", f.encode(delta), norm=norm + 1.0e-4).to_fields(),
+              f.announce("far", f.encode(delta), norm=norm + 1.8e-4).to_fields()]
+    entries = run_round(redis_url, file_url, r, forged, honest=("w0", "w1"))
+    assert [e["participants"] for e in entries] == ["near,w0,w1"]
+    assert_rejected(r, {"far": r"^BadShard: the delta's norm is 1\.5, the announcement claims 1\.50018$"})
