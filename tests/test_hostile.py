@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -258,7 +259,8 @@ def test_bad_announcement_is_rejected_with_a_reason_and_counted(case, redis_url,
     assert_rejected(r, expected)
 
 
-def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r):
+def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r, caplog):
+    caplog.set_level(logging.WARNING, logger="aggregator.collect")
     harness.init(redis_url, file_url, min_workers=3)  # outlier_factor: the default, 10
     f = Forger(r, file_url)
     huge = f.encode(f.delta(norm=1700.0))  # about 1000 times an honest delta of the first round
@@ -278,6 +280,10 @@ def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r):
     # version's stats count both (kills the mutants of the aggregator's `_drop` bookkeeping).
     assert [f["version"] for _, f in r.xrange(keys.rejections("t"))] == ["0", "0"]
     assert entries[0]["rejected"] == "2"
+    # ...and the aggregator's log says which entry of which worker it rejected, and why
+    logged = [m for m in caplog.messages if m.startswith("rejected announcement ")]
+    assert logged == [f"rejected announcement {f['entry']} from {f['worker']}: {f['reason']}"
+                      for _, f in r.xrange(keys.rejections("t"))]
 
 
 def test_same_worker_twice_for_one_version(redis_url, file_url, r):
