@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -258,7 +259,8 @@ def test_bad_announcement_is_rejected_with_a_reason_and_counted(case, redis_url,
     assert_rejected(r, expected)
 
 
-def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r):
+def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r, caplog):
+    caplog.set_level(logging.WARNING, logger="aggregator.collect")
     harness.init(redis_url, file_url, min_workers=3)  # outlier_factor: the default, 10
     f = Forger(r, file_url)
     huge = f.encode(f.delta(norm=1700.0))  # about 1000 times an honest delta of the first round
@@ -274,6 +276,14 @@ def test_outlier_norm_and_lying_norm_are_rejected(redis_url, file_url, r):
     })
     honest = [float(fields["norm"]) for _, fields in r.xrange(keys.deltas("t")) if fields["worker"].startswith("w")]
     assert 1700 / max(honest) > 100, "the outlier is far out, the honest deltas are not"
+    # Both were dropped after the collect, by the reduce: each rejection names the version, and the
+    # version's stats count both (kills the mutants of the aggregator's `_drop` bookkeeping).
+    assert [f["version"] for _, f in r.xrange(keys.rejections("t"))] == ["0", "0"]
+    assert entries[0]["rejected"] == "2"
+    # ...and the aggregator's log says which entry of which worker it rejected, and why
+    logged = [m for m in caplog.messages if m.startswith("rejected announcement ")]
+    assert logged == [f"rejected announcement {f['entry']} from {f['worker']}: {f['reason']}"
+                      for _, f in r.xrange(keys.rejections("t"))]
 
 
 def test_same_worker_twice_for_one_version(redis_url, file_url, r):
@@ -323,3 +333,18 @@ def test_broken_announcements_cannot_make_an_honest_delta_an_outlier(redis_url, 
         w.service.stop()
         if agg is not None:
             agg.stop()
+
+
+def test_an_announced_norm_is_checked_to_a_relative_1e_4(redis_url, file_url, r):
+    """A delta of norm 1.5 announced 1.0e-4 off passes (the tolerance is 1e-4 * max(1, norm) = 1.5e-4),
+    one announced 1.8e-4 off is rejected. Kills the mutants of the tolerance (`1e-4 / max(...)`,
+    `max(2.0, norm)`), which the honest workers, whose norms agree exactly, never reach."""
+    harness.init(redis_url, file_url, min_workers=2)  # the round waits for both live honest workers
+    f = Forger(r, file_url)
+    delta = f.delta(norm=1.5)
+    norm = l2_norm(delta.values())
+    forged = [f.announce("near", f.encode(delta), norm=norm + 1.0e-4).to_fields(),
+              f.announce("far", f.encode(delta), norm=norm + 1.8e-4).to_fields()]
+    entries = run_round(redis_url, file_url, r, forged, honest=("w0", "w1"))
+    assert [e["participants"] for e in entries] == ["near,w0,w1"]
+    assert_rejected(r, {"far": r"^BadShard: the delta's norm is 1\.5, the announcement claims 1\.50018$"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,11 +154,13 @@ def test_a_renewal_failure_shorter_than_the_ttl_keeps_the_lock(own_redis, caplog
     the next renewal succeeds and the lock is still held.
 
     Kills the mutant that marks the lock lost on any failed renewal (what docs/architecture.md used
-    to say): a one-second outage would throw away every round in progress."""
+    to say): a one-second outage would throw away every round in progress. (And the mutants of the
+    log lines that say which token was taken and why a renewal failed.)"""
     ttl_s = 8.0
-    caplog.set_level(logging.WARNING, logger="aggregator.lock")
+    caplog.set_level(logging.INFO, logger="aggregator.lock")
     lock = RoundLock(connect_redis(own_redis.url), RUN, "agg", ttl_s)
     assert lock.try_acquire()
+    assert caplog.messages == ["took the round lock with fencing token 1"]
     r = connect_redis(own_redis.url)
     try:
         own_redis.kill()
@@ -166,6 +169,8 @@ def test_a_renewal_failure_shorter_than_the_ttl_keeps_the_lock(own_redis, caplog
         finally:
             own_redis.start()
         assert not lock.lost.is_set(), caplog.text
+        assert re.search(rf"lock renewal failed: Error \d+ connecting to 127\.0\.0\.1:{own_redis.port}\.",
+                         caplog.text), "the warning says why"
         after_restart = r.pttl(keys.lock(RUN))
         assert after_restart > 0, "the lock survived the restart (AOF)"
         wait_until(lambda: lock.lost.is_set() or r.pttl(keys.lock(RUN)) > after_restart + 500, "a renewal after")
