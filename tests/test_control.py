@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from diloco import control, keys
@@ -14,7 +16,8 @@ def _ctl(redis_url: str, *args: str) -> int:
     return cli_main(["control", "--run", "t", "--redis-url", redis_url, *args, "--who", "tester"])
 
 
-def test_pause_resume_and_stop(redis_url, file_url, r):
+def test_pause_resume_and_stop(redis_url, file_url, r, caplog):
+    caplog.set_level(logging.INFO, logger="aggregator.aggregator")
     harness.init(redis_url, file_url, min_workers=2)
     agg = harness.aggregator(redis_url, file_url)
     ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(2)]
@@ -30,6 +33,7 @@ def test_pause_resume_and_stop(redis_url, file_url, r):
     for w in ws:
         assert w.result(60) >= 2, "workers exit by themselves once the run is stopped"
     assert agg.result(60) >= 4, "the aggregator exits too"
+    assert "run t is stopped; the aggregator exits" in caplog.messages, "and says why"
     whats = [f["what"] for _, f in r.xrange(keys.audit("t"))]
     assert whats == ["paused", "running", "stopped"]
     assert all(f["who"] == "tester" and int(f["ms"]) > 0 for _, f in r.xrange(keys.audit("t")))

@@ -122,7 +122,7 @@ def own_redis(tmp_path):
     server.kill()
 
 
-def test_renewals_failing_for_a_whole_ttl_mark_the_lock_lost(own_redis):
+def test_renewals_failing_for_a_whole_ttl_mark_the_lock_lost(own_redis, caplog):
     """Redis is killed under a holder that has held the lock for longer than its TTL, and stays
     down: once the TTL has certainly run out since the last renewal the lock may be another's, and
     the holder must say it lost it; not before, since until then the key is still its own.
@@ -144,6 +144,9 @@ def test_renewals_failing_for_a_whole_ttl_mark_the_lock_lost(own_redis):
         assert lock.lost.wait(60), "renewals failed for 60 s and the lock still counts as held"
         assert time.monotonic() >= before + expires_in_s - 0.01, "lost while the key still held its TTL"
         assert not lock.held
+        why = rf"Error \d+ connecting to 127\.0\.0\.1:{own_redis.port}\..*"
+        assert any(re.fullmatch(rf"lost the round lock \(token 1\): no renewal for the whole TTL \({why}\)", m)
+                   for m in caplog.messages), caplog.messages
     finally:
         lock.release()
         r.close()
@@ -169,8 +172,8 @@ def test_a_renewal_failure_shorter_than_the_ttl_keeps_the_lock(own_redis, caplog
         finally:
             own_redis.start()
         assert not lock.lost.is_set(), caplog.text
-        assert re.search(rf"lock renewal failed: Error \d+ connecting to 127\.0\.0\.1:{own_redis.port}\.",
-                         caplog.text), "the warning says why"
+        why = rf"Error \d+ connecting to 127\.0\.0\.1:{own_redis.port}\..*"
+        assert any(re.fullmatch(f"lock renewal failed: {why}", m) for m in caplog.messages), "the warning says why"
         after_restart = r.pttl(keys.lock(RUN))
         assert after_restart > 0, "the lock survived the restart (AOF)"
         wait_until(lambda: lock.lost.is_set() or r.pttl(keys.lock(RUN)) > after_restart + 500, "a renewal after")
