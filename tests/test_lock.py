@@ -97,7 +97,8 @@ def test_a_stalled_holder_loses_the_lock_and_goes_back_to_standby(redis_url, fil
             os.kill(a.pid, signal.SIGCONT)
         wait_until(lambda: "back to standby" in log.read_text(errors="replace"), "A went back to standby")
         text = log.read_text(errors="replace")
-        assert "lost the round lock (token 1)" in text, text
+        assert re.search(r" ERROR aggregator\.lock: lost the round lock \(token 1\): it expired or another "
+                         r"aggregator took it$", text, re.M), text
         w = harness.worker(redis_url, file_url, "w0", max_rounds=2)
         harness.wait_for_version(r, RUN, 1)
         assert b.stop() == 1   # a graceful stop releases the lock: A, standing by, takes it
@@ -147,6 +148,10 @@ def test_renewals_failing_for_a_whole_ttl_mark_the_lock_lost(own_redis, caplog):
         why = rf"Error \d+ connecting to 127\.0\.0\.1:{own_redis.port}\..*"
         assert any(re.fullmatch(rf"lost the round lock \(token 1\): no renewal for the whole TTL \({why}\)", m)
                    for m in caplog.messages), caplog.messages
+        lock.release()   # Redis is still down: the key expires by itself, and the lock is not ours any more
+        assert (lock.token, lock.held) == (0, False)
+        assert any(re.fullmatch(f"could not release the lock \\(it expires by itself\\): {why}", m)
+                   for m in caplog.messages), caplog.messages
     finally:
         lock.release()
         r.close()
@@ -179,6 +184,8 @@ def test_a_renewal_failure_shorter_than_the_ttl_keeps_the_lock(own_redis, caplog
         wait_until(lambda: lock.lost.is_set() or r.pttl(keys.lock(RUN)) > after_restart + 500, "a renewal after")
         assert lock.held, caplog.text
         assert r.get(keys.lock(RUN)) == "1:agg"
+        lock.release()
+        assert not lock.held and r.get(keys.lock(RUN)) is None, "released: deleted, and no longer held"
     finally:
         lock.release()
         r.close()
