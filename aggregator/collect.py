@@ -139,12 +139,12 @@ def waiting_for(cfg: RunConfig, rnd: Round, live: dict[str, str | None], now_ms:
     return ""
 
 
-def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
+def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round, state: str) -> bool:
     """Apply the quorum rule, and publish why the round is still open (status and monitor read it)."""
     live = live_workers(r, cfg.run)
     now = server_time_ms(r)
     deadline = rnd.head.committed_ms + int(cfg.round_timeout_s * 1000)
-    waiting = waiting_for(cfg, rnd, live, now, paused=control.state(r, cfg.run) == control.PAUSED)
+    waiting = waiting_for(cfg, rnd, live, now, paused=state == control.PAUSED)  # `state`: the run's, this poll
     if waiting != rnd.waiting:  # said once when it changes, not at every poll
         if waiting:
             log.info("round for version %d waits for %s", rnd.version, waiting)
@@ -188,9 +188,10 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
             on_poll()
         if lock_lost is not None and lock_lost.is_set():
             raise LockLost(f"lock lost while collecting version {rnd.version}")
-        if control.state(r, cfg.run) == control.STOPPED:
+        state = control.state(r, cfg.run)
+        if state == control.STOPPED:
             return False
-        if is_closed(r, cfg, rnd):
+        if is_closed(r, cfg, rnd, state):
             return True
         reply = r.xread({stream: rnd.last_id}, block=block_ms, count=1000)
         for _, entries in reply or []:
