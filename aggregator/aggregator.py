@@ -18,13 +18,13 @@ import redis
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
 from diloco import control, keys, model, retention, runs, schedule, snapshot, units, update
-from diloco.codecs import get_codec
+from diloco.codecs import Codec, get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
 from diloco.errors import DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
 from diloco.faults import crash_point
 from diloco.messages import Announcement
-from diloco.outer import outer_step
+from diloco.outer import outer_step_
 from diloco.reduce import Reducer
 from diloco.scripts import Scripts
 from diloco.store import open_store, put_idempotent
@@ -157,6 +157,7 @@ class Aggregator:
                 return True
             except UnitConflict as e:  # a lease moved to another worker while we reduced: that delta cannot count
                 self._drop(rnd, e.worker, f"work units: {e.reason}")
+                weights, momentum, residual = self._base(head)  # the step changed ours in place: read the head's
                 red = again()
 
     def _base(self, head) -> tuple[dict, dict, dict]:
@@ -180,7 +181,12 @@ class Aggregator:
         red = reducer.result()
         mu = schedule.outer_momentum(self.cfg, head.version)
         weights, momentum, residual = base
-        new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
+        download = update.download_codec(self.cfg)
+        old = {n: t.clone() for n, t in weights.items()} if download is not None else weights  # the update's base
+        # In place: the base is the head's no longer, so until this commit succeeds nothing is cached.
+        self._cache = None
+        outer_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
+        new_w, new_m = weights, momentum
         version = head.version + 1
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
@@ -192,7 +198,7 @@ class Aggregator:
             return write(key, model.to_bytes(state, run=self.s.run, version=str(version)))
 
         try:
-            new_w, residual, upd = self._publish_update(weights, new_w, residual, version, token, write)
+            new_w, residual, upd = self._publish_update(old, new_w, residual, version, token, write, download)
             # weights and momentum serialised and written side by side (both release the GIL)
             w_future = self.pool.submit(write_state, w_key, new_w)
             m_sha = write_state(m_key, update.join_momentum(new_m, residual))
@@ -234,14 +240,13 @@ class Aggregator:
         self._retention(version)
         self._check_budget(version)
 
-    def _publish_update(self, weights: dict, stepped: dict, residual: dict, version: int, token: int,
-                        write) -> tuple[dict, dict, tuple[tuple[str, ...], tuple[str, ...]]]:
+    def _publish_update(self, weights: dict, stepped: dict, residual: dict, version: int, token: int, write,
+                        codec: Codec | None) -> tuple[dict, dict, tuple[tuple[str, ...], tuple[str, ...]]]:
         """Encode and write the update from `weights` to the outer step's result `stepped`.
 
         Returns the version's weights (the base plus the decoded update, bit for bit what a worker
         applying it holds), the new residual, and the update's (shard keys, sha256s). Without a
         download codec: `stepped` itself, the residual unchanged (empty) and no update."""
-        codec = update.download_codec(self.cfg)
         if codec is None:
             return stepped, residual, ((), ())
         shards, residual = update.encode(weights, stepped, residual, codec, self.cfg.shard_bytes)
