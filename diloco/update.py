@@ -28,13 +28,18 @@ from diloco.store import ObjectStore
 RESIDUAL = "residual/"   # prefix of the residual's tensors in the momentum object
 
 
+def download_codec_spec(cfg: RunConfig) -> tuple[str, dict]:
+    """(name, options) of the download codec: `download_codec` or else the upload codec, with
+    `download_codec_options`, or else the upload codec's options when it is the same codec."""
+    name = cfg.download_codec or cfg.codec
+    options = cfg.download_codec_options or (cfg.codec_options if name == cfg.codec else {})
+    return name, options
+
+
 def download_codec(cfg: RunConfig) -> Codec | None:
     """The codec updates are published with, or None when the run downloads full weights only."""
-    name = cfg.download_codec or cfg.codec
-    if name == "fp32":
-        return None
-    # The upload codec's options apply when it is the same codec; another codec takes its defaults.
-    return get_codec(name, cfg.codec_options if name == cfg.codec else {})
+    name, options = download_codec_spec(cfg)
+    return None if name == "fp32" else get_codec(name, options)
 
 
 def split_momentum(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -145,3 +145,21 @@ def test_an_unusable_update_is_reported_and_the_worker_downloads_the_full_weight
     assert idle.heartbeat.stats["update_fallbacks"] == 1
     assert f"the update to version {head.version} is unusable" in caplog.text
     assert _holds(idle, store, head)
+
+
+def test_download_codec_options_set_the_published_updates_density(redis_url, file_url, r):
+    """topk uploads at its default density (1.5%), the updates go down at 20%: more bytes than up."""
+    cfg = harness.init(redis_url, file_url, codec="topk", download_codec_options={"density": 0.2},
+                       task_options=SAMPLES)
+    assert update.download_codec(cfg).density == 0.2
+    _commit_versions(redis_url, file_url, 2, "w0")
+    store = open_store(file_url)
+    for _, entry in r.xrange(keys.versions(RUN)):
+        down = sum(store.size(k) for k in _split(entry["update"]))
+        assert down > int(entry["bytes"]), (down, entry["bytes"])  # at the upload density they are equal
+    assert replay(r, store, RUN).mismatched == []
+
+
+def test_a_download_codec_option_the_codec_does_not_have_is_refused_by_name(redis_url, file_url):
+    with pytest.raises(ConfigError, match="unknown option 'bogus' for codec 'int8'"):
+        harness.init(redis_url, file_url, codec="topk", download_codec="int8", download_codec_options={"bogus": 1})
