@@ -191,14 +191,11 @@ class Aggregator:
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
-        def write(key: str, data: bytes) -> str:
-            return put_idempotent(self.store, key, data)
-
         def write_state(key: str, state: dict) -> str:
-            return write(key, model.to_bytes(state, run=self.s.run, version=str(version)))
+            return put_idempotent(self.store, key, model.to_bytes(state, run=self.s.run, version=str(version)))
 
         try:
-            new_w, residual, upd = self._publish_update(old, new_w, residual, version, token, write, download)
+            new_w, residual, upd = self._publish_update(old, new_w, residual, version, token, download)
             # weights and momentum serialised and written side by side (both release the GIL)
             w_future = self.pool.submit(write_state, w_key, new_w)
             m_sha = write_state(m_key, update.join_momentum(new_m, residual))
@@ -240,7 +237,7 @@ class Aggregator:
         self._retention(version)
         self._check_budget(version)
 
-    def _publish_update(self, weights: dict, stepped: dict, residual: dict, version: int, token: int, write,
+    def _publish_update(self, weights: dict, stepped: dict, residual: dict, version: int, token: int,
                         codec: Codec | None) -> tuple[dict, dict, tuple[tuple[str, ...], tuple[str, ...]]]:
         """Encode and write the update from `weights` to the outer step's result `stepped`.
 
@@ -251,7 +248,8 @@ class Aggregator:
             return stepped, residual, ((), ())
         shards, residual = update.encode(weights, stepped, residual, codec, self.cfg.shard_bytes)
         names = tuple(keys.update_shard(self.s.run, version, token, i) for i in range(len(shards)))
-        shas = tuple(self.pool.map(write, names, shards))
+        # Not durable: read with sha256 checked, and a worker that finds one torn reads the full weights.
+        shas = tuple(self.pool.map(lambda k, d: put_idempotent(self.store, k, d, durable=False), names, shards))
         return update.apply(weights, update.decode(shards, weights, codec)), residual, (names, shas)
 
     def _check_budget(self, version: int) -> None:

@@ -213,6 +213,7 @@ class Config:
     repeat: bool = False  # a second run of the same configuration: the run-to-run noise floor
     scratch: bool = False  # starts from the seeded random model instead of the warm start
     download: str = ""    # the run's download_codec ("" = the product's default, the upload codec)
+    download_options: dict = field(default_factory=dict)   # its download_codec_options
 
     @property
     def variant(self) -> bool:
@@ -224,14 +225,16 @@ class Config:
         extra = " (repeat)" if self.repeat else " (from scratch)" if self.scratch else ""
         if self.kind == "dp":
             return "dp" + extra
-        download = f" download {self.download}" if self.download else ""
-        return f"DiLoCo H={self.h} {self.codec}{download}{extra}"
+        return f"DiLoCo H={self.h} {self.codec}{self._download(' download ', ' ')}{extra}"
 
     @property
     def run_name(self) -> str:
         extra = "-repeat" if self.repeat else "-scratch" if self.scratch else ""
-        download = f"-down-{self.download}" if self.download else ""
-        return f"conv-h{self.h}-{self.codec}{download}{extra}"
+        return f"conv-h{self.h}-{self.codec}{self._download('-down-', '-')}{extra}"
+
+    def _download(self, before: str, sep: str) -> str:
+        options = "".join(f"{sep}{k}={v}" for k, v in sorted(self.download_options.items()))
+        return f"{before}{self.download}{options}" if self.download else ""
 
 
 @dataclass
@@ -394,6 +397,7 @@ def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str
              "inner_warmup_steps": args.warmup, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
              "nesterov": True, "codec": cfg.codec, "codec_options": codec_options(args, cfg.codec),
              "min_workers": args.workers, **({"download_codec": cfg.download} if cfg.download else {}),
+             **({"download_codec_options": cfg.download_options} if cfg.download_options else {}),
              "retention_every": 0, **decay}  # retention 0: every version is evaluated after the run
     init = runs.read_init_weights(warm) if warm is not None and not cfg.scratch else None
     runs.init_run(r, store, cfg.run_name, given, init)

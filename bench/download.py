@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = conv.parser()
     ap.description = __doc__.splitlines()[0]
     ap.add_argument("--codecs", default="bf16,int8,int4,topk", help="comma-separated codecs (default all lossy)")
+    ap.add_argument("--variant", action="append", default=[], metavar="CODEC:DOWNLOAD[:KEY=VALUE,...]",
+                    help="also run CODEC with this download codec and options, e.g. topk:topk:density=0.12")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
@@ -64,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
                              res.down_per_worker_round)
                     pair.append(res)
                 rows.append((codec, *pair))
+            for variant in args.variant:
+                codec, download, options = _variant(variant)
+                full = next(full for c, full, _ in rows if c == codec)
+                cfg = conv.Config("diloco", args.h_small, codec, download=download, download_options=options)
+                res = conv.run_diloco(task, args, cfg, server.url, f"file://{tmp}/store", warm)
+                log.info("%s: final eval loss %.4f, down %.0f B/round", cfg.label, res.final,
+                         res.down_per_worker_round)
+                rows.append((codec, full, res))
         finally:
             server.stop()
     elapsed = time.perf_counter() - started
@@ -74,12 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _variant(text: str) -> tuple[str, str, dict]:
+    codec, download, *rest = text.split(":")
+    options = {}
+    for item in filter(None, (rest[0] if rest else "").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = float(value) if "." in value else int(value)
+    return codec, download, options
+
+
 def _table(rows) -> str:
     lines = ["| codec | download | final eval loss | tail eval loss | vs fp32 download (final) | up / worker / round "
              "| down / worker / round | within 1% |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
+    shown = set()
     for codec, full, comp in rows:
-        for res, name in ((full, "fp32 (full weights)"), (comp, f"{codec} (update)")):
+        options = ", ".join(f"{k}={v}" for k, v in comp.config.download_options.items())
+        update = f"{comp.config.download}{f' {options}' if options else ''} (update)"
+        for res, name in ((full, "fp32 (full weights)"), (comp, update)):
+            if res is full and id(full) in shown:
+                continue
+            shown.add(id(full))
             diff = (res.final - full.final) / full.final * 100
             ok = "" if res is full else ("met" if abs(diff) <= TARGET_PCT else "not met")
             lines.append(f"| {codec} | {name} | {res.final:.4f} | {res.tail:.4f} | {diff:+.2f}% | "

@@ -324,7 +324,8 @@ class Worker:
         upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
         names = [keys.delta_shard(self.s.run, version, self.s.worker_id, upload, i) for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
-            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data))
+            # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
+            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data, durable=False))
 
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
             shas = list(pool.map(put, names, shards))
