@@ -233,7 +233,8 @@ class Config:
         return f"conv-h{self.h}-{self.codec}{self._download('-down-', '-')}{extra}"
 
     def _download(self, before: str, sep: str) -> str:
-        options = "".join(f"{sep}{k}={v}" for k, v in sorted(self.download_options.items()))
+        joiner = "=" if sep == " " else ""   # a run name may not hold '='
+        options = "".join(f"{sep}{k}{joiner}{v}" for k, v in sorted(self.download_options.items()))
         return f"{before}{self.download}{options}" if self.download else ""
 
 

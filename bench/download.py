@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             warm = conv.warm_start(task, args, Path(tmp) / "warm.safetensors")
             for codec in codecs:
                 pair = []
-                for download in ("fp32", codec):
+                for download in ("fp32", ""):
                     cfg = conv.Config("diloco", args.h_small, codec, download=download)
                     res = conv.run_diloco(task, args, cfg, server.url, f"file://{tmp}/store", warm)
                     log.info("%s: final eval loss %.4f, down %.0f B/round", cfg.label, res.final,
@@ -100,7 +100,8 @@ def _table(rows) -> str:
     shown = set()
     for codec, full, comp in rows:
         options = ", ".join(f"{k}={v}" for k, v in comp.config.download_options.items())
-        update = f"{comp.config.download}{f' {options}' if options else ''} (update)"
+        named = comp.config.download or "default"
+        update = f"{named}{f' {options}' if options else ''} (update)"
         for res, name in ((full, "fp32 (full weights)"), (comp, update)):
             if res is full and id(full) in shown:
                 continue
@@ -123,10 +124,10 @@ def _report(args, command: str, date: str, load_start: str, elapsed: float, tabl
         f"The convergence benchmark's DiLoCo run (gpt task, {args.workers} workers, H = {args.h_small}, "
         f"T = {args.steps} steps per worker from the shared warm start, the same settings per codec as in "
         "[Convergence](#convergence)), once with `download_codec` fp32 (the full fp32 weights every round) "
-        "and once with the default, the update encoded with the upload codec and the aggregator's error "
-        "feedback. Down is what a worker read per round after its first round (which reads the full weights, "
-        "as a joining worker does); up is the encoded delta. Target: the final eval loss within 1% of the "
-        "fp32 download's, and bytes down <= bytes up.\n\n" + table + "\n"
+        "and once with the product's default (the update encoded with the upload codec, int4 for topk) and the "
+        "aggregator's error feedback. Down is what a worker read per round after its first round (which "
+        "reads the full weights, as a joining worker does); up is the encoded delta. Target: the final eval "
+        "loss within 1% of the fp32 download's, and bytes down <= bytes up.\n\n" + table + "\n"
     )
 
 

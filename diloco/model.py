@@ -13,8 +13,8 @@ import json
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from diloco import stbytes
 from diloco.errors import BadInput
 
 WEIGHTS_FORMAT = "diloco-weights/1"
@@ -62,15 +62,15 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(n for n, t in state.items() if t.is_floating_point())
 
 
-def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
-    """Deterministic bytes: one metadata key, since safetensors orders several keys at random."""
-    cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytearray:
+    """Deterministic safetensors bytes (one metadata key, since safetensors orders several keys at
+    random), written with one copy of the data (diloco/stbytes.py)."""
     meta = json.dumps({"format": WEIGHTS_FORMAT, **metadata}, sort_keys=True, separators=(",", ":"))
-    return st_save(cpu, metadata={"diloco": meta})
+    return stbytes.save(tensors, {"diloco": meta})
 
 
 def from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
     try:
-        return st_load(data)
+        return st_load(data if isinstance(data, bytes) else bytes(data))
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise BadInput(f"{what} is not a valid safetensors object: {e}") from None

@@ -2,7 +2,7 @@
 
 Workers download the full fp32 weights only when they join, fall behind or find something wrong;
 otherwise they fetch the update `theta(v+1) - theta(v)` encoded with the run's `download_codec`
-(default: the upload codec) and apply it. The *decoded* update is the truth: the aggregator
+(default: the upload codec; int4 for the sparse topk) and apply it. The *decoded* update is the truth: the aggregator
 computes the new weights as `apply(theta(v), decode(update))` with the same code a worker runs, so
 a worker holding v reaches v+1 bit for bit, and the full weights object it would otherwise read
 holds exactly those bytes. What the codec could not carry stays in an aggregator-side error
@@ -28,10 +28,17 @@ from diloco.store import ObjectStore
 RESIDUAL = "residual/"   # prefix of the residual's tensors in the momentum object
 
 
+SPARSE_DEFAULT = "int4"   # the download codec when the upload codec is sparse (topk) and none is set
+
+
 def download_codec_spec(cfg: RunConfig) -> tuple[str, dict]:
-    """(name, options) of the download codec: `download_codec` or else the upload codec, with
-    `download_codec_options`, or else the upload codec's options when it is the same codec."""
-    name = cfg.download_codec or cfg.codec
+    """(name, options) of the download codec: `download_codec`, or else the upload codec (int4 for a
+    sparse one), with `download_codec_options`, or else the upload codec's options when it is the same.
+
+    Why not topk for topk: the update is the mean of W sparse deltas (up to W times as dense), so at
+    the upload's density the download falls behind and the run ends 26% worse (docs/benchmarks.md,
+    "Compressed download"); int4 ends level with the full-weights download at 1/7.5 of its bytes."""
+    name = cfg.download_codec or (SPARSE_DEFAULT if get_codec(cfg.codec, cfg.codec_options).sparse else cfg.codec)
     options = cfg.download_codec_options or (cfg.codec_options if name == cfg.codec else {})
     return name, options
 

@@ -49,7 +49,7 @@ def test_a_worker_applying_20_published_updates_holds_the_full_weights_bit_for_b
     store = open_store(file_url)
     weights = model.from_bytes(store.get(keys.weights_object(RUN, 0, 0)), "v0")
     codec_obj = update.download_codec(cfg)
-    assert codec_obj is not None and codec_obj.name == codec
+    assert codec_obj is not None and codec_obj.name == {"int8": "int8", "topk": "int4"}[codec]
     for _, entry in r.xrange(keys.versions(RUN)):
         names, shas = _split(entry["update"]), _split(entry["update_sha256"])
         assert names and len(names) == len(shas)
@@ -57,7 +57,11 @@ def test_a_worker_applying_20_published_updates_holds_the_full_weights_bit_for_b
         weights = update.apply(weights, update.decode(shards, weights, codec_obj))
         data = model.to_bytes(weights, run=RUN, version=entry["version"])
         assert _sha(data) == entry["weights_sha256"], f"version {entry['version']}"
-        assert sum(len(s) for s in shards) <= int(entry["bytes"]), "bytes down <= bytes up"
+        down = sum(len(s) for s in shards)
+        if codec == "topk":  # int4 down (topk up is far smaller): this tiny model's headers leave it at 1/4
+            assert down < store.size(keys.weights_object(RUN, 0, 0)) / 3
+        else:
+            assert down <= int(entry["bytes"]), "bytes down <= bytes up"
     assert replay(r, store, RUN).mismatched == []
 
 
@@ -149,8 +153,8 @@ def test_an_unusable_update_is_reported_and_the_worker_downloads_the_full_weight
 
 def test_download_codec_options_set_the_published_updates_density(redis_url, file_url, r):
     """topk uploads at its default density (1.5%), the updates go down at 20%: more bytes than up."""
-    cfg = harness.init(redis_url, file_url, codec="topk", download_codec_options={"density": 0.2},
-                       task_options=SAMPLES)
+    cfg = harness.init(redis_url, file_url, codec="topk", download_codec="topk",
+                       download_codec_options={"density": 0.2}, task_options=SAMPLES)
     assert update.download_codec(cfg).density == 0.2
     _commit_versions(redis_url, file_url, 2, "w0")
     store = open_store(file_url)

@@ -182,7 +182,7 @@ def test_weights_bytes_are_deterministic():
     from diloco import model
 
     state = {"w": torch.ones(3)}
-    assert len({model.to_bytes(state, run="r1", version="0") for _ in range(20)}) == 1
+    assert len({bytes(model.to_bytes(state, run="r1", version="0")) for _ in range(20)}) == 1
 
 
 def test_encode_leaves_input_untouched():
