@@ -252,6 +252,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker; under torchrun, one rank of it (rank 0 runs the Worker, the others a Follower)."""
+    from diloco.errors import RankFailed
+    from workers.follower import Follower
+    from workers.ranks import Ranks
     from workers.worker import Worker, default_worker_id
 
     settings = C.WorkerSettings(
@@ -259,7 +263,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id or default_worker_id(), device=args.device,
         heartbeat_interval_s=args.heartbeat_interval_s, threads=args.threads,
         checkpoint_dir=args.checkpoint_dir, outage_limit_s=args.outage_limit_s)
-    return _serve(Worker(settings), args.max_rounds, _grace(args))
+    ranks = Ranks.from_env(args.device)
+    try:
+        service = Worker(settings, ranks=ranks) if ranks.leader else Follower(settings, ranks)
+        return _serve(service, args.max_rounds, _grace(args))
+    except RuntimeError as e:
+        if not ranks.peer_failure(e):
+            raise
+        # rank 0 has released its work units and alive key by now (Worker.run's finally)
+        raise RankFailed(f"rank {ranks.rank}: another rank of this worker is gone ({str(e).splitlines()[0][:200]}); "
+                         "stopping the whole worker") from None
+    finally:
+        ranks.close()
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
