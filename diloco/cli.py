@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, default=512, help="evaluation samples per version")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--max-rounds", type=int, default=None, help="exit after evaluating this many versions")
+    ev.add_argument("--tensorboard", metavar="DIR", default=None,
+                    help="also write TensorBoard scalars (eval and train loss, round stats, per worker) into DIR")
     _stop_flag(ev)
 
     units = sub.add_parser("units", help="work-unit progress per epoch: claimed, done, leases, ETA")
@@ -361,7 +363,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diloco.evaluate import Evaluator
 
     return _serve(Evaluator(args.redis_url, _require_store(args), args.run, max_samples=args.max_samples,
-                            device=args.device), args.max_rounds, _grace(args))
+                            device=args.device, tensorboard=args.tensorboard), args.max_rounds, _grace(args))
 
 
 def cmd_units(args: argparse.Namespace) -> int:
