@@ -29,11 +29,12 @@ SETTINGS = {"task": "gpt", "task_options": GPT, "sync_every": 3, "batch_size": 4
             "inner_warmup_steps": 0, "inner_lr": 0.01, "codec": "fp32"}
 
 
-def torchrun(redis_url: str, store_url: str, run: str, log: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
+def torchrun(redis_url: str, store_url: str, run: str, log: Path, *extra: str, nproc: int = 2,
+             device: str = "cpu") -> subprocess.Popen:
     # The run comes from DILOCO_RUN: torchrun's own parser takes `--run` for an abbreviation of `--run-path`.
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "diloco", "worker", "--redis-url", redis_url, "--store", store_url,
-            "--worker-id", "w0", "--device", "cpu", "--threads", "1", "--heartbeat-interval-s", "0.5", *extra]
+            "--worker-id", "w0", "--device", device, "--threads", "1", "--heartbeat-interval-s", "0.5", *extra]
     with open(log, "wb") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", ENV_RUN: run}, start_new_session=True)

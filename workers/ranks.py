@@ -43,32 +43,33 @@ class RoundCommand:
 
 class Ranks:
     def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
-                 ctl: dist.ProcessGroup | None = None) -> None:
+                 ctl: dist.ProcessGroup | None = None, *, distributed: bool = False) -> None:
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.ctl = ctl  # the group for messages (None: the default group)
+        self.distributed = distributed  # in a process group (under torchrun, even with one rank)
 
     @classmethod
     def from_env(cls, device: str) -> Ranks:
-        """The ranks torchrun started (WORLD_SIZE, RANK, LOCAL_RANK), or one rank without torchrun."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        """The ranks torchrun started (WORLD_SIZE, RANK, LOCAL_RANK), or one rank without torchrun.
+
+        Under torchrun even one rank joins a process group and wraps its model in DDP, so a machine
+        with one GPU runs the same code as one with eight.
+        """
         dev = torch.device(device)
-        if world == 1:
+        if "WORLD_SIZE" not in os.environ:
             return cls(device=dev)
+        world = int(os.environ["WORLD_SIZE"])
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if dev.type == "cuda":
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=WAIT_TIMEOUT)
         ctl = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if dev.type == "cuda" else None
-        return cls(rank, world, dev, ctl)
+        return cls(rank, world, dev, ctl, distributed=True)
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
 
     def peer_failure(self, e: BaseException) -> bool:
         """Whether `e` is a collective failing because another rank died (its sockets closed)."""
