@@ -130,3 +130,25 @@ def test_a_dead_rank_takes_the_worker_down_and_its_units_go_back(redis_url, file
     _wait(units_free, 10, "w0's units back")
     if victim == 1:  # rank 0 lived to release them at once
         assert units.report(r, cfg)["epochs"][0]["leased"] == [], log.read_text()[-3000:]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_gives_the_units_back(redis_url, file_url, r, procs, tmp_path):
+    cfg = harness.init(redis_url, file_url, **{**SETTINGS, "sync_every": 400, "batch_size": 2, "grad_accum": 1})
+    log = tmp_path / "torchrun.log"
+    proc = torchrun(redis_url, file_url, "t", log)
+    procs.append(proc)
+    harness.wait_for_field(r, keys.worker_stats("t", "w0"), "state", "training", timeout_s=120)
+    assert units.report(r, cfg)["epochs"][0]["leased"]
+
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    text = log.read_text()
+    assert "stop requested; abandoning the round" in text, text[-3000:]
+    assert "rank 1: stopping with the other ranks" in text, text[-3000:]
+    # torchrun itself prints the SignalException it stopped on; the ranks fail with nothing
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-3000:]
+    # a graceful exit: the alive key and the leases are gone at once, not after heartbeat_timeout_s (10 s)
+    assert not r.exists(keys.worker_alive("t", "w0"))
+    assert units.report(r, cfg)["epochs"][0]["leased"] == []
+    assert r.hget(keys.worker_stats("t", "w0"), "state") == "stopped"
+    assert r.xlen(keys.deltas("t")) == 0, "nothing announced for the abandoned round"
