@@ -55,9 +55,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=32, help="the worker's micro-batch (split over ranks)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing (at least 1)")
     p.add_argument("--precisions", default="fp32,bf16")
     args = p.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1")
     ranks = Ranks.from_env(args.device)
     rows = {prec: measure(prec, args, ranks) for prec in args.precisions.split(",")}
     if ranks.leader:

@@ -279,15 +279,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ranks = Ranks.from_env(args.device)
     try:
         service = Worker(settings, ranks=ranks) if ranks.leader else Follower(settings, ranks)
-        return _serve(service, args.max_rounds, _grace(args))
+        code = _serve(service, args.max_rounds, _grace(args))
     except RuntimeError as e:
         if not ranks.peer_failure(e):
             raise
-        # rank 0 has released its work units and alive key by now (Worker.run's finally)
-        raise RankFailed(f"rank {ranks.rank}: another rank of this worker is gone ({str(e).splitlines()[0][:200]}); "
-                         "stopping the whole worker") from None
-    finally:
-        ranks.close()
+        # Rank 0 has released its work units and alive key by now (Worker.run's finally). Exit at once:
+        # tearing down a process group with a dead peer can block forever, and torchrun would then
+        # SIGKILL this rank only after its own grace.
+        err = RankFailed(f"rank {ranks.rank}: another rank of this worker is gone "
+                         f"({str(e).splitlines()[0][:200]}); stopping the whole worker")
+        print(f"diloco worker: error: {err}", file=sys.stderr)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
+    ranks.close()  # every rank got here: a clean teardown, together
+    return code
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:

@@ -129,8 +129,9 @@ def test_a_dead_rank_takes_the_worker_down_and_its_units_go_back(redis_url, file
         return all(u["expires_in_s"] <= 0 for u in rep["leased"])
 
     _wait(units_free, 10, "w0's units back")
-    if victim == 1:  # rank 0 lived to release them at once
+    if victim == 1:  # rank 0 lived to release them at once, and said why it stopped
         assert units.report(r, cfg)["epochs"][0]["leased"] == [], log.read_text()[-3000:]
+        assert "rank 0: another rank of this worker is gone" in log.read_text()
 
 
 def test_sigterm_to_torchrun_stops_every_rank_and_gives_the_units_back(redis_url, file_url, r, procs, tmp_path):

@@ -79,7 +79,10 @@ class Ranks:
             or "Connection reset by peer" in str(e)
 
     def close(self) -> None:
+        """Leave the process group after a clean exit of every rank (a barrier first, so no rank tears
+        its sockets down while another still uses them)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier(group=self.ctl)
             dist.destroy_process_group()
 
     # --- the model --------------------------------------------------------------------------
