@@ -17,14 +17,14 @@ import redis
 
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
-from diloco import control, keys, model, retention, runs, schedule, snapshot, units
-from diloco.codecs import get_codec
+from diloco import control, keys, model, retention, runs, schedule, snapshot, units, update
+from diloco.codecs import Codec, get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
 from diloco.errors import DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
 from diloco.faults import crash_point
 from diloco.messages import Announcement
-from diloco.outer import outer_step
+from diloco.outer import outer_step_
 from diloco.reduce import Reducer
 from diloco.scripts import Scripts
 from diloco.store import open_store, put_idempotent
@@ -45,7 +45,8 @@ class Aggregator:
         self.scripts = Scripts(self.r)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="fetch")
         self.progress_at = time.monotonic()   # the round loop's last sign of life (see _watch)
-        self._cache: tuple | None = None      # (version, weights sha256, momentum sha256, weights, momentum)
+        # (version, weights sha256, momentum sha256, weights, momentum, download residual)
+        self._cache: tuple | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -115,7 +116,7 @@ class Aggregator:
         head = runs.read_head(self.r, self.s.run)
         rnd = Round(head=head, last_id=head.deltas_since)
         t0 = time.perf_counter()
-        weights, momentum = self._base(head)
+        weights, momentum, residual = self._base(head)
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
         codec = get_codec(self.cfg.codec, self.cfg.codec_options)
         red = Reducer(self.store, codec, floats, self.cfg.shard_bytes, self.pool)
@@ -152,43 +153,52 @@ class Aggregator:
             if dropped or len(red.included) < self.cfg.min_workers:
                 continue
             try:
-                self._step_and_commit(rnd, red, weights, momentum, plan, reduce_s=reduce_s, t0=t0)
+                self._step_and_commit(rnd, red, (weights, momentum, residual), plan, reduce_s=reduce_s, t0=t0)
                 return True
             except UnitConflict as e:  # a lease moved to another worker while we reduced: that delta cannot count
                 self._drop(rnd, e.worker, f"work units: {e.reason}")
+                weights, momentum, residual = self._base(head)  # the step changed ours in place: read the head's
                 red = again()
 
-    def _base(self, head) -> tuple[dict, dict]:
-        """The weights and momentum of `head`: kept from our own last commit when its checksums match
-        the head's (the holder usually committed it), else read from the store."""
+    def _base(self, head) -> tuple[dict, dict, dict]:
+        """The weights, momentum and download residual of `head`: kept from our own last commit when its
+        checksums match the head's (the holder usually committed it), else read from the store."""
         if self._cache is not None:
-            version, w_sha, m_sha, weights, momentum = self._cache
+            version, w_sha, m_sha, *state = self._cache
             if (version, w_sha, m_sha) == (head.version, head.weights_sha256, head.momentum_sha256):
-                return weights, momentum
+                return tuple(state)
         self._cache = None  # stale (another holder committed since): free it before loading
-        return runs.load_weights(self.store, head), runs.load_momentum(self.store, head)
+        return runs.load_weights(self.store, head), *runs.load_outer_state(self.store, head)
 
     def _drop(self, rnd: Round, worker: str, reason: str) -> None:
         entry_id, ann = rnd.accepted.pop(worker)
         reject(self.r, self.s.run, worker, reason, entry_id, ann.version)
         rnd.rejected += 1
 
-    def _step_and_commit(self, rnd: Round, reducer: Reducer, weights, momentum, plan, *, reduce_s: float,
-                         t0: float) -> None:
+    def _step_and_commit(self, rnd: Round, reducer: Reducer, base: tuple[dict, dict, dict], plan, *,
+                         reduce_s: float, t0: float) -> None:
         head = rnd.head
         red = reducer.result()
         mu = schedule.outer_momentum(self.cfg, head.version)
-        new_w, new_m = outer_step(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
+        weights, momentum, residual = base
+        download = update.download_codec(self.cfg)
+        old = {n: t.clone() for n, t in weights.items()} if download is not None else weights  # the update's base
+        # In place: the base is the head's no longer, so until this commit succeeds nothing is cached.
+        self._cache = None
+        outer_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
+        new_w, new_m = weights, momentum
         version = head.version + 1
         token = self.lock.token
         w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
-        def write(key: str, state: dict) -> str:
+        def write_state(key: str, state: dict) -> str:
             return put_idempotent(self.store, key, model.to_bytes(state, run=self.s.run, version=str(version)))
 
-        try:  # weights and momentum serialised and written side by side (both release the GIL)
-            w_future = self.pool.submit(write, w_key, new_w)
-            m_sha = write(m_key, new_m)
+        try:
+            new_w, residual, upd = self._publish_update(old, new_w, residual, version, token, download)
+            # weights and momentum serialised and written side by side (both release the GIL)
+            w_future = self.pool.submit(write_state, w_key, new_w)
+            m_sha = write_state(m_key, update.join_momentum(new_m, residual))
             w_sha = w_future.result()
         except ObjectExists as e:
             # Other bytes under our token: the token was handed out again, which only a Redis that lost
@@ -214,18 +224,33 @@ class Aggregator:
         try:
             self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,
                                 weights=(w_key, w_sha), momentum=(m_key, m_sha), stats=stats,
-                                dataset=plan.dataset, units=trained, deltas_read=rnd.last_id)
+                                dataset=plan.dataset, units=trained, deltas_read=rnd.last_id, update=upd)
         except UnitConflict:
-            for key in (w_key, m_key):  # ours, never committed: the retry writes them again
+            for key in (w_key, m_key, *upd[0]):  # ours, never committed: the retry writes them again
                 self.store.delete(key)
             raise
-        self._cache = (version, w_sha, m_sha, new_w, new_m)
+        self._cache = (version, w_sha, m_sha, new_w, new_m, residual)
         crash_point("after_commit")
         log.info("committed version %d: %d workers, loss %s, %s bytes, round %ss",
                  version, len(inc), stats["loss"], stats["bytes"], stats["duration_s"])
         self._snapshot(version)
         self._retention(version)
         self._check_budget(version)
+
+    def _publish_update(self, weights: dict, stepped: dict, residual: dict, version: int, token: int,
+                        codec: Codec | None) -> tuple[dict, dict, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Encode and write the update from `weights` to the outer step's result `stepped`.
+
+        Returns the version's weights (the base plus the decoded update, bit for bit what a worker
+        applying it holds), the new residual, and the update's (shard keys, sha256s). Without a
+        download codec: `stepped` itself, the residual unchanged (empty) and no update."""
+        if codec is None:
+            return stepped, residual, ((), ())
+        shards, residual = update.encode(weights, stepped, residual, codec, self.cfg.shard_bytes)
+        names = tuple(keys.update_shard(self.s.run, version, token, i) for i in range(len(shards)))
+        # Not durable: read with sha256 checked, and a worker that finds one torn reads the full weights.
+        shas = tuple(self.pool.map(lambda k, d: put_idempotent(self.store, k, d, durable=False), names, shards))
+        return update.apply(weights, update.decode(shards, weights, codec)), residual, (names, shas)
 
     def _check_budget(self, version: int) -> None:
         tokens = 0

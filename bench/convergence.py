@@ -212,6 +212,8 @@ class Config:
     codec: str = ""
     repeat: bool = False  # a second run of the same configuration: the run-to-run noise floor
     scratch: bool = False  # starts from the seeded random model instead of the warm start
+    download: str = ""    # the run's download_codec ("" = the product's default, the upload codec)
+    download_options: dict = field(default_factory=dict)   # its download_codec_options
 
     @property
     def variant(self) -> bool:
@@ -223,12 +225,16 @@ class Config:
         extra = " (repeat)" if self.repeat else " (from scratch)" if self.scratch else ""
         if self.kind == "dp":
             return "dp" + extra
-        return f"DiLoCo H={self.h} {self.codec}{extra}"
+        return f"DiLoCo H={self.h} {self.codec}{self._download(' download ', ' ')}{extra}"
 
     @property
     def run_name(self) -> str:
         extra = "-repeat" if self.repeat else "-scratch" if self.scratch else ""
-        return f"conv-h{self.h}-{self.codec}{extra}"
+        return f"conv-h{self.h}-{self.codec}{self._download('-down-', '-')}{extra}"
+
+    def _download(self, before: str, sep: str) -> str:
+        options = "".join(f"{sep}{k}={v}" for k, v in sorted(self.download_options.items()))
+        return f"{before}{self.download}{options}" if self.download else ""
 
 
 @dataclass
@@ -242,6 +248,7 @@ class Result:
     encode_s: float = 0.0       # worker encode (+ error-feedback decode) per round, mean, in the run
     reduce_s: float = 0.0       # aggregator download + decode + mean of the W deltas per round, mean
     round_s: float = 0.0        # committed-to-committed time of a round, median
+    down_per_worker_round: float = 0.0  # bytes a worker downloaded per round after its first (full) download
 
     @property
     def final(self) -> float:
@@ -389,7 +396,8 @@ def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str
              "inner_lr": args.inner_lr, "inner_weight_decay": args.weight_decay,
              "inner_warmup_steps": args.warmup, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
              "nesterov": True, "codec": cfg.codec, "codec_options": codec_options(args, cfg.codec),
-             "min_workers": args.workers,
+             "min_workers": args.workers, **({"download_codec": cfg.download} if cfg.download else {}),
+             **({"download_codec_options": cfg.download_options} if cfg.download_options else {}),
              "retention_every": 0, **decay}  # retention 0: every version is evaluated after the run
     init = runs.read_init_weights(warm) if warm is not None and not cfg.scratch else None
     runs.init_run(r, store, cfg.run_name, given, init)
@@ -418,6 +426,8 @@ def run_diloco(task: Task, args: argparse.Namespace, cfg: Config, redis_url: str
     res.total_bytes = sum(int(e["bytes"]) for e in entries)
     res.bytes_per_worker_round = statistics.mean(int(e["bytes"]) / int(e["n"]) for e in entries)
     res.encode_s = statistics.mean(t for w in workers for t in w.encode_times)
+    first = store.size(keys.weights_object(cfg.run_name, 0, 0))  # every worker's first round: the full weights
+    res.down_per_worker_round = statistics.mean(w.bytes_received - first for w in workers) / max(1, rounds - 1)
     res.reduce_s = statistics.mean(float(e["reduce_s"]) for e in entries)
     res.round_s = statistics.median(float(e["duration_s"]) for e in entries)
     log.info("%s: %d rounds in %.1fs (first commit %.1fs after start)", cfg.label, rounds, res.wall_s,
@@ -696,7 +706,7 @@ def plot(results: list[Result], path: Path, args: argparse.Namespace) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke check: T/5 steps; dp, fp32 and topk at H_small")
     ap.add_argument("--steps", type=int, default=1200, help="T: optimizer steps per worker and of dp (default 1200)")
@@ -737,6 +747,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", type=Path, help="redo table, plot and report from --save-json output, no runs")
     ap.add_argument("--resume", action="store_true",
                     help="with --save-json: keep the configurations that file already holds, run the others")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)

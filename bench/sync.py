@@ -75,6 +75,7 @@ class Result:
     waits: list[float]
     up: float = 0.0        # bytes per worker per round
     down: float = 0.0
+    down_after_first: float = 0.0   # per round after a worker's first (a full download of version 0)
     agg_rss: int = 0
     worker_rss: int = 0
     stages: dict[str, list[float]] = field(default_factory=dict)   # seconds, for the last worker of each round
@@ -148,7 +149,7 @@ def task_options(args: argparse.Namespace, workers: int, rounds: int, trace_dir:
 
 
 def run_diloco(args: argparse.Namespace, store_kind: str, workers: int, rounds: int,
-               profile_dir: Path | None = None) -> Result:
+               profile_dir: Path | None = None, codec: str = "fp32", moved: list[Result] | None = None) -> Result:
     from diloco import keys, runs
     from diloco.connect import connect_redis
     from diloco.localserver import RedisServer
@@ -177,7 +178,7 @@ def run_diloco(args: argparse.Namespace, store_kind: str, workers: int, rounds: 
         r = connect_redis(server.url)
         runs.init_run(r, open_store(store_url), RUN, {
             "task": TASK, "task_options": task_options(args, workers, rounds, trace), "seed": SEED,
-            "codec": "fp32", "sync_every": H, "batch_size": BATCH, "inner_lr": INNER_LR, "inner_warmup_steps": 0,
+            "codec": codec, "sync_every": H, "batch_size": BATCH, "inner_lr": INNER_LR, "inner_warmup_steps": 0,
             "outer_lr": OUTER_LR, "outer_momentum": MU, "min_workers": workers})
         common = ["--run", RUN, "--redis-url", server.url, "--store", store_url]
         agg_argv = ["aggregator", *common, "--id", "agg"]
@@ -216,17 +217,57 @@ def run_diloco(args: argparse.Namespace, store_kind: str, workers: int, rounds: 
         versions = {int(f["version"]): f for _, f in r.xrange(keys.versions(RUN))}
         stats = {w: r.hgetall(keys.worker_stats(RUN, w)) for w in procs}
         traces = {w: read_trace(trace / f"{p.pid}.txt") for w, p in procs.items()}
+        first = open_store(store_url).size(keys.weights_object(RUN, 0, 0))
+        if moved is not None:  # the same bytes through the same store, nothing else (the S3 reference)
+            moved.append(move_bytes(store_url, workers, rounds, args.warmup,
+                                    statistics.median(a["bytes"] for w in anns for a in anns[w]), versions))
     finally:
         services.stop_all()
         server.stop()
         if moto is not None:
             moto.stop()
-    res = timeline(f"diloco {store_kind}", workers, rounds, args.warmup, anns, versions, traces)
+    system = f"diloco {store_kind}" + (f" {codec}" if codec != "fp32" else "")
+    res = timeline(system, workers, rounds, args.warmup, anns, versions, traces)
     res.up = statistics.mean(int(s.get("bytes_sent", 0)) for s in stats.values()) / rounds
     res.down = statistics.mean(int(s.get("bytes_received", 0)) for s in stats.values()) / rounds
+    # After a worker's first round (the full weights of version 0) it reads the published update, if any.
+    res.down_after_first = statistics.mean((int(s.get("bytes_received", 0)) - first) / (rounds - 1)
+                                           for s in stats.values())
     res.agg_rss, res.worker_rss = peak_agg, peak_w
     if not args.keep:
         shutil.rmtree(data, ignore_errors=True)
+    return res
+
+
+def move_bytes(store_url: str, workers: int, rounds: int, warmup: int, delta_bytes: float, versions) -> Result:
+    """The round's object traffic alone, through the same store at the product's concurrency: W workers
+    PUT their delta's shards (each up to 8 at once), the aggregator GETs them all (16 at once) and PUTs
+    the weights and momentum side by side, then the W workers GET the weights. Seconds per round."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diloco.shards import max_shard_object_bytes
+    from diloco.store import open_store
+
+    shard = max_shard_object_bytes(64 * 2**20) - 4096
+    sizes = [shard] * int(delta_bytes // shard) + ([int(delta_bytes % shard)] if delta_bytes % shard else [])
+    model_bytes = int(versions[1]["bytes"]) // int(versions[1]["n"])  # fp32: the delta is the model's size
+    bodies = {n: bytes(n) for n in {*sizes, model_bytes}}
+    clients = [open_store(store_url) for _ in range(workers)]
+    agg = open_store(store_url)
+    res = Result("moving the same bytes (s3)", workers, [])
+    with ThreadPoolExecutor(max_workers=workers * 8 + 16) as pool, ThreadPoolExecutor(max_workers=16) as fetch:
+        for k in range(rounds - 1):
+            t0 = time.perf_counter()
+            shards = [(c, f"move/r{k}/w{i}/{j}", n) for i, c in enumerate(clients) for j, n in enumerate(sizes)]
+            for f in [pool.submit(c.put, key, bodies[n]) for c, key, n in shards]:
+                f.result()
+            list(fetch.map(agg.get, [key for _, key, _ in shards]))
+            for f in [pool.submit(agg.put, f"move/r{k}/{name}", bodies[model_bytes]) for name in ("w", "m")]:
+                f.result()
+            for f in [pool.submit(c.get, f"move/r{k}/w") for c in clients]:
+                f.result()
+            if k >= warmup:
+                res.waits.append(time.perf_counter() - t0)
     return res
 
 
@@ -418,6 +459,32 @@ def results_table(results: list[Result], gloo: dict[int, Result]) -> str:
     return "\n".join(lines)
 
 
+def move_table(results: list[Result], moved: list[Result]) -> str:
+    """The S3 run's wait against moving its bytes alone (module doc of move_bytes)."""
+    s3 = next((r for r in results if r.system == "diloco s3"), None)
+    if s3 is None or not moved:
+        return ""
+    m = moved[0]
+    ratio = statistics.median(s3.waits) / statistics.median(m.waits)
+    lo, med, hi = stats3(m.waits)
+    return (f"S3 reference: the same round's PUTs and GETs alone against the same moto_server (W={m.workers} "
+            f"workers PUT their delta's shards, 8 at once each; one client GETs them all, 16 at once, and PUTs "
+            f"weights and momentum side by side; the W workers GET the weights): {lo:.2f} / {med:.2f} / {hi:.2f} s "
+            f"per round (min / median / max); the diloco S3 wait is **{ratio:.2f}x** that.")
+
+
+def codec_table(rows: list[Result]) -> str:
+    """Bytes up and down per worker per round with each upload codec (the download codec is the default)."""
+    lines = ["| upload codec (W, file://) | worker wait median (s) | up / worker / round | down / worker / round, "
+             "after the first | down <= up |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        codec = r.system.removeprefix("diloco file").strip() or "fp32"
+        ok = "yes" if r.down_after_first <= r.up else "no"
+        lines.append(f"| {codec} (W={r.workers}) | {statistics.median(r.waits):.2f} | {fmt_bytes(r.up)} | "
+                     f"{fmt_bytes(r.down_after_first)} | {ok} |")
+    return "\n".join(lines)
+
+
 def stages_table(r: Result) -> str:
     lines = [f"| stage ({r.system}, W={r.workers}, the worker that finished last) | median s | share of the wait |",
              "|---|---:|---:|"]
@@ -434,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="2,4,8", help="comma-separated W for the file:// store and gloo")
     ap.add_argument("--main-workers", type=int, default=4, help="W of the S3 run, the stages and the profile")
     ap.add_argument("--stores", default="file", help="file, or file,s3 (S3 on a moto_server, at --main-workers)")
+    ap.add_argument("--codecs", default="int8,int4,topk",
+                    help="lossy codecs run at --main-workers on file:// for bytes up and down ('' for none)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up rounds, not measured")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds")
     ap.add_argument("--width", type=int, default=2048)
@@ -465,13 +534,21 @@ def main(argv: list[str] | None = None) -> int:
         r = run_diloco(args, "file", w, rounds)
         results.append(r)
         print(f"diloco file W={w}: wait {stats3(r.waits)}", flush=True)
+    moved: list[Result] = []
     if "s3" in stores:
-        r = run_diloco(args, "s3", args.main_workers, rounds)
+        r = run_diloco(args, "s3", args.main_workers, rounds, moved=moved)
         results.append(r)
-        print(f"diloco s3 W={args.main_workers}: wait {stats3(r.waits)}", flush=True)
+        print(f"diloco s3 W={args.main_workers}: wait {stats3(r.waits)}; moving the bytes alone "
+              f"{stats3(moved[0].waits)}", flush=True)
+    coded = []
+    for codec in filter(None, args.codecs.split(",")):
+        coded.append(run_diloco(args, "file", args.main_workers, rounds, codec=codec))
+        print(f"diloco file {codec} W={args.main_workers}: wait {stats3(coded[-1].waits)}", flush=True)
     results += [gloo[w] for w in ws]
     main_w = args.main_workers if args.main_workers in ws else ws[0]
     table = results_table(results, gloo)
+    extra = move_table(results, moved) + "\n\n" + codec_table(
+        [r for r in results if r.system == "diloco file" and r.workers == args.main_workers] + coded)
     main_file = next(r for r in results if r.system == "diloco file" and r.workers == main_w)
     stage_tables = [stages_table(main_file)] + [stages_table(r) for r in results
                                                 if r.system == "diloco s3"]
@@ -487,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{profile_table(pdir / 'worker.prof', WORKER_ROWS, args.profile_rounds)}")
         shutil.rmtree(pdir, ignore_errors=True)
     print(table)
+    print("\n" + extra)
     for t in stage_tables:
         print("\n" + t)
     if profile:
@@ -518,6 +596,8 @@ No product code is changed. Bytes are the workers' `bytes_sent` / `bytes_receive
 the rounds (the first download, of version 0, included). Peak RSS is `VmHWM` of the process, polled every 0.2 s.
 
 {table}
+
+{extra}
 
 Where the wait goes, the worker that finished last, median over the measured rounds (the stages add up to
 the wait, apart from the indented row, which is part of the one above it):

@@ -33,9 +33,11 @@ from diloco import config as C
 from diloco import stopping
 from diloco.errors import ConfigError, DilocoError
 
-_NOT_FLAGS = {"run", "task_options", "codec_options", "model_hash", "dataset_id", "schema_version", "num_fragments",
-              "init_weights"}
+_NOT_FLAGS = {"run", "task_options", "codec_options", "download_codec_options", "model_hash", "dataset_id",
+              "schema_version", "num_fragments", "init_weights"}
 EXIT_USAGE, EXIT_FAILURE = 2, 1
+_HELP = {"download_codec": "codec of each version's published update (default: --codec; fp32: workers download "
+                           "the full weights every round)"}
 
 
 def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
@@ -51,7 +53,8 @@ def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozens
                            help=f"default {default}")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"default {default}")
+            g.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                           help=_HELP.get(f.name, f"default {default}"))
     g.add_argument("--init-weights", metavar="PATH", default=None,
                    help="start the run from this safetensors weights file (e.g. from `diloco export`) instead of "
                         "the task's seeded initialisation")
@@ -59,6 +62,8 @@ def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozens
                    help="a task option (value parsed as JSON if it can be); repeatable")
     g.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a codec option, e.g. density=0.01 for topk; repeatable")
+    g.add_argument("--download-codec-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the download codec (default: the codec options when it is the same codec)")
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +74,8 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
         given["task_options"] = _key_values("--task-option", args.task_option)
     if args.codec_option:
         given["codec_options"] = _key_values("--codec-option", args.codec_option)
+    if getattr(args, "download_codec_option", None):
+        given["download_codec_options"] = _key_values("--download-codec-option", args.download_codec_option)
     return given
 
 

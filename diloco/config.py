@@ -59,6 +59,8 @@ class RunConfig:
     nesterov: bool = True
     codec: str = "bf16"
     codec_options: dict[str, Any] = field(default_factory=dict)   # e.g. {"density": 0.015} for topk
+    download_codec: str = ""    # codec of the published weight updates; "" = codec (diloco/update.py)
+    download_codec_options: dict[str, Any] = field(default_factory=dict)   # {} = codec_options if the same codec
     shard_mb: float = 64.0
     min_workers: int = 1
     round_timeout_s: float = 600.0
@@ -114,6 +116,10 @@ class RunConfig:
         from diloco.codecs import get_codec  # here, not at import: it imports torch, which status does not need
 
         get_codec(self.codec, self.codec_options)  # ConfigError naming an unknown codec or option
+        if self.download_codec or self.download_codec_options:
+            from diloco.update import download_codec_spec
+
+            get_codec(*download_codec_spec(self))
         if self.init_weights and not re.fullmatch(r"[0-9a-f]{64}", self.init_weights):
             raise ConfigError(f"init_weights must be a sha256 (64 lowercase hex), got {self.init_weights[:80]!r}")
         if self.num_fragments != 1:

@@ -170,6 +170,15 @@ def momentum_object(run: str, version: int, token: int) -> str:
     return f"runs/{run}/momentum/v{version:08d}-t{token}.safetensors"
 
 
+def update_prefix(run: str, version: int) -> str:
+    """The encoded update from version-1 to `version` (diloco/update.py), one directory per version."""
+    return f"runs/{run}/updates/v{version:08d}/"
+
+
+def update_shard(run: str, version: int, token: int, index: int) -> str:
+    return f"{update_prefix(run, version)}t{token}-{index:04d}.safetensors"
+
+
 def snapshot_object(run: str, version: int) -> str:
     """msgpack snapshot of the run's Redis state as of a committed version (for `diloco recover`)."""
     return f"runs/{run}/state/v{version:08d}.msgpack"

@@ -158,12 +158,20 @@ class Head:
     token: int
     committed_ms: int
     deltas_since: str
+    # The encoded update from the version before (diloco/update.py): its shards and their sha256;
+    # empty when the run downloads full weights only, and at version 0.
+    update: tuple[str, ...] = ()
+    update_sha256: tuple[str, ...] = ()
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Head:
+        update, update_sha = (tuple(_list(fields, f)) if fields.get(f) else () for f in ("update", "update_sha256"))
+        if len(update) != len(update_sha):
+            raise BadMessage(f"head lists {len(update)} update shards but {len(update_sha)} sha256")
         return cls(
             version=_int(fields, "version"), weights=_get(fields, "weights"),
             weights_sha256=_get(fields, "weights_sha256"), momentum=_get(fields, "momentum"),
             momentum_sha256=_get(fields, "momentum_sha256"), token=_int(fields, "token"),
             committed_ms=_int(fields, "committed_ms"), deltas_since=_get(fields, "deltas_since"),
+            update=update, update_sha256=update_sha,
         )

@@ -53,6 +53,7 @@ class Reducer:
         self.entries: list[str] = []     # the included deltas' stream ids, in the order they were summed
         self.rejected: list[tuple[str, Announcement, str]] = []
         self.nbytes = 0
+        self.closed = False   # result() divided the sum in place
 
     def fetch(self, ann: Announcement) -> list[Future]:
         pairs = zip(ann.shards, ann.sha256, strict=True)
@@ -60,12 +61,14 @@ class Reducer:
 
     def add(self, entry_id: str, ann: Announcement, futures: list[Future] | None = None) -> str | None:
         """Sum this delta in; the reason it cannot count (and it was not summed), or None."""
+        if self.closed:
+            raise RuntimeError("this Reducer's mean was taken: a delta added now would be summed into a mean")
         futures = self.fetch(ann) if futures is None else futures
         crash_point("during_download")
         buf = DeltaBuffer(self.like)
         try:
-            for f in futures:
-                buf.add_shard(f.result(), self.codec)
+            while futures:  # each shard's bytes are dropped once decoded, not kept until the delta is done
+                buf.add_shard(futures.pop(0).result(), self.codec)
             buf.check_complete()
             norm = buf.norm()
             if abs(norm - ann.norm) > 1e-4 * max(1.0, norm):
@@ -83,8 +86,13 @@ class Reducer:
         return None
 
     def result(self) -> Reduced:
-        acc = self.acc / len(self.included) if self.included else self.acc
-        return Reduced(unflatten(acc, self.like), list(self.included), list(self.rejected), self.nbytes)
+        """The mean, computed in place in the accumulator (no model-sized copy): call it once, last."""
+        if self.closed:
+            raise RuntimeError("this Reducer's mean was taken already")
+        self.closed = True
+        if self.included:
+            self.acc.div_(len(self.included))
+        return Reduced(unflatten(self.acc, self.like), list(self.included), list(self.rejected), self.nbytes)
 
 
 def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor],

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from diloco import keys, model, runs
+from diloco import keys, model, runs, update
 from diloco.codecs import get_codec
 from diloco.messages import Announcement
 from diloco.outer import outer_step
@@ -49,6 +49,8 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
     codec = get_codec(cfg.codec, cfg.codec_options)
     weights = model.from_bytes(store.get(keys.weights_object(run, 0, 0)), "weights v0")
     momentum = model.from_bytes(store.get(keys.momentum_object(run, 0, 0)), "momentum v0")
+    residual: dict[str, torch.Tensor] = {}   # the download's error feedback (diloco/update.py)
+    download = update.download_codec(cfg)
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _, entry in r.xrange(keys.versions(run)):
             anns = []
@@ -56,8 +58,13 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
                 anns.append((entry_id, Announcement.from_fields(announcement(r, run, entry_id, archive))))
             floats = {n: t for n, t in weights.items() if t.is_floating_point()}
             red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool)
-            weights, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
+            stepped, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
                                            mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov)
+            if download is None:
+                weights = stepped
+            else:  # what the aggregator published: the base plus the decoded update
+                shards, residual = update.encode(weights, stepped, residual, download, cfg.shard_bytes)
+                weights = update.apply(weights, update.decode(shards, weights, download))
             data = model.to_bytes(weights, run=run, version=entry["version"])
             yield Recomputed(entry, weights, momentum, not red.rejected and _sha(data) == entry["weights_sha256"])
 

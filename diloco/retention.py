@@ -15,6 +15,9 @@ of the run config, changeable on a live run since workers never read them):
   no longer holds it), all its objects are kept.
 * delta shards: everything under `deltas/v{base}/` once version base+1 was committed more than
   `delta_grace_s` ago, whether the shards were included, rejected or dropped.
+* published updates (diloco/update.py): everything under `updates/v{v}/` once version v+1 was
+  committed more than `delta_grace_s` ago; only a worker holding v-1 while v is the head reads it
+  (a worker further behind downloads the full weights).
 
 Replay (`diloco.replay`) recomputes every version from v0 and the committed deltas, so once the
 grace period has passed it can no longer replay the versions whose deltas are gone; within the
@@ -41,8 +44,8 @@ from diloco.errors import ObjectMissing
 from diloco.messages import Head
 from diloco.store import ObjectStore
 
-KINDS = ("snapshots", "weights", "momentum", "deltas")   # also the deletion order (see apply)
-_DIRS = {"state": "snapshots", "weights": "weights", "momentum": "momentum", "deltas": "deltas"}
+KINDS = ("snapshots", "weights", "momentum", "deltas", "updates")   # also the deletion order (see apply)
+_DIRS = {"state": "snapshots", "weights": "weights", "momentum": "momentum", "deltas": "deltas", "updates": "updates"}
 _SINGULAR = {"snapshots": "snapshot", "weights": "weights", "momentum": "momentum"}
 _TENSORS = re.compile(r"^v(\d{8})-t(\d+)\.safetensors$")
 _SNAPSHOT = re.compile(r"^v(\d{8})\.msgpack$")
@@ -104,7 +107,7 @@ class Summary:
 
 
 def kind_of(key: str) -> str:
-    """'weights', 'momentum', 'snapshots' or 'deltas' for a key under runs/{run}/."""
+    """'weights', 'momentum', 'snapshots', 'deltas' or 'updates' for a key under runs/{run}/."""
     parts = key.split("/")
     kind = _DIRS.get(parts[2]) if len(parts) > 3 and parts[0] == "runs" else None
     if kind is None:
@@ -167,7 +170,7 @@ def decide(run: str, head: Head, committed: dict[int, Committed], listing: Itera
             continue
         parts = key[len(prefix):].split("/")
         kind = _DIRS.get(parts[0])
-        if kind == "deltas":
+        if kind in ("deltas", "updates"):
             m = _DELTA_DIR.match(parts[1]) if len(parts) > 2 else None
         elif kind == "snapshots":
             m = _SNAPSHOT.match(parts[1]) if len(parts) == 2 else None
@@ -184,8 +187,9 @@ def decide(run: str, head: Head, committed: dict[int, Committed], listing: Itera
 
     doomed = []
     for key, kind, version, _name in parsed:
-        if kind == "deltas":
-            reason = _delta_reason(version, head.version, commit_ms, policy.delta_grace_s, now_ms)
+        if kind in ("deltas", "updates"):  # the update to v is read while v is the head, as deltas of base v
+            what = f"deltas of base v{version}" if kind == "deltas" else f"update to v{version}"
+            reason = _delta_reason(version, head.version, commit_ms, policy.delta_grace_s, now_ms, what)
         elif version > head.version:
             reason = None   # not committed (yet): an aggregator may be writing it
         elif version not in kept:
@@ -207,7 +211,8 @@ def _commit_times(committed: dict[int, Committed]) -> list[tuple[int, int]]:
     return sorted((v, c.committed_ms) for v, c in committed.items() if c.committed_ms is not None)
 
 
-def _delta_reason(base: int, head: int, commit_ms: list[tuple[int, int]], grace_s: float, now_ms: int) -> str | None:
+def _delta_reason(base: int, head: int, commit_ms: list[tuple[int, int]], grace_s: float, now_ms: int,
+                  what: str) -> str | None:
     if base >= head:
         return None  # the open round (or a later one): workers are uploading
     # Version base+1 was committed no later than the first version >= base+1 whose time is known
@@ -216,7 +221,7 @@ def _delta_reason(base: int, head: int, commit_ms: list[tuple[int, int]], grace_
     age_s = (now_ms - consumed_ms) / 1000
     if age_s <= grace_s:
         return None
-    return f"deltas of base v{base}: v{base + 1} committed {age_s:.0f}s ago (grace {grace_s:g}s)"
+    return f"{what}: v{base + 1} committed {age_s:.0f}s ago (grace {grace_s:g}s)"
 
 
 # --- deleting ----------------------------------------------------------------------------------
@@ -229,7 +234,7 @@ def measure(store: ObjectStore, doomed: list[Doomed], *, pool: Executor | None =
 def apply(store: ObjectStore, doomed: list[Doomed], *, sizes: bool = True, pool: Executor | None = None) -> Summary:
     """Delete what `doomed` names; returns counts (and, with `sizes`, bytes) per kind.
 
-    Snapshots go first, then weights and momentum, then deltas: if this stops midway, recover
+    Snapshots go first, then weights and momentum, then deltas and updates: if this stops midway, recover
     never meets a snapshot whose objects are half gone, and the next pass deletes the rest.
     """
     return _run(store, doomed, delete=True, sizes=sizes, pool=pool)

@@ -30,6 +30,7 @@ from diloco.scripts import Scripts
 from diloco.store import ObjectStore, put_idempotent
 from diloco.tasks import Task, load_task, run_defaults
 from diloco.units import UnitPlan, units_per_round
+from diloco.update import split_momentum
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
 
 
 def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
+    return load_outer_state(store, head)[0]
+
+
+def load_outer_state(store: ObjectStore, head: Head) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(momentum, the download's error-feedback residual) of `head`: one object holds both (diloco/update.py)."""
     data = store.get(head.momentum, sha256=head.momentum_sha256)
-    return model.from_bytes(data, f"momentum {head.momentum}")
+    return split_momentum(model.from_bytes(data, f"momentum {head.momentum}"))
 
 
 def build_model(task: Task, seed: int) -> torch.nn.Module:

@@ -70,7 +70,9 @@ COMMIT = """
 -- ARGV[4] weights key, ARGV[5] weights sha256, ARGV[6] momentum key, ARGV[7] momentum sha256,
 -- ARGV[8] the id of the last deltas-stream entry the round read (the next round reads after it,
 -- so an announcement that landed during the reduce is read, and rejected as late, not skipped),
--- ARGV[9] m, then m round-stat field/value pairs for the versions stream,
+-- ARGV[9] the encoded update's shard keys and ARGV[10] their sha256, comma-joined ('' for none:
+-- set every commit, so a head never keeps the update of an older version),
+-- ARGV[11] m, then m round-stat field/value pairs for the versions stream,
 -- then k (epochs), then for each epoch: c, then c (unit bit, worker id) pairs.
 -- Returns the new version, or an error: 'LOCK_LOST', 'STALE <current version>', or
 -- 'UNIT <worker> <bit> <why>' when a unit is already done or leased to another worker; then
@@ -80,8 +82,8 @@ COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LOCK_LOST') end
 local current = redis.call('HGET', KEYS[2], 'version')
 if current ~= ARGV[2] then return redis.error_reply('STALE ' .. tostring(current)) end
-local m = tonumber(ARGV[9])
-local i = 10 + 2 * m
+local m = tonumber(ARGV[11])
+local i = 12 + 2 * m
 local k = tonumber(ARGV[i]); i = i + 1
 local units = {}
 for e = 0, k - 1 do
@@ -111,10 +113,11 @@ local t = redis.call('TIME')
 local ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('HSET', KEYS[2], 'version', new, 'token', ARGV[3], 'weights', ARGV[4],
            'weights_sha256', ARGV[5], 'momentum', ARGV[6], 'momentum_sha256', ARGV[7],
-           'committed_ms', ms, 'deltas_since', ARGV[8])
+           'committed_ms', ms, 'deltas_since', ARGV[8], 'update', ARGV[9], 'update_sha256', ARGV[10])
 local entry = {'version', new, 'token', ARGV[3], 'weights', ARGV[4], 'weights_sha256', ARGV[5],
+               'update', ARGV[9], 'update_sha256', ARGV[10],
                'momentum', ARGV[6], 'momentum_sha256', ARGV[7], 'committed_ms', ms}
-for j = 10, 9 + 2 * m do entry[#entry + 1] = ARGV[j] end
+for j = 12, 11 + 2 * m do entry[#entry + 1] = ARGV[j] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return tonumber(new)
 """
@@ -273,13 +276,15 @@ class Scripts:
     def commit(self, run: str, *, lock_value: str, base_version: int, token: int,
                weights: tuple[str, str], momentum: tuple[str, str], stats: dict[str, str],
                dataset: str = "", units: dict[int, list[tuple[int, str]]] | None = None,
-               deltas_read: str = "0-0") -> int:
+               deltas_read: str = "0-0", update: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> int:
         """Advance the version pointer and mark the round's units done.
 
-        `units` maps epoch -> [(unit bit, worker id)]. Raises LockLost if our lock or base version
+        `units` maps epoch -> [(unit bit, worker id)]; `update` is the encoded update's (shard keys,
+        sha256s), written into the head. Raises LockLost if our lock or base version
         is gone, UnitConflict (naming the worker) if a unit is not that worker's to commit.
         """
-        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, deltas_read, len(stats)]
+        args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, deltas_read,
+                                 ",".join(update[0]), ",".join(update[1]), len(stats)]
         for k, v in stats.items():
             args += [k, v]
         ks = [keys.lock(run), keys.head(run), keys.versions(run)]

@@ -79,8 +79,12 @@ class ObjectStore(ABC):
     url: str  # as opened; never carries secrets (credentials come from the environment)
 
     @abstractmethod
-    def put(self, key: str, data: bytes) -> str:
-        """Create `key` with `data`; return its sha256 hex. ObjectExists if the key is taken."""
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:
+        """Create `key` with `data`; return its sha256 hex. ObjectExists if the key is taken.
+
+        `durable=False` may skip making the object survive a machine crash (a file store's fsync):
+        for objects always read with their sha256 checked and never needed after a crash (delta
+        shards, published updates), where a torn object is rejected and the data sent again."""
 
     @abstractmethod
     def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
@@ -125,15 +129,15 @@ class FileStore(ObjectStore):
     def _unreachable(self, why: object) -> Unreachable:
         return Unreachable(f"object store {self.url} cannot be reached: {why}")
 
-    def put(self, key: str, data: bytes) -> str:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:
         try:
-            return self._put(key, data)
+            return self._put(key, data, durable)
         except (ObjectExists, ConfigError):
             raise
         except OSError as e:  # the directory is gone, unmounted, full or read-only: an outage
             raise self._unreachable(e) from None
 
-    def _put(self, key: str, data: bytes) -> str:
+    def _put(self, key: str, data: bytes, durable: bool) -> str:
         path = self._path(key)
         digest = hashlib.sha256(data).hexdigest()
         self._mkdirs(path.parent)
@@ -143,7 +147,8 @@ class FileStore(ObjectStore):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())  # the link below must never publish unwritten blocks
+                if durable:
+                    os.fsync(f.fileno())  # the link below must never publish unwritten blocks
             try:
                 os.link(tmp, path)  # atomic and create-only: readers see all of it or nothing
             except FileExistsError:
@@ -155,7 +160,8 @@ class FileStore(ObjectStore):
                 raise
         finally:
             tmp.unlink(missing_ok=True)
-        self._fsync_dir(path.parent)
+        if durable:
+            self._fsync_dir(path.parent)
         return digest
 
     @staticmethod
@@ -306,7 +312,7 @@ class S3Store(ObjectStore):
                                "check the AWS credentials")
         return e
 
-    def put(self, key: str, data: bytes) -> str:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:  # S3 objects are always durable
         full = self._key(key)
         digest = hashlib.sha256(data).hexdigest()
         try:
@@ -424,13 +430,13 @@ def open_store(url: str, *, concurrency: int = 16) -> ObjectStore:
     raise ConfigError(f"object store URL {url!r} is not supported; use {ACCEPTED_FORMS}")
 
 
-def put_idempotent(store: ObjectStore, key: str, data: bytes) -> str:
+def put_idempotent(store: ObjectStore, key: str, data: bytes, *, durable: bool = True) -> str:
     """Create-only write that accepts an identical object already there (a retried write landed).
 
     ObjectExists only if the existing object differs: immutable objects are never replaced.
     """
     try:
-        return store.put(key, data)
+        return store.put(key, data, durable=durable)
     except ObjectExists:
         sha = hashlib.sha256(data).hexdigest()
         if hashlib.sha256(store.get(key)).hexdigest() != sha:

@@ -229,6 +229,32 @@ def test_aggregator_crash_at_each_point_standby_commits_identical_versions(point
     assert assert_replays(r, file_url) == n
 
 
+def test_a_round_redone_after_a_crash_publishes_the_same_update_and_residual(redis_url, file_url, r, procs_for):
+    """The aggregator dies after writing version 1 (update shards, weights, momentum with the download's
+    residual) but before committing; the standby's redo writes the same bytes under its own token."""
+    harness.init(redis_url, file_url, codec="int8", min_workers=2, **FAST)
+    procs = procs_for(redis_url, file_url)
+    a = procs.aggregator("aggA", env={ENV_CRASH_AT: "after_write"})
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(2)]
+    harness.wait_for_key(r, keys.lock_token("t"))
+    b = harness.aggregator(redis_url, file_url, "aggB", lock_ttl_s=2)
+    try:
+        assert a.wait(timeout=60) == CRASH_EXIT_CODE
+        assert [w.result() for w in ws] == [2, 2]
+        entries = harness.wait_for_version(r, "t", 2)
+    finally:
+        b.stop()
+    store = open_store(file_url)
+    first = entries[0]
+    assert first["token"] == "2" and first["update"]
+    for ours in first["update"].split(","):
+        orphan = ours.replace("/t2-", "/t1-")
+        assert orphan != ours and store.get(orphan) == store.get(ours), "the redo's update is A's, bit for bit"
+    assert store.get(keys.momentum_object("t", 1, 1)) == store.get(first["momentum"]), "so is the residual"
+    assert hashlib.sha256(store.get(keys.weights_object("t", 1, 1))).hexdigest() == first["weights_sha256"]
+    assert assert_replays(r, file_url) == 2
+
+
 # --- 2. a worker is SIGKILLed mid-round ------------------------------------------------------------
 
 def test_killed_worker_leaves_by_heartbeat_late_delta_is_dropped_restart_resumes(redis_url, file_url, r, procs_for,

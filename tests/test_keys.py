@@ -63,6 +63,8 @@ OBJECT_KEYS = {
     "snapshot_object": "runs/r1/state/v00000003.msgpack",
     "snapshot_prefix": "runs/r1/state/",
     "weights_prefix": "runs/r1/weights/",
+    "update_prefix": "runs/r1/updates/v00000003/",
+    "update_shard": "runs/r1/updates/v00000003/t7-0002.safetensors",
 }
 
 

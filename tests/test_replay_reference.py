@@ -49,13 +49,13 @@ def test_replay_recomputes_what_an_independent_reference_computes_and_flags_a_wr
     """Kills the mutants shared by the aggregator and the replay (in `diloco/outer.py`, `reduce.py`,
     `shards.py`: the replay's recomputation then differs from the reference), and the replay mutants
     that call every version a match (`matches` always true: version 2 goes unflagged)."""
-    real, calls = aggregator_module.outer_step, []
+    real, calls = aggregator_module.outer_step_, []
 
     def buggy_in_round_two(*args, lr: float, **kw):
         calls.append(lr)
         return real(*args, lr=lr * 1.5 if len(calls) == 2 else lr, **kw)
 
-    monkeypatch.setattr(aggregator_module, "outer_step", buggy_in_round_two)
+    monkeypatch.setattr(aggregator_module, "outer_step_", buggy_in_round_two)
     harness.init(redis_url, file_url, min_workers=2, outer_lr=LR, outer_momentum=MU)
     agg = harness.aggregator(redis_url, file_url, max_rounds=3)
     ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=3) for i in range(2)]

@@ -217,3 +217,19 @@ def test_empty_object_round_trip(store):
     assert store.size(KEY) == 0
     assert store.exists(KEY)
     assert store.get(KEY, sha256=digest, max_bytes=0) == b""
+
+
+def test_a_file_store_syncs_durable_objects_and_skips_the_fsync_for_the_others(file_url, monkeypatch):
+    """Delta shards and published updates go in with durable=False (they are read with their sha256
+    checked, and a torn one is sent again): no fsync on their critical path; every other object syncs."""
+    import diloco.store as store_module
+
+    store, synced = open_store(file_url), []
+    store.check()  # creates the directory, as a service starting does
+    real = store_module.os.fsync
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    store.put("a/durable", b"x")
+    assert len(synced) >= 2, "the file and its directory entry"
+    synced.clear()
+    assert store.put("a/fast", b"y", durable=False) == hashlib.sha256(b"y").hexdigest()
+    assert synced == [] and store.get("a/fast") == b"y"

@@ -305,11 +305,15 @@ def test_stalled_worker_keeps_its_lease_then_its_late_delta_is_dropped_and_its_u
     assert_exactly_once(r, cfg)
 
 
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commits_the_rest(
-        redis_url, file_url, r, monkeypatch):
+        redis_url, file_url, r, monkeypatch, codec):
+    """The retry steps from the head's weights again (the refused attempt stepped the holder's copy in
+    place): the committed version equals a replay of w1's delta alone (fails if the retry reuses it)."""
     from diloco.reduce import Reducer
+    from diloco.replay import replay
 
-    cfg = harness.init(redis_url, file_url, **SMALL)
+    cfg = harness.init(redis_url, file_url, **{**SMALL, "codec": codec})
     ep = Epoch(r, 0)
     real_add, stolen = Reducer.add, []
 
@@ -339,6 +343,7 @@ def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commi
     open_store(file_url).get(head.weights, sha256=head.weights_sha256)  # the retried commit's objects
     a = audit(r, cfg)
     assert a.twice == [] and a.mismatched == [] and not set(w0_units) & set(a.committed)
+    assert replay(r, open_store(file_url), RUN).mismatched == []
 
 
 def test_a_late_delta_landing_during_the_reduce_is_still_rejected_with_a_reason(redis_url, file_url, r, monkeypatch):

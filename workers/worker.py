@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import control, keys, model, runs, schedule, units
+from diloco import control, keys, model, runs, schedule, units, update
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
-from diloco.errors import ConfigError, ModelMismatch, RunNotFound
+from diloco.errors import BadInput, BadShard, ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
 from diloco.shards import encode_delta, encode_with_feedback, l2_norm
 from diloco.store import open_store, put_idempotent
@@ -87,7 +87,13 @@ class Worker:
         self.checkpoint = Checkpoint(settings.checkpoint_dir, settings.worker_id) if settings.checkpoint_dir else None
         self.version: int | None = None       # the version whose weights the model was reset to
         self.global_state: dict[str, torch.Tensor] = {}
+        # The last global weights downloaded (CPU, as committed) and their version: a version's
+        # published update applies to them (diloco/update.py), even after the model trained away.
+        self.global_full: dict[str, torch.Tensor] = {}
+        self.global_version: int | None = None
+        self.download_codec = update.download_codec(self.cfg)
         self.bytes_sent = self.bytes_received = 0
+        self.full_downloads = self.updates_applied = self.update_fallbacks = 0
         self.warned_decayed = False
         # Checked: the other ranks may build the same model and data now, and join the model's group.
         self.ranks.send_config(self.cfg.to_fields())
@@ -248,17 +254,47 @@ class Worker:
         return self.stop_event.is_set() or self.heartbeat.lost.is_set()
 
     def _sync_to(self, head) -> bool:
-        """Reset the model to the global weights of `head` (cached by version); True if it loaded them."""
+        """Reset the model to the global weights of `head` (cached by version): by applying its
+        published update to the version before when we hold that one, else from the full weights.
+        True if it loaded new weights (the other ranks then need them)."""
         if self.version == head.version:
             return False
-        weights = runs.load_weights(self.store, head)
-        self.bytes_received += self.store.size(head.weights)
+        weights = None
+        if head.update and self.global_version == head.version - 1 and self.download_codec is not None:
+            weights = self._apply_update(head)
+        if weights is None:
+            weights = runs.load_weights(self.store, head)
+            self.bytes_received += self.store.size(head.weights)
+            self.full_downloads += 1
         self.model.load_state_dict(weights)
+        self.global_full, self.global_version = weights, head.version
+        # On a CPU fp32 model these are the same tensors as global_full (no copy).
         self.global_state = {n: t.to(self.device, torch.float32) for n, t in weights.items()
                              if t.is_floating_point()}
         self.version = head.version
-        self.heartbeat.update(version=head.version, bytes_received=self.bytes_received)
+        self.heartbeat.update(version=head.version, bytes_received=self.bytes_received,
+                              full_downloads=self.full_downloads, updates_applied=self.updates_applied,
+                              update_fallbacks=self.update_fallbacks)
         return True
+
+    def _apply_update(self, head) -> dict[str, torch.Tensor] | None:
+        """Version `head`'s weights from ours and its update, checked to hash as its weights object;
+        None (logged and counted in the `update_fallbacks` stat) if the update is unusable."""
+        try:
+            shards = update.fetch(self.store, head.update, head.update_sha256, self.cfg.shard_bytes)
+            weights = update.apply(self.global_full, update.decode(shards, self.global_full, self.download_codec))
+            data = model.to_bytes(weights, run=self.s.run, version=str(head.version))
+            if hashlib.sha256(data).hexdigest() != head.weights_sha256:
+                raise BadShard(f"applied to version {self.global_version}, it does not give the bytes of "
+                               f"{head.weights}")
+        except BadInput as e:  # missing, corrupt, truncated or not ours: the full weights are the truth
+            self.update_fallbacks += 1
+            log.warning("the update to version %d is unusable (%s: %s); downloading the full weights",
+                        head.version, type(e).__name__, e)
+            return None
+        self.bytes_received += sum(len(s) for s in shards)
+        self.updates_applied += 1
+        return weights
 
     def _round_samples(self, version: int, claimed: list[units.Unit]) -> list[int]:
         """The round's sample ids: its units' samples, shuffled with a seed of (run, worker, version)."""
@@ -305,7 +341,8 @@ class Worker:
         upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
         names = [keys.delta_shard(self.s.run, version, self.s.worker_id, upload, i) for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
-            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data))
+            # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
+            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data, durable=False))
 
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
             shas = list(pool.map(put, names, shards))
