@@ -28,6 +28,9 @@ ENV_WORKER_ID = "DILOCO_WORKER_ID"
 ENV_S3_ENDPOINT = "DILOCO_S3_ENDPOINT"
 ENV_CRASH_AT = "DILOCO_CRASH_AT"
 
+# Inner-loop precisions: "bf16" runs forward and backward under torch.autocast(bfloat16).
+PRECISIONS = ("fp32", "bf16")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RUN = "default"
 
@@ -44,6 +47,7 @@ class RunConfig:
     sync_every: int = 500       # H: inner optimizer steps per round
     batch_size: int = 16        # samples per micro-batch
     grad_accum: int = 1         # micro-batches per optimizer step
+    precision: str = "fp32"     # inner forward/backward: fp32, or bf16 autocast (weights, deltas, outer step stay fp32)
     unit_samples: int = 0       # samples per work unit; 0 = one optimizer step's worth (set by init)
     inner_lr: float = 1e-3
     inner_weight_decay: float = 0.1
@@ -101,6 +105,8 @@ class RunConfig:
                 f"cooldown_to ({self.cooldown_to}) must be greater than cooldown_from "
                 f"({self.cooldown_from}), or 0 for no cooldown"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         per_round = self.sync_every * self.grad_accum * self.batch_size
         if self.unit_samples < 0 or (self.unit_samples and per_round % self.unit_samples):
             raise ConfigError(

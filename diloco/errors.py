@@ -33,6 +33,10 @@ class Unreachable(DilocoError):
     """Redis or the object store cannot be reached; the message names the URL."""
 
 
+class RankFailed(DilocoError):
+    """Another rank of this worker (torchrun) died or failed: the worker stops as a whole."""
+
+
 class LockLost(DilocoError):
     """The aggregator's fencing token is no longer the lock holder; its round must not commit."""
 

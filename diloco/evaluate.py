@@ -2,7 +2,9 @@
 
 `diloco eval` follows the versions stream and records each version's eval loss in the hash
 `diloco:{run}:eval` (version -> loss), where `diloco status` and the monitor read it. It evaluates
-the same fixed samples every time, so losses of different versions compare.
+the same fixed samples every time, so losses of different versions compare. It evaluates in fp32
+whatever the run's `precision`, so losses compare across runs too. With `--tensorboard DIR` it
+also writes TensorBoard scalars (diloco/tboard.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Evaluator:
     """Follows the versions stream and records the eval loss of every committed version."""
 
     def __init__(self, redis_url: str, store_url: str, run: str, *, max_samples: int = 512, device: str = "cpu",
-                 block_ms: int = 1000, outage_limit_s: float = 600.0) -> None:
+                 block_ms: int = 1000, outage_limit_s: float = 600.0, tensorboard: str | None = None) -> None:
         self.stop_event = threading.Event()
         self.r = connect_redis(redis_url)
         self.store = open_store(store_url)
@@ -54,6 +56,11 @@ class Evaluator:
         self.task = load_task(self.cfg.task, self.cfg.task_options)
         self.model = runs.build_model(self.task, self.cfg.seed).to(device)
         self.outage = Outage(outage_limit_s, self.stop_event)
+        self.tb = None
+        if tensorboard:
+            from diloco.tboard import TensorBoardLog
+
+            self.tb = TensorBoardLog(tensorboard, self.r, run)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -63,6 +70,8 @@ class Evaluator:
         loss = eval_loss(self.task, self.model, max_samples=self.max_samples, device=self.device)
         self.r.hset(keys.eval_losses(self.run_name), str(head.version), f"{loss:.6f}")
         log.info("version %d: eval loss %.4f", head.version, loss)
+        if self.tb is not None:
+            self.tb.eval_loss(head.version, loss)
         return loss
 
     def run(self, max_rounds: int | None = None) -> int:
@@ -70,6 +79,8 @@ class Evaluator:
         done = 0
         while not self.stop_event.is_set() and (max_rounds is None or done < max_rounds):
             try:
+                if self.tb is not None:
+                    self.tb.rounds()
                 head = runs.read_head(self.r, self.run_name)
                 if not self.r.hexists(keys.eval_losses(self.run_name), str(head.version)):
                     self.evaluate(head)
@@ -85,4 +96,6 @@ class Evaluator:
                 self.outage.failed("Redis and the object store", e)
             except redis.ResponseError as e:
                 self.outage.failed("Redis", e)
+        if self.tb is not None:
+            self.tb.close()
         return done

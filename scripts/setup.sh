@@ -17,5 +17,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch pulls GBs of CUDA.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, redis, boto3, safetensors, msgpack, rich, moto, pytest, hypothesis, yaml" \
+.venv/bin/python -c "import torch, redis, boto3, safetensors, msgpack, rich, moto, pytest, hypothesis, yaml, transformers, datasets, tokenizers, tensorboard" \
     || { echo "setup: the Python environment in .venv is incomplete" >&2; exit 1; }

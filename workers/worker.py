@@ -5,6 +5,10 @@ One round: read the head version v, load its weights, claim the round's work uni
 `delta = theta_v - theta_local` in fp32, encode and upload it as shards (create-only), announce it
 on the deltas stream, then block on the versions stream until v+1 is committed. Units the commit
 did not include are released. AdamW and its LR schedule persist across rounds and are never sent.
+
+Under torchrun this class is rank 0 of the worker (the only rank that talks to Redis and the
+store); the other ranks run `workers.follower.Follower` and train their shares of each batch
+(workers/ranks.py, workers/inner.py).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +32,10 @@ from diloco.errors import BadInput, BadShard, ConfigError, ModelMismatch, RunNot
 from diloco.messages import Announcement
 from diloco.shards import encode_delta, encode_with_feedback, l2_norm
 from diloco.store import open_store, put_idempotent
-from diloco.tasks import load_task, to_device
 from workers.checkpoint import Checkpoint
 from workers.heartbeat import Heartbeat
+from workers.inner import InnerLoop
+from workers.ranks import Ranks, RoundCommand
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,11 @@ class RoundInfo:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, *, observer: Callable[[RoundInfo], None] | None = None):
+    def __init__(self, settings: WorkerSettings, *, observer: Callable[[RoundInfo], None] | None = None,
+                 ranks: Ranks | None = None):
         self.s = settings
+        self.ranks = ranks or Ranks(device=settings.device)
+        assert self.ranks.leader, "only rank 0 runs the Worker; the other ranks run a Follower"
         self.observer = observer
         self.stop_event = threading.Event()
         self.nonce = uuid.uuid4().hex[:12]
@@ -62,16 +69,14 @@ class Worker:
         self.store.check()
         self.codec = self._make_codec()
         self.residual: dict[str, torch.Tensor] = {}   # error feedback: what lossy encoding did not send
-        self.device = torch.device(settings.device)
+        self.device = self.ranks.device
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.task = load_task(self.cfg.task, self.cfg.task_options)
-        self.model = runs.build_model(self.task, self.cfg.seed).to(self.device)
+        self.inner = InnerLoop(self.cfg, self.ranks)
+        self.task, self.model, self.optimizer = self.inner.task, self.inner.model, self.inner.optimizer
         self._check_model()
-        self.train = self.task.train_data()
+        self.train = self.inner.train_data
         self._check_dataset()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.inner_lr,
-                                           weight_decay=self.cfg.inner_weight_decay, betas=(0.9, 0.95))
         self.plan = units.plan_for(self.r, self.cfg)
         self.leases = units.Leases(self.r, settings.run, self.plan, settings.worker_id,
                                    lease_ms=int(self.cfg.heartbeat_timeout_s * 1000))
@@ -87,9 +92,21 @@ class Worker:
         self.global_full: dict[str, torch.Tensor] = {}
         self.global_version: int | None = None
         self.download_codec = update.download_codec(self.cfg)
-        self.bytes_sent = self.bytes_received = self.steps_done = 0
+        self.bytes_sent = self.bytes_received = 0
         self.full_downloads = self.updates_applied = self.update_fallbacks = 0
         self.warned_decayed = False
+        # Checked: the other ranks may build the same model and data now, and join the model's group.
+        self.ranks.send_config(self.cfg.to_fields())
+        self.inner.distribute()
+        self.followers_idle = True  # the other ranks wait for the next round (or stop) message
+
+    @property
+    def steps_done(self) -> int:
+        return self.inner.steps_done
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:  # a checkpoint restores it
+        self.inner.steps_done = value
 
     def _make_codec(self):
         options = dict(self.cfg.codec_options)
@@ -149,6 +166,7 @@ class Worker:
             raise
         finally:
             self._release_units()
+            self._stop_followers()
             self.heartbeat.stop(state)
             if self.heartbeat.lost.is_set():
                 raise ConfigError(self.heartbeat.lost_reason)
@@ -166,8 +184,14 @@ class Worker:
             log.info("stop requested while claiming work units")
             return False
         head = io("Redis", lambda: runs.read_head(self.r, self.s.run))
-        io("the object store", lambda: self._sync_to(head))
-        ann = self._train_round(head.version, claimed)
+        reset = io("the object store", lambda: self._sync_to(head))
+        ids = self._round_samples(head.version, claimed)
+        if self.ranks.distributed:
+            self.followers_idle = False
+            self.ranks.send_round(RoundCommand(head.version, self.steps_done, reset, ids))
+            if reset:
+                self.ranks.broadcast_state(self.model)
+        ann = self._train_round(head.version, claimed, ids)
         if ann is None:
             log.info("stop requested; abandoning the round on version %d", head.version)
             return False
@@ -211,6 +235,15 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _stop_followers(self) -> None:
+        """Tell the other ranks to exit, if they wait for a message (not in a step: they left or will fail)."""
+        if not self.ranks.distributed or not self.followers_idle:
+            return
+        try:
+            self.ranks.send_round(None)
+        except Exception as e:  # a rank already gone; torchrun stops the rest
+            log.warning("could not tell the other ranks to stop: %s", e)
+
     def _release_units(self) -> None:
         try:
             self.leases.release()
@@ -220,11 +253,12 @@ class Worker:
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or self.heartbeat.lost.is_set()
 
-    def _sync_to(self, head) -> None:
+    def _sync_to(self, head) -> bool:
         """Reset the model to the global weights of `head` (cached by version): by applying its
-        published update to the version before when we hold that one, else from the full weights."""
+        published update to the version before when we hold that one, else from the full weights.
+        True if it loaded new weights (the other ranks then need them)."""
         if self.version == head.version:
-            return
+            return False
         weights = None
         if head.update and self.global_version == head.version - 1 and self.download_codec is not None:
             weights = self._apply_update(head)
@@ -241,6 +275,7 @@ class Worker:
         self.heartbeat.update(version=head.version, bytes_received=self.bytes_received,
                               full_downloads=self.full_downloads, updates_applied=self.updates_applied,
                               update_fallbacks=self.update_fallbacks)
+        return True
 
     def _apply_update(self, head) -> dict[str, torch.Tensor] | None:
         """Version `head`'s weights from ours and its update, checked to hash as its weights object;
@@ -273,47 +308,29 @@ class Worker:
         want = units.units_per_round(self.cfg)
         return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event))
 
-    def _train_round(self, version: int, claimed: list[units.Unit]) -> Announcement | None:
-        self.model.train()
+    def _train_round(self, version: int, claimed: list[units.Unit], ids: list[int]) -> Announcement | None:
         if self.cfg.cooldown_to and version >= self.cfg.cooldown_to and not self.warned_decayed:
             self.warned_decayed = True  # once: every later round would repeat it
             log.warning("run %r is at version %d, past cooldown_to %d: the inner lr is 0, so rounds no "
                         "longer train the parameters; stop the run or start a new one",
                         self.s.run, version, self.cfg.cooldown_to)
-        ids = self._round_samples(version, claimed)
-        batch_size, accum = self.cfg.batch_size, self.cfg.grad_accum
         self.heartbeat.update(state="training")
-        t0 = time.perf_counter()
-        losses, micro_batches = [], 0
-        for step in range(self.cfg.sync_every):
-            if self._should_stop():
-                return None
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = schedule.inner_lr(self.cfg, self.steps_done, version, step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(accum):
-                start = (step * accum + micro) * batch_size
-                batch = to_device(self.train.batch(ids[start:start + batch_size]), self.device)
-                loss = self.task.loss(self.model, batch) / self.cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-                micro_batches += 1
-            self.optimizer.step()
-            self.steps_done += 1
-            losses.append(total)
-            elapsed = time.perf_counter() - t0
-            self.heartbeat.update(step=self.steps_done, loss=f"{total:.4f}",
+
+        def on_step(step: int, loss: float, lr: float, elapsed: float) -> None:
+            self.heartbeat.update(step=self.steps_done, loss=f"{loss:.4f}",
                                   steps_per_s=f"{(step + 1) / elapsed:.2f}", lr=f"{lr:.3g}")
-        train_s = time.perf_counter() - t0
+
+        done = self.inner.train(version, ids, self._should_stop, on_step)
+        if done is None:  # every rank stopped at the same step
+            return None
+        self.followers_idle = True
         local = self.model.state_dict()
         delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
-        mean_loss = sum(losses) / len(losses)
+        mean_loss = sum(done.losses) / len(done.losses)
         if self.observer is not None:
             self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
-                                    self.cfg.sync_every, micro_batches, mean_loss))
-        return self._upload(version, delta, mean_loss, train_s, micro_batches, claimed)
+                                    self.cfg.sync_every, done.micro_batches, mean_loss))
+        return self._upload(version, delta, mean_loss, done.train_s, done.micro_batches, claimed)
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
                 micro_batches: int, claimed: list[units.Unit]) -> Announcement:

@@ -5,7 +5,7 @@ A run's config holds a task name and a JSON-able options dict. Every worker call
 tasks are deterministic: the model depends only on the global torch seed the caller sets, and a
 dataset's `dataset_id` changes whenever its samples would.
 
-The name is a builtin ("gpt", "tiny") or "some.module:factory" for user code, where
+The name is a builtin ("gpt", "tiny", "hf") or "some.module:factory" for user code, where
 `factory(**options)` returns an object satisfying `Task`.
 """
 
@@ -22,7 +22,8 @@ import torch
 
 from diloco.errors import ConfigError
 
-BUILTIN = {"gpt": "diloco.tasks.gpt:make_task", "tiny": "diloco.tasks.tiny:make_task"}
+BUILTIN = {"gpt": "diloco.tasks.gpt:make_task", "tiny": "diloco.tasks.tiny:make_task",
+           "hf": "diloco.tasks.hf:make_task"}  # hf needs the optional extra diloco[hf]
 
 
 class Dataset(Protocol):

@@ -199,6 +199,21 @@ class GPTTask:
         logits = model(batch["x"])
         return F.cross_entropy(logits.view(-1, VOCAB), batch["y"].view(-1))
 
+    # ---- text, for `diloco sample` (diloco/sample.py) ----
+
+    @property
+    def context_len(self) -> int:
+        return self.opts.seq_len
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model(ids)
+
 
 def make_task(**options: Any) -> GPTTask:
     return GPTTask(parse_options(GPTOptions, options, "gpt"))
