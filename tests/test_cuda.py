@@ -38,6 +38,9 @@ def test_workers_train_on_cuda_and_every_version_replays(redis_url, file_url, r,
     assert all(t.device.type == "cpu" for info in rounds for t in info.delta.values()), "deltas encode on the CPU"
     assert any(p.is_cuda for w in ws for p in w.service.model.parameters()), "the model trained on the GPU"
     assert all(t.device.type == "cpu" for w in ws for t in w.service.residual.values())
+    # Versions 1 and 2 came as published updates, applied on the CPU copy and checked against the full
+    # weights' sha256: a CUDA worker reaches them bit for bit too.
+    assert [(w.service.updates_applied, w.service.update_fallbacks) for w in ws] == [(2, 0), (2, 0)]
     entries = [f for _, f in r.xrange(keys.versions("t"))]
     assert [e["n"] for e in entries] == ["2", "2", "2"]
     assert replay(r, open_store(file_url), "t").mismatched == []
