@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -365,6 +366,22 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def l2_norm(tensors) -> float:
-    """L2 norm over several tensors, accumulated in float64 so workers and aggregator agree."""
-    # vector_norm accumulates in float64 without a float64 copy of the tensor (1.7x faster on 25M elements).
-    return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64).item() ** 2 for t in tensors) ** 0.5)
+    """L2 norm over several tensors: what a worker announces and the aggregator checks, within 1e-4.
+
+    Each run of 1024 elements is measured in fp32 and the runs are summed in float64: 5e-10 relative
+    error on 25M elements, 20x faster than float64 throughout (0.014 s against 0.29 s, on the round's
+    critical path twice). One fp32 pass over all of it would be off by 1e-3. float64 takes over where
+    fp32 overflows, so a huge finite delta is not measured as infinite."""
+    total = 0.0
+    for t in tensors:
+        flat = t.reshape(-1)
+        whole = flat.numel() // _NORM_RUN * _NORM_RUN
+        runs = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_RUN), dim=1)
+        part = float(runs.double().square().sum()) + torch.linalg.vector_norm(flat[whole:]).item() ** 2
+        if not math.isfinite(part):
+            part = torch.linalg.vector_norm(flat, dtype=torch.float64).item() ** 2
+        total += part
+    return math.sqrt(total)
+
+
+_NORM_RUN = 1024

@@ -492,7 +492,7 @@ def test_sparse_delta_adds_what_it_decodes_to(shard_bytes):
     expected = acc + dense
     buf.add_to(acc)
     assert torch.equal(acc, expected)
-    assert buf.norm() == pytest.approx(float(torch.linalg.vector_norm(dense.double())), rel=1e-12)
+    assert buf.norm() == pytest.approx(float(torch.linalg.vector_norm(dense.double())), rel=1e-6)
     assert torch.equal(buf.buffer, dense)
 
 
@@ -604,7 +604,7 @@ def test_encode_with_feedback_of_a_dense_lossy_codec():
     for n in target:
         assert new_residual[n].dtype == torch.float32 and new_residual[n].shape == target[n].shape
         torch.testing.assert_close(new_residual[n], target[n] - sent[n], rtol=0, atol=1e-6)
-    assert norm == pytest.approx(float(sum(t.double().pow(2).sum() for t in sent.values()) ** 0.5), rel=1e-9)
+    assert norm == pytest.approx(float(sum(t.double().pow(2).sum() for t in sent.values()) ** 0.5), rel=1e-6)
 
 
 def test_encode_delta_takes_a_float64_delta_as_fp32():
@@ -648,3 +648,17 @@ def test_long_tensor_names_count_against_the_shard_limit():
     assert len(shards) > 10
     assert max(len(s) for s in shards) <= max_shard_object_bytes(4096)
     assert _decode(shards, FP32, delta) == delta
+
+
+def test_l2_norm_agrees_with_float64_on_a_large_delta_and_does_not_overflow():
+    """A single fp32 pass over 4M elements is off by about 1e-4 (the aggregator's tolerance): the
+    per-run fp32 norms summed in float64 stay within 1e-8; a huge finite delta is not measured as inf."""
+    from diloco.shards import l2_norm
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4_000_003, generator=g) * 3
+    parts = [big[:1000], big[1000:]]
+    exact = float(torch.linalg.vector_norm(big.double()))
+    assert l2_norm(parts) == pytest.approx(exact, rel=1e-8)
+    huge = torch.full((3000,), 1e20)
+    assert l2_norm([huge]) == pytest.approx(float(torch.linalg.vector_norm(huge.double())), rel=1e-12)
