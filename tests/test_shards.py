@@ -651,7 +651,7 @@ def test_long_tensor_names_count_against_the_shard_limit():
 
 
 def test_l2_norm_agrees_with_float64_on_a_large_delta_and_does_not_overflow():
-    """A single fp32 pass over 4M elements is off by about 1e-4 (the aggregator's tolerance): the
+    """A single fp32 pass over 25M elements was off by 1e-3 (the aggregator allows 1e-4): the
     per-run fp32 norms summed in float64 stay within 1e-8; a huge finite delta is not measured as inf."""
     from diloco.shards import l2_norm
 
