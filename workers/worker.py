@@ -9,6 +9,10 @@ did not include are released. AdamW and its LR schedule persist across rounds an
 Under torchrun this class is rank 0 of the worker (the only rank that talks to Redis and the
 store); the other ranks run `workers.follower.Follower` and train their shares of each batch
 (workers/ranks.py, workers/inner.py).
+
+In asynchronous mode (`mode=async`) the worker does not wait for the next version: after announcing
+it waits only until a version includes its delta (or the delta is rejected), then trains from the
+newest head, however many versions the others committed meanwhile.
 """
 
 from __future__ import annotations
@@ -195,6 +199,8 @@ class Worker:
         if ann is None:
             log.info("stop requested; abandoning the round on version %d", head.version)
             return False
+        # Async: the versions stream's end before we announce, so the commit that includes us is after it.
+        since = io("Redis", self._versions_end) if self.cfg.is_async else ""
         entry_id = io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000,
                                                    approximate=True))
         log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
@@ -203,8 +209,12 @@ class Worker:
         self.version = None
         if self.checkpoint is not None:
             self.checkpoint.save(self)
-        self.heartbeat.update(state="waiting", waiting_for=f"version {head.version + 1}")
-        rejected = io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
+        if self.cfg.is_async:
+            self.heartbeat.update(state="waiting", waiting_for=f"the commit of our delta on version {head.version}")
+            rejected = io("Redis", lambda: self._wait_for_commit(head.version, entry_id, since))
+        else:
+            self.heartbeat.update(state="waiting", waiting_for=f"version {head.version + 1}")
+            rejected = io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
         self.heartbeat.update(waiting_for="")
         if rejected is not None:
             log.warning("the aggregator rejected our delta for version %d (%s); training again", head.version,
@@ -408,6 +418,37 @@ class Worker:
             reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
             for _, entries in reply or []:
                 last = entries[-1][0]
+        return None
+
+    def _versions_end(self) -> str:
+        newest = self.r.xrevrange(keys.versions(self.s.run), count=1)
+        return newest[0][0] if newest else "0-0"
+
+    def _wait_for_commit(self, version: int, entry_id: str, since: str) -> str | None:
+        """Async mode: block on the versions stream (from `since`, its end before we announced) until a
+        version lists our entry (None) or our entry is rejected (the reason).
+
+        Also returns, to train again, when the head went back below `version` (Redis restored from a
+        snapshot), our announcement vanished (Redis wiped) or the run was stopped."""
+        stream, last = keys.versions(self.s.run), since
+        while not self._should_stop():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hgetall(keys.head(self.s.run))
+            pipe.hget(keys.control(self.s.run), "state")
+            pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
+            pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
+            head, state, ours, rejected = pipe.execute()
+            if rejected:
+                return self._rejection_reason(entry_id)
+            if runs.parse_head(self.s.run, head).version < version or state == control.STOPPED or not ours:
+                return None
+            # From `last`, not the end: a version committed since the checks above is still read here.
+            reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
+            for _, entries in reply or []:
+                for version_id, fields in entries:
+                    last = version_id
+                    if entry_id in fields.get("entries", "").split(","):
+                        return None
         return None
 
     def _rejection_reason(self, entry_id: str) -> str:
