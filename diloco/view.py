@@ -44,13 +44,17 @@ def workers_table(snap: dict[str, Any]) -> Table:
 
 def rounds_table(snap: dict[str, Any], last: int = 10) -> Table:
     t = Table(title="recent versions")
+    is_async = snap["config"].get("mode") == "async"   # async versions record each delta's staleness
     for col in ("version", "workers", "loss", "eval loss", "round s", "bytes", "rejected", "aggregator"):
         t.add_column(col)
+    if is_async:
+        t.add_column("staleness")
     for rd in snap["rounds"][-last:]:
         ev = rd.get("eval_loss")
-        t.add_row(str(rd.get("version")), str(rd.get("n")), f"{rd['loss']:.4f}" if rd.get("loss") is not None else "-",
-                  f"{ev:.4f}" if ev is not None else "-",
-                  str(rd.get("duration_s")), _mb(rd.get("bytes")), str(rd.get("rejected")), str(rd.get("aggregator")))
+        row = [str(rd.get("version")), str(rd.get("n")), f"{rd['loss']:.4f}" if rd.get("loss") is not None else "-",
+               f"{ev:.4f}" if ev is not None else "-",
+               str(rd.get("duration_s")), _mb(rd.get("bytes")), str(rd.get("rejected")), str(rd.get("aggregator"))]
+        t.add_row(*row, *([str(rd.get("staleness", "-"))] if is_async else []))
     return t
 
 

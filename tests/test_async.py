@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from aggregator.collect import Round, check, collect
-from diloco import keys, outer, runs, units
+from diloco import keys, outer, runs, units, weighting
 from diloco.codecs import get_codec
 from diloco.config import ENV_CRASH_AT, RunConfig
 from diloco.errors import ConfigError
@@ -234,6 +234,16 @@ def test_the_reduce_weights_each_delta_by_weight_times_scale_over_the_sum_of_wei
     assert not torch.allclose(got.mean["a"], uniform.mean["a"]), "the weights change the mean"
 
 
+def test_a_deltas_weight_is_its_tokens_and_its_scale_one_over_sqrt_one_plus_staleness(redis_url, file_url, r):
+    cfg = harness.init(redis_url, file_url, mode="async", aggregation="tokens", staleness_weight="inv_sqrt")
+    ann = _ann(cfg, "w0", 2, [0], 0, tokens=300)
+    assert weighting.factors("tokens", "inv_sqrt", 5, ann) == (300.0, 0.5)   # staleness 3
+    assert weighting.factors("uniform", "none", 5, ann) == (1.0, 1.0)
+    assert weighting.stats(cfg, 5, [ann]) == {"aggregation": "tokens", "staleness_weight": "inv_sqrt",
+                                              "staleness": "3", "delta_weights": "300.0", "delta_scales": "0.5"}
+    assert weighting.stats(cfg.replace(mode="sync", staleness_weight="none", aggregation="uniform"), 5, [ann]) == {}
+
+
 def _deltas_like(like, count):
     g = torch.Generator().manual_seed(3)
     return [{n: torch.randn(t.shape, generator=g) for n, t in like.items()} for _ in range(count)]
@@ -309,3 +319,20 @@ def test_the_aggregator_killed_mid_stream_in_async_mode_a_standby_commits_the_sa
     result = replay(r, store, RUN)
     assert (result.versions, result.mismatched) == (4, [])
     _reference_run(r, store)
+
+
+def test_status_shows_each_async_versions_staleness_and_sync_tables_are_unchanged():
+    from rich.console import Console
+
+    from diloco.view import rounds_table
+
+    rounds = [{"version": 7, "n": 2, "loss": 1.0, "duration_s": 0.5, "bytes": 10, "rejected": 0,
+               "aggregator": "agg", "staleness": "0,3"}]
+
+    def render(mode: str) -> str:
+        console = Console(record=True, width=200)
+        console.print(rounds_table({"config": {"mode": mode}, "rounds": rounds}))
+        return console.export_text()
+
+    assert "staleness" in render("async") and "0,3" in render("async")
+    assert "staleness" not in render("sync")
