@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from aggregator.units_check import units_problem
-from diloco import control, keys
+from diloco import control, dylu, keys
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage, LockLost
@@ -69,8 +69,8 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
         return f"duplicate: worker already announced for version {ann.version} (the first counts)"
     if ann.codec != cfg.codec:
         return f"codec {ann.codec!r} is not the run's codec {cfg.codec!r}"
-    if ann.inner_steps != cfg.sync_every:
-        return f"trained {ann.inner_steps} inner steps, the run's sync_every is {cfg.sync_every}"
+    if (reason := dylu.allowed_steps(cfg, ann.inner_steps)) is not None:
+        return reason
     prefix = keys.delta_prefix(cfg.run, ann.version, ann.worker)
     outside = [s for s in ann.shards if not s.startswith(prefix) or ".." in s]
     if outside:

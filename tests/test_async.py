@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from aggregator.collect import Round, check, collect
-from diloco import keys, outer, runs, units, weighting
+from diloco import dylu, keys, outer, runs, units, weighting
 from diloco.codecs import get_codec
 from diloco.config import ENV_CRASH_AT, RunConfig
 from diloco.errors import ConfigError
@@ -336,3 +336,56 @@ def test_status_shows_each_async_versions_staleness_and_sync_tables_are_unchange
 
     assert "staleness" in render("async") and "0,3" in render("async")
     assert "staleness" not in render("sync")
+
+
+# --- DyLU ------------------------------------------------------------------------------------------
+
+def test_dylu_h_is_the_speed_share_of_sync_every_floored_and_at_least_h_min():
+    cfg = RunConfig.from_options("t", {"mode": "async", "dylu": True, "h_min": 3, "sync_every": 20})
+    assert dylu.inner_steps(cfg, 1.0, [3.0, 2.0]) == 6        # floor(20 * 1/3)
+    assert dylu.inner_steps(cfg, 0.1, [3.0]) == 3             # floor(0.67) -> h_min
+    assert dylu.inner_steps(cfg, 3.0, [1.0, 2.0]) == 20       # the fastest trains sync_every
+    assert dylu.inner_steps(cfg, None, [3.0]) == 20           # no rate of its own yet
+    assert dylu.inner_steps(cfg, 1.0, [float("nan"), -1.0]) == 20, "nonsense rates are ignored"
+    assert dylu.inner_steps(cfg.replace(dylu=False), 1.0, [3.0]) == 20
+    with pytest.raises(ConfigError, match="h_min must be in"):
+        cfg.replace(h_min=21)
+    with pytest.raises(ConfigError, match="apply to mode=async only"):
+        RunConfig.from_options("t", {"dylu": True})
+
+
+def test_dylu_accepts_fewer_inner_steps_with_units_to_match_and_sync_does_not(redis_url, file_url, r):
+    cfg = harness.init(redis_url, file_url, mode="async", dylu=True, h_min=2, task_options={"num_samples": 400})
+    rnd = Round(head=runs.read_head(r, RUN), last_id="0-0")
+    per_step = cfg.grad_accum * cfg.batch_size // cfg.unit_samples
+    assert check(_ann(cfg, "w0", 0, [0], 0, inner_steps=2), cfg, rnd) is None
+    assert "outside DyLU's [h_min 2, sync_every 5]" in check(_ann(cfg, "w0", 0, [0], 0, inner_steps=1), cfg, rnd)
+    assert "outside DyLU's" in check(_ann(cfg, "w0", 0, [0], 0, inner_steps=6), cfg, rnd)
+    sync = cfg.replace(mode="sync", dylu=False)
+    assert "the run's sync_every is 5" in check(_ann(cfg, "w0", 0, [0], 0, inner_steps=2), sync, rnd)
+    plan = units.plan_for(r, cfg)
+    from aggregator.units_check import units_problem
+
+    two = _ann(cfg, "w0", 0, list(range(2 * per_step)), 0, inner_steps=2)
+    assert units_problem(r, cfg, plan, two) is None
+    assert "a round trains on" in units_problem(r, cfg, plan, dataclasses.replace(two, inner_steps=3))
+
+
+def test_a_dylu_worker_slower_than_the_fastest_live_one_trains_h_min_steps_and_the_run_replays(
+        redis_url, file_url, r):
+    harness.init(redis_url, file_url, mode="async", dylu=True, h_min=2, task_options={"num_samples": 400})
+    # A live worker measured at a million steps/s: every real worker is slower than it.
+    r.sadd(keys.workers(RUN), "fast")
+    r.set(keys.worker_alive(RUN, "fast"), "1", ex=120)
+    r.hset(keys.worker_stats(RUN, "fast"), "steps_per_s", "1000000")
+    assert dylu.speeds(r, RUN) == {"fast": 1e6}
+    agg = harness.aggregator(redis_url, file_url, max_rounds=2)
+    w0 = harness.worker(redis_url, file_url, "w0", max_rounds=2)
+    assert w0.result() == 2 and agg.result() == 2
+    entries = [f for _, f in r.xrange(keys.versions(RUN))]
+    anns = [Announcement.from_fields(r.xrange(keys.deltas(RUN), e["entries"], e["entries"])[0][1]) for e in entries]
+    # Round 1: no rate of its own yet, so sync_every; round 2: its measured rate is far below the fastest.
+    assert [a.inner_steps for a in anns] == [5, 2]
+    assert [a.samples for a in anns] == [5 * 8, 2 * 8] and [len(a.units) for a in anns] == [5, 2]
+    result = replay(r, open_store(file_url), RUN)
+    assert (result.versions, result.mismatched) == (2, [])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import control, keys, model, runs, schedule, units, update
+from diloco import control, dylu, keys, model, runs, schedule, units, update
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
@@ -99,6 +99,7 @@ class Worker:
         self.bytes_sent = self.bytes_received = 0
         self.full_downloads = self.updates_applied = self.update_fallbacks = 0
         self.warned_decayed = False
+        self.steps_per_s: float | None = None   # the last round's measured rate (DyLU)
         # Checked: the other ranks may build the same model and data now, and join the model's group.
         self.ranks.send_config(self.cfg.to_fields())
         self.inner.distribute()
@@ -315,8 +316,19 @@ class Worker:
 
     def _claim(self) -> list[units.Unit] | None:
         self.heartbeat.update(state="claiming")
-        want = units.units_per_round(self.cfg)
+        want = units.units_per_round(self.cfg, self._inner_steps())
         return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event))
+
+    def _inner_steps(self) -> int:
+        """This round's H: sync_every, or with DyLU from the live workers' measured speeds (published as
+        the stat `inner_steps`)."""
+        if not self.cfg.dylu:
+            return self.cfg.sync_every
+        rates = self.outage.call("Redis", lambda: dylu.speeds(self.r, self.s.run))
+        rates.pop(self.s.worker_id, None)   # ours as measured here: the stat in Redis lags by a heartbeat
+        h = dylu.inner_steps(self.cfg, self.steps_per_s, list(rates.values()))
+        self.heartbeat.update(inner_steps=h)
+        return h
 
     def _train_round(self, version: int, claimed: list[units.Unit], ids: list[int]) -> Announcement | None:
         if self.cfg.cooldown_to and version >= self.cfg.cooldown_to and not self.warned_decayed:
@@ -334,12 +346,14 @@ class Worker:
         if done is None:  # every rank stopped at the same step
             return None
         self.followers_idle = True
+        if done.train_s > 0:
+            self.steps_per_s = done.micro_batches / self.cfg.grad_accum / done.train_s
         local = self.model.state_dict()
         delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
         mean_loss = sum(done.losses) / len(done.losses)
         if self.observer is not None:
             self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
-                                    self.cfg.sync_every, done.micro_batches, mean_loss))
+                                    done.micro_batches // self.cfg.grad_accum, done.micro_batches, mean_loss))
         return self._upload(version, delta, mean_loss, done.train_s, done.micro_batches, claimed)
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
@@ -364,7 +378,8 @@ class Worker:
             run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
             codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
-            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed), norm=norm,
+            inner_steps=micro_batches // self.cfg.grad_accum, loss=loss, train_s=train_s, units=tuple(claimed),
+            norm=norm,
         )
 
     def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[bytes], float]:
