@@ -389,3 +389,16 @@ def test_a_dylu_worker_slower_than_the_fastest_live_one_trains_h_min_steps_and_t
     assert [a.samples for a in anns] == [5 * 8, 2 * 8] and [len(a.units) for a in anns] == [5, 2]
     result = replay(r, open_store(file_url), RUN)
     assert (result.versions, result.mismatched) == (2, [])
+
+
+def test_a_sync_run_with_token_weights_records_them_and_replays_bit_for_bit(redis_url, file_url, r):
+    harness.init(redis_url, file_url, min_workers=2, aggregation="tokens", task_options={"num_samples": 400})
+    agg = harness.aggregator(redis_url, file_url, max_rounds=2)
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(2)]
+    assert agg.result() == 2 and [w.result() for w in ws] == [2, 2]
+    entries = [f for _, f in r.xrange(keys.versions(RUN))]
+    assert [(e["n"], e["aggregation"], e["staleness"], e["delta_scales"]) for e in entries] == [
+        ("2", "tokens", "0,0", "1.0,1.0")] * 2
+    assert all(e["delta_weights"] == "40.0,40.0" for e in entries)   # 5 steps of 8 samples of 1 token (tiny)
+    result = replay(r, open_store(file_url), RUN)
+    assert (result.versions, result.mismatched) == (2, [])
