@@ -66,14 +66,16 @@ def outer_step(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tenso
 
 def delayed_nesterov_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
                            mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, n: int) -> None:
-    """One Delayed Nesterov step in place (fp32), for parameter p with pseudo-gradient d:
+    """One Delayed Nesterov step in place (fp32), for parameter p with pseudo-gradient d (Liu et al.
+    2024, Algorithm "Delayed Nesterov", with its momentum activation c = 0):
 
         buffer += d; count += 1
-        if count == n:  b = mu*b + buffer/n;  p -= lr*(d + mu*b);  buffer = 0; count = 0
-        else:           p -= lr*d                       (b unchanged: a plain gradient step)
+        if count == n:  b = mu*b + buffer/n;  p -= lr*(d/n + mu*b);  buffer = 0; count = 0
+        else:           p -= lr*d/n                     (b unchanged: a plain gradient step)
 
-    So momentum moves once every n steps, by the mean of the n pseudo-gradients; n = 1 is Nesterov
-    (use `outer_step_` then: it is the bit-for-bit path). Float buffers become `theta - d` as in
+    Over n steps p moves by lr*(mean d + mu*b): one Nesterov step on the mean of the n pseudo-gradients,
+    as a sync round of n workers would take, but applied as they arrive. n = 1 is Nesterov (use
+    `outer_step_` then: it is the bit-for-bit path). Float buffers become `theta - d` as in
     `outer_step_`; integer buffers keep the global value.
     """
     params = sorted(k for k in momentum if not k.startswith(DN))
@@ -86,11 +88,11 @@ def delayed_nesterov_step_(weights: dict[str, torch.Tensor], momentum: dict[str,
         theta = weights[name].to(torch.float32)
         if full:
             b = momentum[name].to(torch.float32) * mu + total / n
-            step = d + b * mu
+            step = d / n + b * mu
             momentum[name] = b
             momentum[DN_BUFFER + name] = torch.zeros_like(total)
         else:
-            step = d
+            step = d / n
             momentum[DN_BUFFER + name] = total
         weights[name] = (theta - step * lr).to(weights[name].dtype)
     momentum[DN_COUNT] = torch.tensor(0.0 if full else float(count))

@@ -61,8 +61,9 @@ def test_async_settings_round_trip_and_the_aggregator_only_ones_are_tunable():
 # --- Delayed Nesterov ----------------------------------------------------------------------------
 
 def _dn_reference(theta, b, deltas, *, lr, mu, n):
-    """Delayed Nesterov in float64, one step per delta: every delta is a plain step lr*d; every n-th
-    also moves the momentum by the mean of the n buffered deltas and adds its Nesterov term."""
+    """Delayed Nesterov in float64 (Liu et al. 2024, momentum activation c = 0), one step per delta:
+    every delta is a plain step lr*d/n; every n-th also moves the momentum by the mean of the n
+    buffered deltas and adds its Nesterov term lr*mu*b."""
     theta = {k: t.double().clone() if t.is_floating_point() else t.clone() for k, t in theta.items()}
     b = {k: t.double().clone() for k, t in b.items()}
     buf = {k: torch.zeros_like(t) for k, t in b.items()}
@@ -76,9 +77,9 @@ def _dn_reference(theta, b, deltas, *, lr, mu, n):
             if i % n == 0:
                 b[k] = mu * b[k] + buf[k] / n
                 buf[k] = torch.zeros_like(buf[k])
-                theta[k] = theta[k] - lr * (dk + mu * b[k])
+                theta[k] = theta[k] - lr * (dk / n + mu * b[k])
             else:
-                theta[k] = theta[k] - lr * dk
+                theta[k] = theta[k] - lr * dk / n
     return theta, b
 
 
