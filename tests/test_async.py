@@ -403,3 +403,20 @@ def test_a_sync_run_with_token_weights_records_them_and_replays_bit_for_bit(redi
     assert all(e["delta_weights"] == "40.0,40.0" for e in entries)   # 5 steps of 8 samples of 1 token (tiny)
     result = replay(r, open_store(file_url), RUN)
     assert (result.versions, result.mismatched) == (2, [])
+
+
+def test_status_shows_each_dylu_workers_h_and_other_runs_do_not():
+    from rich.console import Console
+
+    from diloco.view import workers_table
+
+    workers = [{"id": "w0", "alive": True, "rejected": 0, "inner_steps": 7, "state": "training",
+                "heartbeat_age_s": 0.1}]
+
+    def render(dylu: bool) -> str:
+        console = Console(record=True, width=250)
+        console.print(workers_table({"config": {"dylu": dylu}, "workers": workers}))
+        return console.export_text()
+
+    assert "┃ H ┃" in render(True) and "│ 7 │" in render(True)
+    assert "┃ H ┃" not in render(False) and "│ 7 │" not in render(False)
