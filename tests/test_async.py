@@ -1,7 +1,7 @@
 """Asynchronous DiLoCo (issue 17): settings, staleness, the grace window, weighted means, Delayed
 Nesterov, an async run replayed bit for bit, and an aggregator crash mid-stream in async mode.
 
-References are written here (float64) and in tests/reference.py, never with the product's code.
+References (float64) are in tests/reference.py, never the product's code.
 """
 
 from __future__ import annotations
@@ -60,29 +60,6 @@ def test_async_settings_round_trip_and_the_aggregator_only_ones_are_tunable():
 
 # --- Delayed Nesterov ----------------------------------------------------------------------------
 
-def _dn_reference(theta, b, deltas, *, lr, mu, n):
-    """Delayed Nesterov in float64 (Liu et al. 2024, momentum activation c = 0), one step per delta:
-    every delta is a plain step lr*d/n; every n-th also moves the momentum by the mean of the n
-    buffered deltas and adds its Nesterov term lr*mu*b."""
-    theta = {k: t.double().clone() if t.is_floating_point() else t.clone() for k, t in theta.items()}
-    b = {k: t.double().clone() for k, t in b.items()}
-    buf = {k: torch.zeros_like(t) for k, t in b.items()}
-    for i, d in enumerate(deltas, start=1):
-        for k in d:               # the floating tensors (integer buffers keep the global value)
-            dk = d[k].double()
-            if k not in b:           # a float buffer: the workers' average
-                theta[k] = theta[k] - dk
-                continue
-            buf[k] = buf[k] + dk
-            if i % n == 0:
-                b[k] = mu * b[k] + buf[k] / n
-                buf[k] = torch.zeros_like(buf[k])
-                theta[k] = theta[k] - lr * (dk / n + mu * b[k])
-            else:
-                theta[k] = theta[k] - lr * dk / n
-    return theta, b
-
-
 def _deltas(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [{"w": torch.randn(3, 4, generator=g), "bias": torch.randn(4, generator=g),
@@ -117,7 +94,7 @@ def test_delayed_nesterov_with_a_buffer_of_one_is_nesterov_bit_for_bit():
 def test_delayed_nesterov_with_a_buffer_of_three_matches_the_reference_over_seven_deltas():
     theta, b = _start()
     deltas = _deltas(7, seed=1)
-    want_theta, want_b = _dn_reference(theta, b, deltas, lr=0.7, mu=0.9, n=3)
+    want_theta, want_b = reference.delayed_nesterov(theta, b, deltas, lr=0.7, mu=0.9, n=3)
     got_theta, got_b = theta, b
     for d in deltas:  # through the copying step, as the replay does: the state rides in the momentum dict
         got_theta, got_b = outer.outer_step(got_theta, got_b, d, lr=0.7, mu=0.9, dn_buffer=3)
@@ -268,12 +245,12 @@ def _reference_run(r, store) -> None:
         ws = [float(a.tokens) for a in anns]
         ss = [1 / math.sqrt(1 + int(entry["version"]) - 1 - a.version) for a in anns]
         ds = [reference.fp32_delta([store.get(k) for k in a.shards], floats) for a in anns]
-        mean_deltas.append({n: sum(w * s * d[n] for w, s, d in zip(ws, ss, ds, strict=True)) / sum(ws) for n in floats})
+        mean_deltas.append(reference.weighted_mean(ds, ws, ss))
         lr_mu.append((float(entry["outer_lr"]), float(entry["outer_momentum"])))
         assert entry["staleness"] == ",".join(str(int(entry["version"]) - 1 - a.version) for a in anns)
     assert len({m for m in lr_mu}) == 1
     (lr, mu), = set(lr_mu)
-    want, _ = _dn_reference(theta, b, mean_deltas, lr=lr, mu=mu, n=2)
+    want, _ = reference.delayed_nesterov(theta, b, mean_deltas, lr=lr, mu=mu, n=2)
     last = r.xrevrange(keys.versions(RUN), count=1)[0][1]
     got = st_load(store.get(last["weights"]))
     reference.assert_close({n: got[n] for n in floats}, {n: want[n] for n in floats}, "the last version's weights")
