@@ -17,7 +17,7 @@ import redis
 
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
-from diloco import control, keys, model, retention, runs, schedule, snapshot, units, update
+from diloco import control, keys, model, outer, retention, runs, schedule, snapshot, units, update, weighting
 from diloco.codecs import Codec, get_codec
 from diloco.config import AggregatorSettings
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
@@ -122,10 +122,13 @@ class Aggregator:
         red = Reducer(self.store, codec, floats, self.cfg.shard_bytes, self.pool)
         reduce_s = 0.0
 
+        def factors(ann: Announcement) -> tuple[float, float]:
+            return weighting.factors(self.cfg.aggregation, self.cfg.staleness_weight, head.version, ann)
+
         def reduce_one(entry_id: str, ann: Announcement) -> str | None:
             nonlocal reduce_s
             t = time.perf_counter()
-            reason = red.add(entry_id, ann)
+            reason = red.add(entry_id, ann, factors=factors(ann))
             reduce_s += time.perf_counter() - t
             self._touch()
             return reason
@@ -133,7 +136,8 @@ class Aggregator:
         def again() -> Reducer:  # every accepted delta but the dropped, from the start, in stream order
             fresh = Reducer(self.store, codec, floats, self.cfg.shard_bytes, self.pool)
             for entry_id, ann in list(rnd.accepted.values()):
-                if (reason := fresh.add(entry_id, ann)) is not None:  # cannot happen: verified before
+                # cannot fail: verified before
+                if (reason := fresh.add(entry_id, ann, factors=factors(ann))) is not None:
                     self._drop(rnd, ann.worker, reason)
             return fresh
 
@@ -150,7 +154,8 @@ class Aggregator:
                 self._drop(rnd, worker, reason)
             if dropped:
                 red = again()
-            if dropped or len(red.included) < self.cfg.min_workers:
+            # Async: any one delta makes a version (min_workers is the sync quorum's).
+            if dropped or len(red.included) < (1 if self.cfg.is_async else self.cfg.min_workers):
                 continue
             try:
                 self._step_and_commit(rnd, red, (weights, momentum, residual), plan, reduce_s=reduce_s, t0=t0)
@@ -185,7 +190,11 @@ class Aggregator:
         old = {n: t.clone() for n, t in weights.items()} if download is not None else weights  # the update's base
         # In place: the base is the head's no longer, so until this commit succeeds nothing is cached.
         self._cache = None
-        outer_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
+        if self.cfg.dn_buffer > 1:
+            outer.delayed_nesterov_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu,
+                                         n=self.cfg.dn_buffer)
+        else:
+            outer_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
         new_w, new_m = weights, momentum
         version = head.version + 1
         token = self.lock.token
@@ -220,6 +229,7 @@ class Aggregator:
             "units": str(sum(len(a.units) for a in inc)),
             "outer_lr": repr(self.cfg.outer_lr), "outer_momentum": repr(mu),
             "entries": ",".join(reducer.entries),  # in the order they were summed: replay sums them so
+            **weighting.stats(self.cfg, head.version, inc),   # the mean's weights (not for sync + uniform)
         }
         try:
             self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,

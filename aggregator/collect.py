@@ -4,6 +4,11 @@ The round for version v closes when at least `min_workers` deltas are accepted a
 live worker has answered or the deadline (commit time of v + round_timeout_s, on the Redis clock)
 has passed. Every announcement that cannot count is rejected with a reason, in the rejections
 stream and the per-worker counter, and never stops the service.
+
+In asynchronous mode (`mode=async`) there is no quorum: the version closes on its first accepted
+delta (`grace_s` 0), or `grace_s` after it, taking every delta announced in that window (by the
+stream entry's Redis timestamp) and leaving later ones to the next version. A delta counts if its
+base version is at most `max_staleness` behind the head.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from aggregator.units_check import units_problem
-from diloco import control, keys
+from diloco import control, dylu, keys
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage, LockLost
@@ -52,7 +57,11 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
     """The reason `ann` cannot count in this round, or None if it can."""
     if ann.run != cfg.run:
         return f"announcement is for run {ann.run!r}"
-    if ann.version < rnd.version:
+    if cfg.is_async:
+        if rnd.version - ann.version > cfg.max_staleness:
+            return (f"stale: trained on version {ann.version}, the head is version {rnd.version}: staleness "
+                    f"{rnd.version - ann.version} exceeds max_staleness {cfg.max_staleness}")
+    elif ann.version < rnd.version:
         return f"late: trained on version {ann.version}, the round is for version {rnd.version}"
     if ann.version > rnd.version:
         return f"base version {ann.version} is ahead of the committed version {rnd.version}"
@@ -60,8 +69,8 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
         return f"duplicate: worker already announced for version {ann.version} (the first counts)"
     if ann.codec != cfg.codec:
         return f"codec {ann.codec!r} is not the run's codec {cfg.codec!r}"
-    if ann.inner_steps != cfg.sync_every:
-        return f"trained {ann.inner_steps} inner steps, the run's sync_every is {cfg.sync_every}"
+    if (reason := dylu.allowed_steps(cfg, ann.inner_steps)) is not None:
+        return reason
     prefix = keys.delta_prefix(cfg.run, ann.version, ann.worker)
     outside = [s for s in ann.shards if not s.startswith(prefix) or ".." in s]
     if outside:
@@ -175,6 +184,78 @@ def outliers(rnd: Round, factor: float) -> list[tuple[str, str]]:
             for w, (_, ann) in sorted(rnd.accepted.items()) if ann.norm > factor * median]
 
 
+def _entry_ms(entry_id: str) -> int:
+    """The Redis server time (ms) at which a stream entry was added: its id's first part."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def window_end_ms(cfg: RunConfig, rnd: Round) -> int | None:
+    """Async: the end of the grace window (the first accepted delta's time + grace_s), None before one."""
+    if not rnd.accepted:
+        return None
+    first_id, _ = next(iter(rnd.accepted.values()))
+    return _entry_ms(first_id) + int(cfg.grace_s * 1000)
+
+
+def _closes_before(cfg: RunConfig, rnd: Round, entry_id: str) -> bool:
+    """Async: whether the version closes before the unread entry `entry_id`."""
+    end = window_end_ms(cfg, rnd)
+    if end is None:
+        return False
+    # grace_s 0: one version per delta, even for deltas added in the same millisecond
+    return cfg.grace_s == 0 or _entry_ms(entry_id) > end
+
+
+def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
+                  stop: threading.Event, lock_lost: threading.Event | None = None,
+                  on_poll: Callable[[], None] | None = None,
+                  on_accept: Callable[[str, Announcement], str | None] | None = None) -> bool:
+    """`collect` for mode=async: read announcements into `rnd` until its grace window closes (True).
+
+    Entries are taken one at a time and an entry past the window is left unread (`rnd.last_id`
+    stays before it), so the next version starts with it. XADD stamps ids with the server clock, so
+    once the server time is past the window every entry inside it is in the stream: a last read then
+    closes the version. The batch depends only on the stream, so a standby redoing it takes the same."""
+    stream = keys.deltas(cfg.run)
+    while not stop.is_set():
+        if on_poll is not None:
+            on_poll()
+        if lock_lost is not None and lock_lost.is_set():
+            raise LockLost(f"lock lost while collecting version {rnd.version}")
+        if control.state(r, cfg.run) == control.STOPPED:
+            return False
+        end = window_end_ms(cfg, rnd)
+        if end is not None and cfg.grace_s == 0:
+            return True
+        now = server_time_ms(r)
+        past = end is not None and now > end
+        _publish_async(r, cfg, rnd, end)
+        # Past the window: one read without blocking takes what is left in it.
+        block = None if past else block_ms if end is None else max(1, min(block_ms, end - now + 1))
+        reply = r.xread({stream: rnd.last_id}, block=block, count=100)
+        read = 0
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                if _closes_before(cfg, rnd, entry_id):
+                    return True
+                rnd.last_id = entry_id
+                read += 1
+                take(r, cfg, plan, rnd, entry_id, fields, on_accept)
+        if past and read < 100 and rnd.accepted:
+            return True
+    return False
+
+
+def _publish_async(r: redis.Redis, cfg: RunConfig, rnd: Round, end: int | None) -> None:
+    waiting = "a delta" if end is None else f"the grace window (until {end} ms)"
+    r.hset(keys.round_state(cfg.run), mapping={
+        "version": str(rnd.version), "phase": "collecting", "accepted": str(len(rnd.accepted)),
+        "answered": str(len(rnd.answered)), "live": str(len(live_workers(r, cfg.run))),
+        "min_workers": "1", "deadline_ms": str(end or 0),
+        "waiting": waiting, "rejected": str(rnd.rejected),
+    })
+
+
 def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block_ms: int,
             stop: threading.Event, lock_lost: threading.Event | None = None,
             on_poll: Callable[[], None] | None = None,
@@ -182,6 +263,9 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
     """Read announcements into `rnd` until the round closes (True), or stop is set or an operator
     stopped the run (False). Raises LockLost as soon as `lock_lost` is set: a holder that lost its
     lock (a wipe, a stall) must not sit on a round it can no longer commit."""
+    if cfg.is_async:
+        return collect_async(r, cfg, plan, rnd, block_ms=block_ms, stop=stop, lock_lost=lock_lost,
+                             on_poll=on_poll, on_accept=on_accept)
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
         if on_poll is not None:

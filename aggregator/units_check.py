@@ -17,7 +17,7 @@ from diloco.units import UnitPlan, by_epoch, units_per_round
 
 def units_problem(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, ann: Announcement) -> str | None:
     """Why the announcement's units cannot be committed, or None."""
-    want = units_per_round(cfg)
+    want = units_per_round(cfg, ann.inner_steps)   # sync_every, unless DyLU (checked before)
     if len(ann.units) != want:
         return f"lists {len(ann.units)} work units, a round trains on {want}"
     meta = r.hmget(keys.units_meta(cfg.run, plan.dataset), "epoch_lo", "epoch_hi")

@@ -31,6 +31,11 @@ ENV_CRASH_AT = "DILOCO_CRASH_AT"
 # Inner-loop precisions: "bf16" runs forward and backward under torch.autocast(bfloat16).
 PRECISIONS = ("fp32", "bf16")
 
+# Asynchronous DiLoCo's choices (RunConfig.mode, staleness_weight, aggregation).
+MODES = ("sync", "async")
+STALENESS_WEIGHTS = ("none", "inv_sqrt")
+AGGREGATIONS = ("uniform", "tokens")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RUN = "default"
 
@@ -73,12 +78,22 @@ class RunConfig:
     delta_grace_s: float = 3600.0  # retention: delete deltas/v{b}/ this long after version b+1 was committed
     retention_every: int = 10   # the aggregator runs retention after every N-th commit; 0 = never (diloco gc)
     num_fragments: int = 1
+    # Asynchronous DiLoCo (docs/architecture.md, "Asynchronous mode"); the defaults are today's sync rounds.
+    mode: str = "sync"          # sync: one version per quorum round; async: a version per delta (or grace window)
+    grace_s: float = 0.0        # async: deltas announced within this long of the batch's first share its outer step
+    max_staleness: int = 4      # async: reject a delta whose base is more than this many versions behind the head
+    staleness_weight: str = "none"   # async: "none", or "inv_sqrt" (a delta of staleness s scaled by 1/sqrt(1+s))
+    dn_buffer: int = 1          # Delayed Nesterov: momentum updated once every N outer steps; 1 = plain Nesterov
+    aggregation: str = "uniform"     # the mean's weights: "uniform", or "tokens" (each delta's announced tokens)
+    dylu: bool = False          # async: a worker's H scales with its speed relative to the fastest (diloco/dylu.py)
+    h_min: int = 1              # DyLU: the fewest inner steps a round trains
     schema_version: int = SCHEMA_VERSION
 
     # Settings a worker never needs to agree on; every other field must match across the group.
     TUNABLE: ClassVar[frozenset[str]] = frozenset(
         {"outer_lr", "outer_momentum", "min_workers", "round_timeout_s", "heartbeat_timeout_s", "outlier_factor",
-         "max_versions", "max_tokens", "keep_last", "keep_every", "delta_grace_s", "retention_every"}
+         "max_versions", "max_tokens", "keep_last", "keep_every", "delta_grace_s", "retention_every",
+         "grace_s", "max_staleness", "staleness_weight", "aggregation"}
     )
 
     def __post_init__(self) -> None:
@@ -105,6 +120,7 @@ class RunConfig:
                 f"cooldown_to ({self.cooldown_to}) must be greater than cooldown_from "
                 f"({self.cooldown_from}), or 0 for no cooldown"
             )
+        self._validate_async()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         per_round = self.sync_every * self.grad_accum * self.batch_size
@@ -129,6 +145,31 @@ class RunConfig:
                 f"run {self.run!r} has config schema version {self.schema_version}, but this diloco "
                 f"understands version {SCHEMA_VERSION}: use a diloco release that matches the run"
             )
+
+    def _validate_async(self) -> None:
+        for name, allowed in (("mode", MODES), ("staleness_weight", STALENESS_WEIGHTS), ("aggregation", AGGREGATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not math.isfinite(self.grace_s) or self.grace_s < 0:
+            raise ConfigError(f"grace_s must be a finite number of seconds >= 0, got {self.grace_s!r}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness must be an integer >= 0 (versions), got {self.max_staleness!r}")
+        if self.dn_buffer < 1:
+            raise ConfigError(f"dn_buffer must be a positive integer (1 = plain Nesterov), got {self.dn_buffer!r}")
+        if self.dn_buffer > 1 and not self.nesterov:
+            raise ConfigError("dn_buffer > 1 (Delayed Nesterov) needs nesterov = true")
+        if self.mode == "sync" and (self.grace_s or self.staleness_weight != "none" or self.dylu):
+            raise ConfigError("grace_s, staleness_weight and dylu apply to mode=async only; the run's mode is sync")
+        if not 1 <= self.h_min <= self.sync_every:
+            raise ConfigError(f"h_min must be in [1, sync_every ({self.sync_every})], got {self.h_min!r}")
+        step_samples = self.grad_accum * self.batch_size
+        if self.dylu and self.unit_samples and step_samples % self.unit_samples:
+            raise ConfigError(f"dylu needs unit_samples ({self.unit_samples}) to divide one optimizer step's samples "
+                              f"(grad_accum * batch_size = {step_samples}), so any H trains whole units")
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
 
     @property
     def shard_bytes(self) -> int:

@@ -8,18 +8,26 @@ global value. Momentum is loaded from and returned for the object store, so the 
 `outer_step_` steps in place: the aggregator keeps one copy of the weights and momentum between
 rounds, and a model-sized copy of each on every step was most of its peak memory. `outer_step`
 (replay, tests) is the same step on copies, so both give the same bits.
+
+Delayed Nesterov (`dn_buffer` N > 1, asynchronous mode; Liu et al. 2024, arXiv 2401.09135) keeps its
+state in the momentum dict, under names prefixed `DN` (the buffered pseudo-gradients and how many
+there are), so the momentum object carries it to a standby aggregator and to the replay.
 """
 
 from __future__ import annotations
 
 import torch
 
+DN = "dn/"                  # prefix of Delayed Nesterov's state in the momentum dict
+DN_COUNT = DN + "count"     # pseudo-gradients buffered since the last momentum update (a float32 scalar)
+DN_BUFFER = DN + "buffer/"  # + parameter name: their sum
+
 
 def outer_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
                 mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, nesterov: bool = True) -> None:
     """Step `weights` and `momentum` in place (fp32 tensors are updated where they are; others are
     replaced in the dicts by their stepped value); `mean_delta` is only read."""
-    params = sorted(momentum)
+    params = sorted(n for n in momentum if not n.startswith(DN))
     # fp32 tensors become the parameters themselves (no copy); other dtypes step in an fp32 copy.
     tensors = [torch.nn.Parameter(weights[n] if weights[n].dtype == torch.float32 else weights[n].to(torch.float32))
                for n in params]
@@ -48,9 +56,55 @@ def outer_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tens
 
 def outer_step(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
                mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float,
-               nesterov: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               nesterov: bool = True, dn_buffer: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return (new weights, new momentum); the inputs are left untouched."""
     new_weights = {n: t.clone() for n, t in weights.items()}
     new_momentum = {n: t.to(torch.float32).clone() for n, t in momentum.items()}
-    outer_step_(new_weights, new_momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov)
+    step_(new_weights, new_momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov, dn_buffer=dn_buffer)
     return new_weights, new_momentum
+
+
+def delayed_nesterov_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
+                           mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, n: int) -> None:
+    """One Delayed Nesterov step in place (fp32), for parameter p with pseudo-gradient d (Liu et al.
+    2024, Algorithm "Delayed Nesterov", with its momentum activation c = 0):
+
+        buffer += d; count += 1
+        if count == n:  b = mu*b + buffer/n;  p -= lr*(d/n + mu*b);  buffer = 0; count = 0
+        else:           p -= lr*d/n                     (b unchanged: a plain gradient step)
+
+    Over n steps p moves by lr*(mean d + mu*b): one Nesterov step on the mean of the n pseudo-gradients,
+    as a sync round of n workers would take, but applied as they arrive. n = 1 is Nesterov (use
+    `outer_step_` then: it is the bit-for-bit path). Float buffers become `theta - d` as in
+    `outer_step_`; integer buffers keep the global value.
+    """
+    params = sorted(k for k in momentum if not k.startswith(DN))
+    count = int(momentum[DN_COUNT].item()) + 1 if DN_COUNT in momentum else 1
+    full = count >= n
+    for name in params:
+        d = mean_delta[name].reshape(weights[name].shape).to(torch.float32)
+        buffered = momentum.get(DN_BUFFER + name)
+        total = d.clone() if buffered is None else buffered.to(torch.float32) + d
+        theta = weights[name].to(torch.float32)
+        if full:
+            b = momentum[name].to(torch.float32) * mu + total / n
+            step = d / n + b * mu
+            momentum[name] = b
+            momentum[DN_BUFFER + name] = torch.zeros_like(total)
+        else:
+            step = d / n
+            momentum[DN_BUFFER + name] = total
+        weights[name] = (theta - step * lr).to(weights[name].dtype)
+    momentum[DN_COUNT] = torch.tensor(0.0 if full else float(count))
+    for name, t in list(weights.items()):
+        if name not in momentum and t.is_floating_point():
+            weights[name] = (t.to(torch.float32) - mean_delta[name].reshape(t.shape)).to(t.dtype)
+
+
+def step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor], mean_delta: dict[str, torch.Tensor],
+          *, lr: float, mu: float, nesterov: bool, dn_buffer: int) -> None:
+    """The run's outer step in place: Nesterov (`outer_step_`) or, with dn_buffer > 1, Delayed Nesterov."""
+    if dn_buffer > 1:
+        delayed_nesterov_step_(weights, momentum, mean_delta, lr=lr, mu=mu, n=dn_buffer)
+    else:
+        outer_step_(weights, momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov)

@@ -13,6 +13,10 @@ current one is decoded.
 `Reducer` takes one delta at a time, so the aggregator reduces each as soon as it is announced,
 while the other workers still train (the pipelined reduce): once the round closes only the last
 deltas remain on the critical path.
+
+A weighted mean (diloco/weighting.py) adds `weight * scale * delta` in the same order and divides by
+the sum of the weights, summed left to right in float64; with every weight and scale 1 the sum and
+the division are exactly the unweighted ones (runs committed before weights keep their bits).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Reduced:
     included: list[Announcement]
     rejected: list[tuple[str, Announcement, str]]   # (entry id, announcement, reason)
     nbytes: int
+    factors: list[tuple[float, float]]   # each included delta's (weight, scale), in the order summed
 
 
 class Reducer:
@@ -52,6 +57,7 @@ class Reducer:
         self.included: list[Announcement] = []
         self.entries: list[str] = []     # the included deltas' stream ids, in the order they were summed
         self.rejected: list[tuple[str, Announcement, str]] = []
+        self.factors: list[tuple[float, float]] = []
         self.nbytes = 0
         self.closed = False   # result() divided the sum in place
 
@@ -59,8 +65,10 @@ class Reducer:
         pairs = zip(ann.shards, ann.sha256, strict=True)
         return [self.pool.submit(self.store.get, k, sha256=h, max_bytes=self.limit) for k, h in pairs]
 
-    def add(self, entry_id: str, ann: Announcement, futures: list[Future] | None = None) -> str | None:
-        """Sum this delta in; the reason it cannot count (and it was not summed), or None."""
+    def add(self, entry_id: str, ann: Announcement, futures: list[Future] | None = None,
+            factors: tuple[float, float] = (1.0, 1.0)) -> str | None:
+        """Sum `weight * scale *` this delta in, `factors` = (weight, scale); the reason it cannot
+        count (and it was not summed), or None."""
         if self.closed:
             raise RuntimeError("this Reducer's mean was taken: a delta added now would be summed into a mean")
         futures = self.fetch(ann) if futures is None else futures
@@ -79,7 +87,9 @@ class Reducer:
             reason = f"{type(e).__name__}: {e}"
             self.rejected.append((entry_id, ann, reason))
             return reason
-        buf.add_to(self.acc)
+        weight, scale = factors
+        buf.add_to(self.acc, weight * scale)
+        self.factors.append((weight, scale))
         self.included.append(ann)
         self.entries.append(entry_id)
         self.nbytes += ann.nbytes
@@ -91,17 +101,26 @@ class Reducer:
             raise RuntimeError("this Reducer's mean was taken already")
         self.closed = True
         if self.included:
-            self.acc.div_(len(self.included))
-        return Reduced(unflatten(self.acc, self.like), list(self.included), list(self.rejected), self.nbytes)
+            if all(w == 1.0 for w, _ in self.factors):
+                self.acc.div_(len(self.included))
+            else:
+                total = 0.0
+                for w, _ in self.factors:  # left to right: the replay sums them in the same order
+                    total += w
+                self.acc.div_(total)
+        return Reduced(unflatten(self.acc, self.like), list(self.included), list(self.rejected), self.nbytes,
+                       list(self.factors))
 
 
 def reduce_round(store: ObjectStore, codec: Codec, like: dict[str, torch.Tensor],
-                 anns: list[tuple[str, Announcement]], shard_bytes: int, pool: ThreadPoolExecutor) -> Reduced:
+                 anns: list[tuple[str, Announcement]], shard_bytes: int, pool: ThreadPoolExecutor,
+                 factors: list[tuple[float, float]] | None = None) -> Reduced:
     """Mean of the valid deltas among `anns` (entry id, announcement), summed in the order given,
-    over the tensors in `like`; the next delta's shards download while one is decoded."""
+    over the tensors in `like`, weighted by `factors` (weight, scale) if given; the next delta's
+    shards download while one is decoded."""
     red = Reducer(store, codec, like, shard_bytes, pool)
     pending = red.fetch(anns[0][1]) if anns else []
     for i, (entry_id, ann) in enumerate(anns):
         futures, pending = pending, (red.fetch(anns[i + 1][1]) if i + 1 < len(anns) else [])
-        red.add(entry_id, ann, futures)
+        red.add(entry_id, ann, futures, factors[i] if factors is not None else (1.0, 1.0))
     return red.result()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from diloco import keys, model, runs, update
+from diloco import keys, model, runs, update, weighting
 from diloco.codecs import get_codec
 from diloco.messages import Announcement
 from diloco.outer import outer_step
@@ -57,16 +57,19 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
             for entry_id in filter(None, entry.get("entries", "").split(",")):
                 anns.append((entry_id, Announcement.from_fields(announcement(r, run, entry_id, archive))))
             floats = {n: t for n, t in weights.items() if t.is_floating_point()}
-            red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool)
+            factors, factors_ok = _factors(entry, [a for _, a in anns])
+            red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool, factors)
             stepped, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
-                                           mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov)
+                                           mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov,
+                                           dn_buffer=cfg.dn_buffer)
             if download is None:
                 weights = stepped
             else:  # what the aggregator published: the base plus the decoded update
                 shards, residual = update.encode(weights, stepped, residual, download, cfg.shard_bytes)
                 weights = update.apply(weights, update.decode(shards, weights, download))
             data = model.to_bytes(weights, run=run, version=entry["version"])
-            yield Recomputed(entry, weights, momentum, not red.rejected and _sha(data) == entry["weights_sha256"])
+            matches = factors_ok and not red.rejected and _sha(data) == entry["weights_sha256"]
+            yield Recomputed(entry, weights, momentum, matches)
 
 
 def replay(r: redis.Redis, store: ObjectStore, run: str,
@@ -77,6 +80,18 @@ def replay(r: redis.Redis, store: ObjectStore, run: str,
         if not version.matches:
             mismatched.append(int(version.entry["version"]))
     return ReplayResult(count, mismatched)
+
+
+def _factors(entry: dict[str, str], anns: list[Announcement]) -> tuple[list[tuple[float, float]] | None, bool]:
+    """Each delta's (weight, scale), recomputed from the announcements and the rule the version records
+    (None: a plain uniform version), and whether they are the weights and scales it records."""
+    if "aggregation" not in entry:
+        return None, True
+    base = int(entry["version"]) - 1
+    pairs = [weighting.factors(entry["aggregation"], entry["staleness_weight"], base, a) for a in anns]
+    ok = (entry["delta_weights"] == ",".join(repr(w) for w, _ in pairs)
+          and entry["delta_scales"] == ",".join(repr(s) for _, s in pairs))
+    return pairs, ok
 
 
 def _sha(data: bytes) -> str:

@@ -301,12 +301,17 @@ class DeltaBuffer:
         for name, start, numel in segments:
             self.covered[name].append((start, numel))
 
-    def add_to(self, acc: torch.Tensor) -> None:
-        """acc += this delta (acc laid out as `buffer`)."""
+    def add_to(self, acc: torch.Tensor, alpha: float = 1.0) -> None:
+        """acc += alpha * this delta (acc laid out as `buffer`); alpha 1 adds without a multiply."""
         if self._sparse:
-            acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values))
-        else:
+            if alpha == 1.0:
+                acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values))
+            else:
+                acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values), alpha=alpha)
+        elif alpha == 1.0:
             acc += self._buffer
+        else:
+            acc.add_(self._buffer, alpha=alpha)
 
     def norm(self) -> float:
         return l2_norm(self._values if self._sparse else [self._buffer])

@@ -21,7 +21,7 @@ from diloco.config import RunConfig
 from diloco.errors import RunNotFound
 from diloco.messages import Head
 
-_INT_STATS = ("step", "version", "bytes_sent", "bytes_received", "heartbeat_ms", "registered_ms")
+_INT_STATS = ("step", "version", "bytes_sent", "bytes_received", "heartbeat_ms", "registered_ms", "inner_steps")
 _FLOAT_STATS = ("loss", "steps_per_s", "lr")
 _ROUND_INTS = ("version", "token", "n", "bytes", "rejected", "samples", "tokens", "committed_ms")
 _ROUND_FLOATS = ("loss", "duration_s", "reduce_s", "aggregate_s")

@@ -80,8 +80,10 @@ def plan_for(r: redis.Redis, cfg: RunConfig) -> UnitPlan:
                     meta.get("layout", CONTIGUOUS))
 
 
-def units_per_round(cfg: RunConfig) -> int:
-    return cfg.sync_every * cfg.grad_accum * cfg.batch_size // cfg.unit_samples
+def units_per_round(cfg: RunConfig, inner_steps: int | None = None) -> int:
+    """Units of a round of `inner_steps` optimizer steps (default `sync_every`; DyLU trains fewer)."""
+    steps = cfg.sync_every if inner_steps is None else inner_steps
+    return steps * cfg.grad_accum * cfg.batch_size // cfg.unit_samples
 
 
 def format_units(units: list[Unit]) -> str:

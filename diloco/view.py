@@ -29,28 +29,36 @@ def header(snap: dict[str, Any]) -> Text:
 
 def workers_table(snap: dict[str, Any]) -> Table:
     t = Table(title="workers", expand=False)
+    dylu = bool(snap["config"].get("dylu"))   # DyLU: each worker's H for its current round
     for col in ("id", "state", "alive", "version", "step", "loss", "lr", "steps/s", "heartbeat", "sent",
                 "received", "rejected"):
         t.add_column(col)
+    if dylu:
+        t.add_column("H")
     for w in snap["workers"]:
         age = w.get("heartbeat_age_s")
-        t.add_row(w["id"], condition(w), "yes" if w["alive"] else "[red]no[/]", str(w.get("version", "-")),
-                  str(w.get("step", "-")), f"{w['loss']:.4f}" if w.get("loss") is not None else "-",
-                  f"{w['lr']:.3g}" if w.get("lr") is not None else "-", str(w.get("steps_per_s") or "-"),
-                  f"{age}s ago" if age is not None else "-",
-                  _mb(w.get("bytes_sent")), _mb(w.get("bytes_received")), str(w["rejected"]))
+        row = [w["id"], condition(w), "yes" if w["alive"] else "[red]no[/]", str(w.get("version", "-")),
+               str(w.get("step", "-")), f"{w['loss']:.4f}" if w.get("loss") is not None else "-",
+               f"{w['lr']:.3g}" if w.get("lr") is not None else "-", str(w.get("steps_per_s") or "-"),
+               f"{age}s ago" if age is not None else "-",
+               _mb(w.get("bytes_sent")), _mb(w.get("bytes_received")), str(w["rejected"])]
+        t.add_row(*row, *([str(w.get("inner_steps", "-"))] if dylu else []))
     return t
 
 
 def rounds_table(snap: dict[str, Any], last: int = 10) -> Table:
     t = Table(title="recent versions")
+    is_async = snap["config"].get("mode") == "async"   # async versions record each delta's staleness
     for col in ("version", "workers", "loss", "eval loss", "round s", "bytes", "rejected", "aggregator"):
         t.add_column(col)
+    if is_async:
+        t.add_column("staleness")
     for rd in snap["rounds"][-last:]:
         ev = rd.get("eval_loss")
-        t.add_row(str(rd.get("version")), str(rd.get("n")), f"{rd['loss']:.4f}" if rd.get("loss") is not None else "-",
-                  f"{ev:.4f}" if ev is not None else "-",
-                  str(rd.get("duration_s")), _mb(rd.get("bytes")), str(rd.get("rejected")), str(rd.get("aggregator")))
+        row = [str(rd.get("version")), str(rd.get("n")), f"{rd['loss']:.4f}" if rd.get("loss") is not None else "-",
+               f"{ev:.4f}" if ev is not None else "-",
+               str(rd.get("duration_s")), _mb(rd.get("bytes")), str(rd.get("rejected")), str(rd.get("aggregator"))]
+        t.add_row(*row, *([str(rd.get("staleness", "-"))] if is_async else []))
     return t
 
 

@@ -98,6 +98,15 @@ def wait_for_key(r: redis.Redis, key: str, timeout_s: float = 60) -> None:
         time.sleep(0.02)
 
 
+def wait_until_len(r: redis.Redis, stream: str, length: int, timeout_s: float = 60) -> None:
+    """Wait until `stream` holds at least `length` entries (poll with a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while r.xlen(stream) < length:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{stream} did not reach {length} entries within {timeout_s}s")
+        time.sleep(0.02)
+
+
 def wait_for_field(r: redis.Redis, key: str, field: str, value: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while r.hget(key, field) != value:

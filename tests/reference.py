@@ -58,6 +58,39 @@ def outer_step(theta: dict[str, torch.Tensor], b: dict[str, torch.Tensor], delta
     return new_theta, new_b
 
 
+def weighted_mean(deltas: list[dict[str, torch.Tensor]], weights: list[float], scales: list[float]
+                  ) -> dict[str, torch.Tensor]:
+    """float64 sum(weight * scale * delta) / sum(weight): the mean with token and staleness weights."""
+    total = sum(weights)
+    return {name: sum(w * s * d[name].double() for w, s, d in zip(weights, scales, deltas, strict=True)) / total
+            for name in deltas[0]}
+
+
+def delayed_nesterov(theta: dict[str, torch.Tensor], b: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
+                     *, lr: float, mu: float, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Delayed Nesterov in float64 (Liu et al. 2024, momentum activation c = 0), one step per delta:
+    every delta is a plain step lr*d/n; every n-th also moves the momentum by the mean of the n
+    buffered deltas and adds its Nesterov term lr*mu*b."""
+    theta = {k: t.double().clone() if t.is_floating_point() else t.clone() for k, t in theta.items()}
+    b = {k: t.double().clone() for k, t in b.items()}
+    buf = {k: torch.zeros_like(t) for k, t in b.items()}
+    for i, d in enumerate(deltas, start=1):
+        for k in d:               # the floating tensors (integer buffers keep the global value)
+            dk = d[k].double()
+            if k not in b:           # a float buffer: the workers' average
+                theta[k] = theta[k] - dk
+                continue
+            buf[k] = buf[k] + dk
+            if i % n == 0:
+                b[k] = mu * b[k] + buf[k] / n
+                buf[k] = torch.zeros_like(buf[k])
+                theta[k] = theta[k] - lr * (dk / n + mu * b[k])
+            else:
+                theta[k] = theta[k] - lr * dk / n
+    return theta, b
+
+
+
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
     """Every entry equal to fp32 precision (the product computes in fp32, the reference in fp64)."""
     assert sorted(actual) == sorted(expected), what

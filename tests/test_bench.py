@@ -108,3 +108,17 @@ def test_sync_benchmark_writes_its_section_at_toy_size(tmp_path):
     text = out.read_text()
     assert "## Other\n\nkept as it was\n" in text and "## Sync round" in text
     assert "| diloco file | 2 |" in text and "Worker wait" in text
+
+
+def test_async_speeds_benchmark_writes_its_section_at_toy_size(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    cmd = [sys.executable, "bench/async_speeds.py", "--workers", "2", "--tokens", "320", "--step-s", "0.005",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "## Asynchronous DiLoCo (toy)" in text
+    rows = re.findall(r"^\| (sync|async[^|]*) \| (\d+) \|", text, re.M)
+    assert [name.strip() for name, _ in rows] == ["sync", "async", "async + DN", "async + DN + DyLU + tokens",
+                                                  "async + DN + DyLU + tokens + inv_sqrt"]
+    assert int(rows[0][1]) == 320 // (2 * 10 * 8), "sync: the token budget in rounds of 2 workers x 10 steps x 8"

@@ -64,7 +64,8 @@ class InnerLoop:
 
     def train(self, version: int, ids: list[int], should_stop: Callable[[], bool],
               on_step: Callable[[int, float, float, float], None] | None = None) -> Trained | None:
-        """`sync_every` steps on `ids` (the round's samples, in order); None if any rank asked to stop.
+        """One step per `grad_accum * batch_size` of `ids` (the round's samples, in order): `sync_every`
+        steps, or DyLU's H for this worker; None if any rank asked to stop.
 
         `on_step(step, loss, lr, elapsed_s)` is called after each step with this rank's loss.
         """
@@ -73,7 +74,7 @@ class InnerLoop:
         share = cfg.batch_size // ranks.world
         t0 = time.perf_counter()
         losses, micro_batches = [], 0
-        for step in range(cfg.sync_every):
+        for step in range(len(ids) // (cfg.grad_accum * cfg.batch_size)):
             if ranks.agree_stop(should_stop()):
                 return None
             self.optimizer.zero_grad(set_to_none=True)

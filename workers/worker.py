@@ -9,6 +9,10 @@ did not include are released. AdamW and its LR schedule persist across rounds an
 Under torchrun this class is rank 0 of the worker (the only rank that talks to Redis and the
 store); the other ranks run `workers.follower.Follower` and train their shares of each batch
 (workers/ranks.py, workers/inner.py).
+
+In asynchronous mode (`mode=async`) the worker does not wait for the next version: after announcing
+it waits only until a version includes its delta (or the delta is rejected), then trains from the
+newest head, however many versions the others committed meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diloco import control, keys, model, runs, schedule, units, update
+from diloco import control, dylu, keys, model, runs, schedule, units, update
 from diloco.codecs import get_codec
 from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
@@ -95,6 +99,7 @@ class Worker:
         self.bytes_sent = self.bytes_received = 0
         self.full_downloads = self.updates_applied = self.update_fallbacks = 0
         self.warned_decayed = False
+        self.steps_per_s: float | None = None   # the last round's measured rate (DyLU)
         # Checked: the other ranks may build the same model and data now, and join the model's group.
         self.ranks.send_config(self.cfg.to_fields())
         self.inner.distribute()
@@ -195,6 +200,8 @@ class Worker:
         if ann is None:
             log.info("stop requested; abandoning the round on version %d", head.version)
             return False
+        # Async: the versions stream's end before we announce, so the commit that includes us is after it.
+        since = io("Redis", self._versions_end) if self.cfg.is_async else ""
         entry_id = io("Redis", lambda: self.r.xadd(keys.deltas(self.s.run), ann.to_fields(), maxlen=100_000,
                                                    approximate=True))
         log.info("announced delta for version %d (loss %.4f, %d bytes)", ann.version, ann.loss, ann.nbytes)
@@ -203,8 +210,12 @@ class Worker:
         self.version = None
         if self.checkpoint is not None:
             self.checkpoint.save(self)
-        self.heartbeat.update(state="waiting", waiting_for=f"version {head.version + 1}")
-        rejected = io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
+        if self.cfg.is_async:
+            self.heartbeat.update(state="waiting", waiting_for=f"the commit of our delta on version {head.version}")
+            rejected = io("Redis", lambda: self._wait_for_commit(head.version, entry_id, since))
+        else:
+            self.heartbeat.update(state="waiting", waiting_for=f"version {head.version + 1}")
+            rejected = io("Redis", lambda: self._wait_for_version_after(head.version, entry_id))
         self.heartbeat.update(waiting_for="")
         if rejected is not None:
             log.warning("the aggregator rejected our delta for version %d (%s); training again", head.version,
@@ -305,8 +316,19 @@ class Worker:
 
     def _claim(self) -> list[units.Unit] | None:
         self.heartbeat.update(state="claiming")
-        want = units.units_per_round(self.cfg)
+        want = units.units_per_round(self.cfg, self._inner_steps())
         return self.outage.call("Redis", lambda: self.leases.claim(want, self.stop_event))
+
+    def _inner_steps(self) -> int:
+        """This round's H: sync_every, or with DyLU from the live workers' measured speeds (published as
+        the stat `inner_steps`)."""
+        if not self.cfg.dylu:
+            return self.cfg.sync_every
+        rates = self.outage.call("Redis", lambda: dylu.speeds(self.r, self.s.run))
+        rates.pop(self.s.worker_id, None)   # ours as measured here: the stat in Redis lags by a heartbeat
+        h = dylu.inner_steps(self.cfg, self.steps_per_s, list(rates.values()))
+        self.heartbeat.update(inner_steps=h)
+        return h
 
     def _train_round(self, version: int, claimed: list[units.Unit], ids: list[int]) -> Announcement | None:
         if self.cfg.cooldown_to and version >= self.cfg.cooldown_to and not self.warned_decayed:
@@ -324,12 +346,14 @@ class Worker:
         if done is None:  # every rank stopped at the same step
             return None
         self.followers_idle = True
+        if done.train_s > 0:
+            self.steps_per_s = done.micro_batches / self.cfg.grad_accum / done.train_s
         local = self.model.state_dict()
         delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
         mean_loss = sum(done.losses) / len(done.losses)
         if self.observer is not None:
             self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
-                                    self.cfg.sync_every, done.micro_batches, mean_loss))
+                                    done.micro_batches // self.cfg.grad_accum, done.micro_batches, mean_loss))
         return self._upload(version, delta, mean_loss, done.train_s, done.micro_batches, claimed)
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
@@ -354,7 +378,8 @@ class Worker:
             run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
             codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
-            inner_steps=self.cfg.sync_every, loss=loss, train_s=train_s, units=tuple(claimed), norm=norm,
+            inner_steps=micro_batches // self.cfg.grad_accum, loss=loss, train_s=train_s, units=tuple(claimed),
+            norm=norm,
         )
 
     def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[bytes], float]:
@@ -408,6 +433,37 @@ class Worker:
             reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
             for _, entries in reply or []:
                 last = entries[-1][0]
+        return None
+
+    def _versions_end(self) -> str:
+        newest = self.r.xrevrange(keys.versions(self.s.run), count=1)
+        return newest[0][0] if newest else "0-0"
+
+    def _wait_for_commit(self, version: int, entry_id: str, since: str) -> str | None:
+        """Async mode: block on the versions stream (from `since`, its end before we announced) until a
+        version lists our entry (None) or our entry is rejected (the reason).
+
+        Also returns, to train again, when the head went back below `version` (Redis restored from a
+        snapshot), our announcement vanished (Redis wiped) or the run was stopped."""
+        stream, last = keys.versions(self.s.run), since
+        while not self._should_stop():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hgetall(keys.head(self.s.run))
+            pipe.hget(keys.control(self.s.run), "state")
+            pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
+            pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
+            head, state, ours, rejected = pipe.execute()
+            if rejected:
+                return self._rejection_reason(entry_id)
+            if runs.parse_head(self.s.run, head).version < version or state == control.STOPPED or not ours:
+                return None
+            # From `last`, not the end: a version committed since the checks above is still read here.
+            reply = self.r.xread({stream: last}, block=self.s.block_ms, count=100)
+            for _, entries in reply or []:
+                for version_id, fields in entries:
+                    last = version_id
+                    if entry_id in fields.get("entries", "").split(","):
+                        return None
         return None
 
     def _rejection_reason(self, entry_id: str) -> str:
