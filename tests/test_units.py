@@ -75,6 +75,7 @@ def wait_until(cond: Callable[[], object], what: str, timeout_s: float = 60) -> 
     """Poll a Redis condition with a deadline (keyspace changes have no cheap event here)."""
     deadline = time.monotonic() + timeout_s
     while not cond():
+        harness.check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         time.sleep(0.02)
