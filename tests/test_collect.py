@@ -12,11 +12,12 @@ import dataclasses
 
 import pytest
 
-from aggregator.collect import Round, check, is_closed, live_workers, outliers, reject, waiting_for
+from aggregator.collect import Round, check, is_closed, live_workers, outliers, reject, take, waiting_for
 from diloco import control, keys
 from diloco.config import RunConfig
 from diloco.messages import Announcement, Head
 from diloco.shards import max_shard_object_bytes
+from diloco.units import UnitPlan
 
 CFG = RunConfig(run="t", min_workers=2, round_timeout_s=10.5, codec="fp32", sync_every=5)
 HEAD = Head(version=3, weights="w", weights_sha256="a", momentum="m", momentum_sha256="b", token=1,
@@ -36,7 +37,7 @@ def rnd(accepted: tuple[str, ...] = (), answered: tuple[str, ...] = (), norms: d
 def ann(**kw) -> Announcement:
     worker = kw.get("worker", "w0")
     fields = {"run": "t", "worker": worker, "nonce": "n", "version": 3, "codec": "fp32",
-              "shards": (keys.delta_prefix("t", 3, worker) + "s0",), "sizes": (10,), "sha256": ("x",),
+              "shards": (keys.delta_prefix("t", 3, worker) + "s0",), "sizes": (10,), "sha256": ("0" * 64,),
               "samples": 40, "tokens": 40, "inner_steps": 5, "loss": 1.0, "norm": 1.0, **kw}
     return Announcement(**fields)
 
@@ -156,3 +157,34 @@ def test_reject_records_the_reason_cut_at_500_characters_once_per_entry(r):
     (_, fields), = r.xrange(keys.rejections("t"))
     assert fields == {"worker": "w3", "entry": "5-0", "version": "7", "reason": "r" * 499 + "a"}
     assert r.hget(keys.rejected_counts("t"), "w3") == "1"
+
+
+def test_take_rejects_a_malformed_entry_under_its_name_cut_to_64_characters_and_its_raw_version(r):
+    """Kills `take` 4, 6, 9 (an entry without a worker rejected under another name than "?"), 10 (a
+    name cut at 65 characters) and 18 (the entry's own version left out of the rejection)."""
+    r_ = rnd()
+    plan = UnitPlan("d", 400, 8, 0)
+    take(r, CFG, plan, r_, "2-0", {"version": "9", "run": "t"})
+    take(r, CFG, plan, r_, "2-1", {"worker": "w" * 100})
+    got = [fields for _, fields in r.xrange(keys.rejections("t"))]
+    assert [(f["worker"], f["entry"], f["version"]) for f in got] == [("?", "2-0", "9"), ("w" * 64, "2-1", "?")]
+    assert all(f["reason"].startswith("malformed announcement: ") for f in got)
+    assert r_.rejected == 2 and r_.accepted == {} and r_.answered == set()
+    assert r.hgetall(keys.rejected_counts("t")) == {"?": "1", "w" * 64: "1"}
+
+
+def test_take_rejects_a_kicked_workers_delta_and_counts_only_this_rounds_rejections_as_answers(r):
+    """Kills `take` 47, 53-55 (an announcement already on its way when its worker was kicked is
+    accepted, or rejected with another reason), 72 (the rejection without its version), 79-81 (the
+    round's count of rejections) and 82, 83 (a late delta counted as this round's answer)."""
+    r_ = rnd()
+    plan = UnitPlan("d", 400, 8, 0)
+    r.set(keys.worker_kicked("t", "w5"), "1")
+    take(r, CFG, plan, r_, "3-0", ann(worker="w5").to_fields())
+    take(r, CFG, plan, r_, "3-1", ann(worker="w6", version=2,
+                                      shards=(keys.delta_prefix("t", 2, "w6") + "s0",)).to_fields())
+    got = [(f["worker"], f["entry"], f["version"], f["reason"]) for _, f in r.xrange(keys.rejections("t"))]
+    assert got == [("w5", "3-0", "3", "the worker was kicked by an operator"),
+                   ("w6", "3-1", "2", "late: trained on version 2, the round is for version 3")]
+    assert r_.rejected == 2 and r_.accepted == {}
+    assert r_.answered == {"w5"}, "a late delta is no answer to this round; a rejected one of this round is"
