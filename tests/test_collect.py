@@ -9,15 +9,18 @@ checks and of the outlier rule unpinned. Each test names the mutants of aggregat
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
-from aggregator.collect import Round, check, is_closed, live_workers, outliers, reject, take, waiting_for
-from diloco import control, keys
+from aggregator.collect import Round, check, collect, is_closed, live_workers, outliers, reject, take, waiting_for
+from diloco import control, keys, runs
 from diloco.config import RunConfig
+from diloco.errors import LockLost
 from diloco.messages import Announcement, Head
 from diloco.shards import max_shard_object_bytes
-from diloco.units import UnitPlan
+from diloco.units import Leases, UnitPlan, plan_for, units_per_round
+from tests import harness
 
 CFG = RunConfig(run="t", min_workers=2, round_timeout_s=10.5, codec="fp32", sync_every=5)
 HEAD = Head(version=3, weights="w", weights_sha256="a", momentum="m", momentum_sha256="b", token=1,
@@ -188,3 +191,56 @@ def test_take_rejects_a_kicked_workers_delta_and_counts_only_this_rounds_rejecti
                    ("w6", "3-1", "2", "late: trained on version 2, the round is for version 3")]
     assert r_.rejected == 2 and r_.accepted == {}
     assert r_.answered == {"w5"}, "a late delta is no answer to this round; a rejected one of this round is"
+
+
+def _accepted_round(r, redis_url, file_url):
+    """A real run (tests.harness), a round at its head and w0's announcement of units it holds."""
+    cfg = harness.init(redis_url, file_url)
+    plan = plan_for(r, cfg)
+    held = Leases(r, "t", plan, "w0", lease_ms=60_000).claim(units_per_round(cfg), threading.Event())
+    head = runs.read_head(r, "t")
+    good = Announcement(run="t", worker="w0", nonce="n", version=head.version, codec=cfg.codec,
+                        shards=(keys.delta_shard("t", head.version, "w0", "n", 0),), sizes=(10,),
+                        sha256=("0" * 64,), samples=40, tokens=40, inner_steps=cfg.sync_every, loss=1.0,
+                        units=tuple(held))
+    return cfg, plan, Round(head=head, last_id="0-0"), good
+
+
+def test_take_accepts_a_good_delta_without_a_reduce_and_rejects_it_when_the_reduce_does(redis_url, file_url, r):
+    """Kills `take` 87 (the reduce called when there is none) and 106 (a rejection by the reduce
+    setting the round's count to 1 instead of adding one)."""
+    cfg, plan, rnd_, good = _accepted_round(r, redis_url, file_url)
+    take(r, cfg, plan, rnd_, "4-0", good.to_fields())
+    assert rnd_.accepted == {"w0": ("4-0", good)} and rnd_.answered == {"w0"} and rnd_.rejected == 0
+    again = Round(head=rnd_.head, last_id="0-0", rejected=5)
+    take(r, cfg, plan, again, "4-0", good.to_fields(), on_accept=lambda entry_id, ann: "BadShard: torn")
+    assert again.accepted == {} and again.answered == {"w0"} and again.rejected == 6
+    (_, fields), = r.xrange(keys.rejections("t"))
+    assert (fields["worker"], fields["entry"], fields["reason"]) == ("w0", "4-0", "BadShard: torn")
+
+
+def test_collect_polls_then_stops_for_a_lost_lock_or_a_stopped_run_before_closing_the_round(
+        redis_url, file_url, r):
+    """Kills `collect` 4 (`on_poll` not called), 6, 7 (a lost lock ignored, or LockLost without its
+    message) and 8, 14 (a stopped run's round closed and committed instead of given up). The round
+    here could close at once: min_workers 1, w0's delta accepted, nobody else live."""
+    cfg, plan, rnd_, good = _accepted_round(r, redis_url, file_url)
+    cfg = dataclasses.replace(cfg, min_workers=1)
+    rnd_.accepted["w0"] = ("4-0", good)
+    rnd_.answered.add("w0")
+    stop, lost, polls = threading.Event(), threading.Event(), []
+
+    def go() -> bool:
+        return collect(r, cfg, plan, rnd_, block_ms=50, stop=stop, lock_lost=lost, on_poll=lambda: polls.append(1))
+
+    lost.set()
+    with pytest.raises(LockLost, match=r"^lock lost while collecting version 0$"):
+        go()
+    assert polls == [1]
+    lost.clear()
+    control.set_state(r, "t", control.STOPPED, "tester")
+    assert go() is False
+    control.set_state(r, "t", control.RUNNING, "tester")
+    assert go() is True and polls == [1, 1, 1]
+    stop.set()
+    assert go() is False and polls == [1, 1, 1], "a stopped service does not poll"
