@@ -244,3 +244,22 @@ def test_collect_polls_then_stops_for_a_lost_lock_or_a_stopped_run_before_closin
     assert go() is True and polls == [1, 1, 1]
     stop.set()
     assert go() is False and polls == [1, 1, 1], "a stopped service does not poll"
+
+
+def test_collect_publishes_that_the_run_is_paused(redis_url, file_url, r):
+    """Kills `collect` 18 (the round state written without the run's state: no paused suffix)."""
+    cfg, plan, rnd_, _ = _accepted_round(r, redis_url, file_url)
+    cfg = dataclasses.replace(cfg, min_workers=2)   # one more delta needed: the round stays open
+    control.set_state(r, "t", control.PAUSED, "tester")
+    lost, polls = threading.Event(), []
+
+    def poll() -> None:   # the second poll ends the collection, after the first one published the state
+        polls.append(1)
+        if len(polls) == 2:
+            lost.set()
+
+    with pytest.raises(LockLost):
+        collect(r, cfg, plan, rnd_, block_ms=20, stop=threading.Event(), lock_lost=lost, on_poll=poll)
+    assert r.hget(keys.round_state("t"), "waiting") == (
+        "2 more workers (min_workers 2, 0 live): start workers or lower it with "
+        "`diloco control --run t set min_workers=N`; the run is paused (diloco control --run t resume)")
