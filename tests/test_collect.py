@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -263,3 +264,20 @@ def test_collect_publishes_that_the_run_is_paused(redis_url, file_url, r):
     assert r.hget(keys.round_state("t"), "waiting") == (
         "2 more workers (min_workers 2, 0 live): start workers or lower it with "
         "`diloco control --run t set min_workers=N`; the run is paused (diloco control --run t resume)")
+
+
+def test_collect_blocks_on_the_stream_between_polls_instead_of_spinning(redis_url, file_url, r):
+    """Kills `collect` 26, 29 (XREAD without `block`: an open round polls Redis in a busy loop).
+    With 100 ms blocks, 0.5 s of an open round is at most about 6 polls; a spin makes hundreds."""
+    cfg, plan, rnd_, _ = _accepted_round(r, redis_url, file_url)
+    lost, polls, t0 = threading.Event(), [], time.monotonic()
+
+    def poll() -> None:
+        polls.append(1)
+        if time.monotonic() - t0 > 0.5:
+            lost.set()
+
+    with pytest.raises(LockLost):
+        collect(r, dataclasses.replace(cfg, min_workers=2), plan, rnd_, block_ms=100, stop=threading.Event(),
+                lock_lost=lost, on_poll=poll)
+    assert 2 <= len(polls) <= 10, len(polls)
