@@ -9,6 +9,7 @@ checks and of the outlier rule unpinned. Each test names the mutants of aggregat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 
@@ -80,9 +81,11 @@ def test_waiting_for_says_exactly_what_keeps_the_round_open(cfg, r_, live_, now,
     assert waiting_for(cfg, r_, live_, now, paused=paused) == expected
 
 
-def test_is_closed_publishes_the_round_state_and_reads_only_live_workers(r):
+def test_is_closed_publishes_the_round_state_and_reads_only_live_workers(r, caplog):
     """Kills the mutants of `is_closed` and `live_workers` that change a field of the round state
-    hash, the phase, the deadline, or count a registered worker whose heartbeat key is gone."""
+    hash, the phase, the deadline, or count a registered worker whose heartbeat key is gone, and
+    `is_closed` 26-33 (the log line saying what the round waits for, once per change)."""
+    caplog.set_level(logging.INFO, logger="aggregator.collect")
     cfg = dataclasses.replace(CFG, min_workers=1)
     r.sadd(keys.workers("t"), "w0", "w1", "w2")
     r.set(keys.worker_alive("t", "w0"), "1")
@@ -105,6 +108,16 @@ def test_is_closed_publishes_the_round_state_and_reads_only_live_workers(r):
     assert done.waiting == ""
     state = r.hgetall(keys.round_state("t"))
     assert (state["phase"], state["accepted"], state["answered"], state["waiting"]) == ("reducing", "1", "2", "")
+    assert caplog.messages == [
+        "round for version 3 waits for 1 more delta (min_workers 1; from w0, w1)",
+        "round for version 3 waits for 1 more delta (min_workers 1; from w0, w1); the run is paused "
+        "(diloco control --run t resume)"], "said once per change, not at every poll"
+
+
+def test_waiting_for_a_running_run_by_default():
+    """Kills `waiting_for` 1 (`paused` True by default)."""
+    assert waiting_for(CFG, rnd(("w0",)), live("w0"), 0) == (
+        f"1 more worker (min_workers 2, 1 live): start workers or lower it with {CTL}")
 
 
 def test_check_gives_each_reason_and_accepts_exactly_up_to_the_limits():
@@ -142,13 +155,21 @@ def test_check_gives_each_reason_and_accepts_exactly_up_to_the_limits():
     (3.0, {"a": 1.0, "b": 2.0, "c": 4.0, "d": 9.0}, []),               # median (2 + 4) / 2; 9 = 3x is allowed
     (3.0, {"a": 1.0, "b": 2.0, "c": 4.0, "d": 9.5},
      [("d", "outlier: delta norm 9.5 is 3.2x the round's median 3 (limit 3.0x)")]),
+    (1.0, {"a": 1.0, "b": 1.0, "c": 2.0},                               # a factor of 1 is allowed
+     [("c", "outlier: delta norm 2 is 2.0x the round's median 1 (limit 1.0x)")]),
+    (2.0, {"a": 1.0, "b": 2.0, "c": 10.0},                              # odd count: the middle one
+     [("c", "outlier: delta norm 10 is 5.0x the round's median 2 (limit 2.0x)")]),
+    (2.0, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 8.0, "e": 9.0},
+     [("d", "outlier: delta norm 8 is 2.7x the round's median 3 (limit 2.0x)"),
+      ("e", "outlier: delta norm 9 is 3.0x the round's median 3 (limit 2.0x)")]),
     (2.0, {"z": 9.0, "y": 8.0, "a": 1.0, "b": 1.0, "c": 1.0},
      [("y", "outlier: delta norm 8 is 8.0x the round's median 1 (limit 2.0x)"),
       ("z", "outlier: delta norm 9 is 9.0x the round's median 1 (limit 2.0x)")]),
 ])
 def test_outliers_from_three_deltas_on_against_the_median(factor, norms, expected):
     """Kills the mutants of `outliers` that change the three-delta minimum, the median of an odd or
-    even count, `>` against `factor` times it, the order of the result, or its reason."""
+    even count (3, 9, 12: `factor <= 1` as off, the even formula for all, `// 3`), `>` against
+    `factor` times it, the order of the result, or its reason."""
     assert outliers(rnd(tuple(norms), norms=norms), factor) == expected
 
 
