@@ -34,17 +34,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "mutation-runs"
 UNITS = "tests/test_units.py::test_"
-AGGREGATOR_TESTS = (
-    "tests/test_hostile.py", "tests/test_control.py", "tests/test_nesterov.py", "tests/test_replay_reference.py",
+# The round loop's fast end-to-end tests (each under about 4 s on 2 idle cores): every one runs
+# _round and _step_and_commit, so a surviving mutant of those waits for all of them. Left out:
+# test_control's pause test (10-60 s) and the fault tests that restart servers.
+ROUND_TESTS = (
+    "tests/test_hostile.py", "tests/test_nesterov.py", "tests/test_replay_reference.py",
+    "tests/test_control.py::test_set_outer_lr_applies_at_the_next_round",
+    "tests/test_control.py::test_kick_removes_a_worker_and_the_round_goes_on",
+    "tests/test_control.py::test_version_budget_stops_the_run_cleanly",
     "tests/test_pipeline.py::test_inner_state_persists_and_exact_steps_with_accumulation",
     "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once",
     UNITS + "commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commits_the_rest",
     UNITS + "a_late_delta_landing_during_the_reduce_is_still_rejected_with_a_reason",
     UNITS + "malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_bitmap",
     "tests/test_faults.py::test_min_workers_holds_the_round_until_enough_workers",
+    "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected",
+)
+AGGREGATOR_TESTS = (
+    *ROUND_TESTS, "tests/test_sync_path.py",
     "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds",
     "tests/test_faults.py::test_redis_outage_between_write_and_commit_redoes_the_round",
-    "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected",
+    "tests/test_retention.py::test_the_aggregator_applies_retention_every_n_commits",
+    "tests/test_wipe.py",
 )
 
 
@@ -56,6 +67,8 @@ class Group:
     # A mutant that makes a service wait forever burns no CPU, so mutmut's CPU-time limit never ends
     # it: groups running services give each test a wall-clock limit (pytest-timeout) instead.
     timeout_s: int | None = None
+    # Tests left out of the selection, by a part of their name (pytest -k "not ...").
+    leave_out: tuple[str, ...] = ()
 
 
 GROUPS = (
@@ -67,21 +80,39 @@ GROUPS = (
           ("tests/test_shards.py", "tests/test_feedback.py", "tests/test_codecs.py", "tests/test_replay_reference.py",
            "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected")),
     Group("reduce", ("diloco/reduce.py",),
-          ("tests/test_replay_reference.py", "tests/test_hostile.py", "tests/test_nesterov.py",
-           "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected"), 60),
+          ("tests/test_reduce.py", "tests/test_replay_reference.py", "tests/test_hostile.py", "tests/test_nesterov.py",
+           "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected"), 30),
+    # The units tests that take under about 2 s; the slower ones (killed, stalled or restarted
+    # workers) wait out leases and heartbeats and would kill no mutant these do not.
     Group("units", ("diloco/units.py",),
-          (UNITS + "claim_neither_spins_nor_ignores_stop_while_the_units_meta_is_gone",
-           UNITS + "units_command_reports_each_epoch_consistently_with_the_bitmaps",
-           UNITS + "every_sample_is_in_some_unit_and_only_wrapped_ones_twice",
-           UNITS + "strided_units_spread_over_the_dataset_and_old_runs_keep_contiguous_units",
-           UNITS + "commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commits_the_rest",
-           UNITS + "malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_bitmap",
-           "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds",
-           "tests/test_faults.py::test_units_claimed_before_a_redis_outage_are_not_leaked"), 60),
-    Group("aggregator", ("aggregator/collect.py", "aggregator/aggregator.py"), AGGREGATOR_TESTS, 60),
+          ("tests/test_units.py",
+           "tests/test_claims_liveness.py::test_every_schedule_finishes_the_epoch_with_every_unit_committed_once",
+           "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds"), 30,
+          ("killed_worker_are_reissued", "stalled_worker_keeps_its_lease", "blocked_while_redis_is_wiped",
+           "restart_of_aggregator_and_workers")),
+    Group("collect", ("aggregator/collect.py",), ("tests/test_collect.py", *ROUND_TESTS), 30),
+    Group("aggregator", ("aggregator/aggregator.py",), AGGREGATOR_TESTS, 30),
     Group("lock", ("aggregator/lock.py",),
-          ("tests/test_lock.py", "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once"), 90),
+          ("tests/test_lock.py", "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once",
+           "tests/test_wipe.py::test_a_holder_whose_round_loop_hangs_gives_the_lock_up_and_a_standby_commits"), 90),
 )
+
+
+# A pytest plugin written into each copy's tests/ (never into the tree itself): a mutant's tests run
+# fastest first, by the durations mutmut measured, so a mutant a unit test kills ends in well under a
+# second instead of after whichever end-to-end tests pytest happened to start with (mutmut passes a
+# set, in no useful order).
+FASTEST_FIRST = '''"""Written by scripts/mutation.py into a mutation copy: run the selected tests fastest first."""
+import json
+from pathlib import Path
+
+
+def pytest_collection_modifyitems(session, config, items):
+    stats = Path("mutmut-stats.json")
+    if stats.is_file():
+        took = json.loads(stats.read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: took.get(item.nodeid, 0.0))
+'''
 
 
 def prepare(group: Group) -> Path:
@@ -94,16 +125,18 @@ def prepare(group: Group) -> Path:
         if src.is_file() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+    (tree / "tests" / "mutation_fastest_first.py").write_text(FASTEST_FIRST)
     text = (ROOT / "pyproject.toml").read_text()
     base = tomllib.loads(text)["tool"]["mutmut"]
     head = text[:text.index("[tool.mutmut]")]
     timeout = [f"--timeout={group.timeout_s}"] if group.timeout_s else []
+    leave_out = ["-k", " and ".join(f"not {name}" for name in group.leave_out)] if group.leave_out else []
     (tree / "pyproject.toml").write_text(head + "[tool.mutmut]\n" + "\n".join([
         f"source_paths = {base['source_paths']!r}",
         f"only_mutate = {list(group.modules)!r}",
         f"process_isolation = {base['process_isolation']!r}",
-        f"pytest_add_cli_args = {[*base['pytest_add_cli_args'], *timeout]!r}",
-        f"pytest_add_cli_args_test_selection = {list(group.tests)!r}",
+        f"pytest_add_cli_args = {[*base['pytest_add_cli_args'], '-p', 'tests.mutation_fastest_first', *timeout]!r}",
+        f"pytest_add_cli_args_test_selection = {[*leave_out, *group.tests]!r}",
     ]) + "\n")
     return tree
 

@@ -25,6 +25,10 @@ def init(redis_url: str, store_url: str, run: str = "t", **settings: Any) -> Run
     return runs.init_run(connect_redis(redis_url), open_store(store_url), run, given).config
 
 
+class ServiceDied(AssertionError):
+    """A service a test started ended with an error while the test was waiting for something."""
+
+
 class Service(ServiceThread):
     """A service in a thread, with the tests' default wait of two minutes.
 
@@ -35,15 +39,45 @@ class Service(ServiceThread):
 
     started: ClassVar[list[Service]] = []
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reported = False   # its error was raised to the test by `result` (or `check_services`)
+
     def start(self) -> None:
         Service.started.append(self)
         super().start()
 
     def result(self, timeout: float | None = 120) -> int | None:
-        return super().result(timeout)
+        """Join, but fail at once when another service of the test died first: a worker waiting for a
+        version that a crashed aggregator will never commit would otherwise hold the test for `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            self.join(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic())))
+            if self.is_alive():
+                check_services()
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} still running after {timeout}s")
+        self.reported = self.reported or self.error is not None
+        return super().result(0)
 
     def stop(self, timeout: float | None = 120) -> int | None:
         return super().stop(timeout)
+
+
+POLL_S = 0.2
+
+
+def check_services() -> None:
+    """Raise `ServiceDied` if a service this test started has ended with an error nobody has seen yet.
+
+    Every wait of the harness (and the tests' own polling loops) calls this, so a test whose aggregator
+    or worker crashed fails within a poll instead of waiting out its deadline. A service that ended
+    normally (its `max_rounds`, or a stop) is not an error; an error is reported once.
+    """
+    for svc in Service.started:
+        if not svc.reported and svc.error is not None and not svc.is_alive():
+            svc.reported = True
+            raise ServiceDied(f"{svc.name} died while the test waited: {svc.error!r}") from svc.error
 
 
 def stop_leftovers(timeout_s: float = 120) -> list[str]:
@@ -80,6 +114,7 @@ def wait_for_version(r: redis.Redis, run: str, version: int, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     last, entries = "0-0", []
     while time.monotonic() < deadline:
+        check_services()
         for _, batch in r.xread({keys.versions(run): last}, block=500) or []:
             for entry_id, fields in batch:
                 last = entry_id
@@ -93,6 +128,7 @@ def wait_for_key(r: redis.Redis, key: str, timeout_s: float = 60) -> None:
     """Wait until `key` exists (keyspace has no cheap event here; poll with a deadline)."""
     deadline = time.monotonic() + timeout_s
     while not r.exists(key):
+        check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{key} did not appear within {timeout_s}s")
         time.sleep(0.02)
@@ -110,6 +146,7 @@ def wait_until_len(r: redis.Redis, stream: str, length: int, timeout_s: float = 
 def wait_for_field(r: redis.Redis, key: str, field: str, value: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while r.hget(key, field) != value:
+        check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{key} {field} did not become {value!r} within {timeout_s}s")
         time.sleep(0.02)

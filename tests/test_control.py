@@ -87,7 +87,10 @@ def test_kick_removes_a_worker_and_the_round_goes_on(redis_url, file_url, r):
     agg.stop()
 
 
-def test_version_budget_stops_the_run_cleanly(redis_url, file_url, r):
+def test_version_budget_stops_the_run_cleanly(redis_url, file_url, r, caplog):
+    """Also kills `Aggregator.run` 27-32 (the line saying why the aggregator exits), which only the
+    slow pause test asserted."""
+    caplog.set_level(logging.INFO, logger="aggregator.aggregator")
     harness.init(redis_url, file_url, max_versions=3)
     agg = harness.aggregator(redis_url, file_url)
     w = harness.worker(redis_url, file_url, "w0")
@@ -96,3 +99,4 @@ def test_version_budget_stops_the_run_cleanly(redis_url, file_url, r):
     assert int(r.hget(keys.head("t"), "version")) == 3
     assert control.state(r, "t") == control.STOPPED
     assert "version budget reached" in r.hget(keys.control("t"), "reason")
+    assert "run t is stopped; the aggregator exits" in caplog.messages

@@ -58,6 +58,7 @@ def wait_until(pred: Callable[[], object], timeout_s: float, what: str) -> objec
         value = pred()
         if value:
             return value
+        harness.check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         time.sleep(0.05)
@@ -68,6 +69,7 @@ def wait_for_entry(r, stream: str, pred: Callable[[dict[str, str]], bool], timeo
     """Block on `stream` until an entry after `after` satisfies `pred`; returns (id, fields)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        harness.check_services()
         for _, batch in r.xread({stream: after}, block=500) or []:
             for entry_id, fields in batch:
                 after = entry_id

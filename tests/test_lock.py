@@ -36,6 +36,7 @@ def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 60) -> 
     """Poll `pred` with a deadline (a key's value or a log file has no event to block on)."""
     deadline = time.monotonic() + timeout_s
     while not (value := pred()):
+        harness.check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         time.sleep(0.02)

@@ -36,7 +36,8 @@ from diloco.scripts import Scripts
 from diloco.store import open_store
 from diloco.tasks.tiny import TensorDataset
 from diloco.tasks.tiny import make_task as make_tiny
-from diloco.units import Leases, UnitPlan, plan_for, units_per_round
+from diloco.units import Leases, UnitPlan, _units_per_second, plan_for, units_per_round
+from diloco.units import report as units_report
 from tests import harness
 from workers.worker import Worker
 
@@ -75,6 +76,7 @@ def wait_until(cond: Callable[[], object], what: str, timeout_s: float = 60) -> 
     """Poll a Redis condition with a deadline (keyspace changes have no cheap event here)."""
     deadline = time.monotonic() + timeout_s
     while not cond():
+        harness.check_services()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         time.sleep(0.02)
@@ -581,6 +583,7 @@ def test_claim_neither_spins_nor_ignores_stop_while_the_units_meta_is_gone(redis
     # RunNotFound, which the worker waits out like an outage (for `diloco recover`); never a spin
     # (the RuntimeError above), never another error, never units from a run that is gone.
     assert list(outcome) == ["error"] and type(outcome["error"]) is RunNotFound, outcome
+    assert str(outcome["error"]) == "run 't' has no work units in Redis (was it wiped?)"   # `claim` 20
 
 
 # --- 6. dataset length, malformed unit ids -------------------------------------------------------
@@ -694,6 +697,94 @@ def test_units_command_reports_each_epoch_consistently_with_the_bitmaps(redis_ur
     assert "10/50" in table and "0/50" in table and "wx" in table and "wy" in table
 
 
+def test_units_report_covers_the_open_epochs_only_counts_the_last_bit_and_leases_to_a_tenth_of_a_second(
+        redis_url, file_url, r):
+    """Kills `report` 34 (epochs listed from 0, not from epoch_lo), 76 (the done count stops before
+    the last unit) and 115, 117, 120, 121 (a lease's seconds left rounded to whole seconds or to
+    hundredths, or divided by 1001): the lease below ends 10000.75 s after `before`, so a report
+    read within 0.6 s says between 10000.1 and 10000.8, to one decimal."""
+    cfg = harness.init(redis_url, file_url, **SMALL)
+    ds, scripts = cfg.dataset_id, Scripts(r)
+    meta = keys.units_meta(RUN, ds)
+    r.hset(meta, mapping={"epoch_lo": "1", "epoch_hi": "2"})        # as once epoch 0 is all done
+    r.setbit(keys.units_done(RUN, ds, 0), 3, 1)                      # an old epoch's bits are not reported
+    assert scripts.claim_units(RUN, ds, 1, 2, 2, "wz", 60_000) == [(1, 0), (1, 1)]
+    r.setbit(keys.units_done(RUN, ds, 1), NUM_UNITS - 1, 1)          # the last unit of epoch 1 is done
+    r.setbit(keys.units_done(RUN, ds, 1), 7, 1)
+    before = server_time_ms(r)
+    r.zadd(keys.units_leases(RUN, ds, 2), {"4": before + 10_000_750})
+    r.hset(keys.units_owners(RUN, ds, 2), "4", "wq")
+    rep = units_report(r, cfg)
+    after = server_time_ms(r)
+    assert (rep["epoch_lo"], rep["epoch_hi"]) == (1, 2)
+    assert [(e["epoch"], e["total"], e["claimed"], e["done"]) for e in rep["epochs"]] == \
+        [(1, NUM_UNITS, 2, 2), (2, NUM_UNITS, 0, 0)]
+    assert {(lease["unit"], lease["worker"]) for lease in rep["epochs"][0]["leased"]} == {(0, "wz"), (1, "wz")}
+    (lease,) = rep["epochs"][1]["leased"]
+    allowed = {round((before + 10_000_750 - now) / 1000, 1) for now in range(before, after + 1)}
+    assert (lease["unit"], lease["worker"]) == (4, "wq") and lease["expires_in_s"] in allowed, (lease, allowed)
+    if after - before < 600:   # the report ran within 0.6 s: whole seconds would say 10001
+        assert 10000.1 <= lease["expires_in_s"] <= 10000.8 and lease["expires_in_s"] != round(lease["expires_in_s"])
+
+
+def test_units_per_second_is_measured_over_the_last_ten_versions(r):
+    """Kills `_units_per_second` 1, 4, 6 (the rate over the last 11 versions, or over all), 14, 16, 19
+    (a version without a `units` field, as old runs have, counted as an error or as 1 unit), 20, 30
+    (the wrong end of the window), 36, 45, 46 (no time between the ends: no rate; 1 ms: a rate)."""
+    stream = keys.versions("rate")
+    assert _units_per_second(r, "rate") is None
+    r.xadd(stream, {"version": "1", "units": "5", "committed_ms": "0"})
+    assert _units_per_second(r, "rate") is None, "one version is no rate"
+    r.xadd(stream, {"version": "2", "units": "5", "committed_ms": "0"})
+    assert _units_per_second(r, "rate") is None, "no time between them is no rate"
+    r.xadd(stream, {"version": "3", "units": "5", "committed_ms": "1"})
+    assert _units_per_second(r, "rate") == round(10 * 1000 / 1, 3)
+    r.delete(stream)
+    # two slow early versions, then ten 1 s apart with 5 units each but v5, which predates units
+    r.xadd(stream, {"version": "1", "units": "5", "committed_ms": "0"})
+    r.xadd(stream, {"version": "2", "units": "5", "committed_ms": "50000"})
+    for v in range(3, 13):
+        r.xadd(stream, {"version": str(v), "committed_ms": str(101_000 + 1000 * (v - 3)),
+                        **({"units": "5"} if v != 5 else {})})
+    assert _units_per_second(r, "rate") == round(40 * 1000 / 9000, 3)       # v4..v12 over v3..v12
+    assert _units_per_second(r, "rate", last=11) == round(45 * 1000 / 60_000, 3)
+
+
+def test_renew_extends_every_held_lease_in_each_epoch_and_release_gives_them_back(redis_url, file_url, r):
+    """Kills `Leases.renew` 4-15 (an argument of the renewal dropped or None): the slow lease tests
+    that exercise renewal end to end are not in the mutation group, and the worker's heartbeat
+    thread logs a failed renewal instead of failing. A claim across the end of epoch 0 holds units
+    of two epochs; renewed with a 600 s lease, each of their leases ends at least 500 s from now."""
+    cfg = harness.init(redis_url, file_url, **SMALL)
+    plan = plan_for(r, cfg)
+    assert len(Scripts(r).claim_units(RUN, plan.dataset, 0, 0, NUM_UNITS - 2, "other", 600_000)) == NUM_UNITS - 2
+    leases = Leases(r, RUN, plan, "w0", lease_ms=1_000)
+    got = leases.claim(5, threading.Event())
+    assert [e for e, _ in got] == [0, 0, 1, 1, 1]
+    leases.lease_ms = 600_000
+    leases.renew()
+    now = server_time_ms(r)
+    for epoch, bits in ((0, [b for e, b in got if e == 0]), (1, [b for e, b in got if e == 1])):
+        ep = Epoch(r, epoch)
+        assert ep.held_by("w0") == sorted(bits)
+        assert all(r.zscore(ep.leases, b) > now + 500_000 for b in bits), r.zrange(ep.leases, 0, -1, withscores=True)
+    assert leases.release() == 5 and leases.held == []
+    assert Epoch(r, 0).held_by("w0") == [] and Epoch(r, 1).held_by("w0") == []
+
+
+def test_plan_for_reads_the_run_seed_and_says_which_run_has_no_units(redis_url, file_url, r):
+    """Kills `plan_for` 12 (the run's seed not passed: another order of units), 8 (RunNotFound
+    without its message) and `UnitPlan.samples` 7 (a strided unit's samples stepping backwards)."""
+    cfg = harness.init(redis_url, file_url, seed=17, **SMALL)
+    assert plan_for(r, cfg) == UnitPlan(cfg.dataset_id, 400, 8, 17, "strided")
+    plan = UnitPlan("d", 100, 4, seed=0)
+    u = int(plan.order(0)[0])
+    assert plan.samples((0, 0)) == [u, u + 25, u + 50, u + 75]
+    r.delete(keys.units_meta(RUN, cfg.dataset_id))
+    with pytest.raises(RunNotFound, match=f"run 't' has no work units for dataset {cfg.dataset_id}"):
+        plan_for(r, cfg)
+
+
 # --- 8. init's checks ----------------------------------------------------------------------------
 
 def test_init_refuses_a_round_larger_than_the_dataset_or_units_that_do_not_divide_it(redis_url, file_url, r):
@@ -733,5 +824,5 @@ def test_strided_units_spread_over_the_dataset_and_old_runs_keep_contiguous_unit
     old = plan_for(r, cfg)
     assert old.layout == "contiguous" and old.samples((0, 0)) == list(range(int(old.order(0)[0]) * 8,
                                                                                int(old.order(0)[0]) * 8 + 8))
-    with pytest.raises(ValueError, match="unknown work unit layout 'diagonal'"):
+    with pytest.raises(ValueError, match=r"unknown work unit layout 'diagonal' \(known: strided, contiguous\)"):
         UnitPlan("d", 10, 2, 0, layout="diagonal")
