@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from aggregator.units_check import units_problem
-from diloco import control, dylu, keys
+from diloco import control, dylu, keys, runs
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadMessage, LockLost
@@ -115,15 +115,7 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
 
 def live_workers(r: redis.Redis, run: str) -> dict[str, str | None]:
     """Each live worker's heartbeat state, in one pipelined read."""
-    ids = sorted(r.smembers(keys.workers(run)))
-    if not ids:
-        return {}
-    pipe = r.pipeline(transaction=False)
-    for w in ids:
-        pipe.exists(keys.worker_alive(run, w))
-        pipe.hget(keys.worker_stats(run, w), "state")
-    replies = pipe.execute()
-    return {w: state for w, alive, state in zip(ids, replies[0::2], replies[1::2], strict=True) if alive}
+    return runs.live_worker_stat(r, run, "state")
 
 
 def waiting_for(cfg: RunConfig, rnd: Round, live: dict[str, str | None], now_ms: int,

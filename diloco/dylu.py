@@ -17,7 +17,7 @@ import math
 
 import redis
 
-from diloco import keys
+from diloco import runs
 from diloco.config import RunConfig
 
 
@@ -31,18 +31,10 @@ def inner_steps(cfg: RunConfig, own: float | None, others: list[float]) -> int:
 
 def speeds(r: redis.Redis, run: str) -> dict[str, float]:
     """steps/s of each live worker that has measured one, in one pipelined read."""
-    ids = sorted(r.smembers(keys.workers(run)))
-    if not ids:
-        return {}
-    pipe = r.pipeline(transaction=False)
-    for w in ids:
-        pipe.exists(keys.worker_alive(run, w))
-        pipe.hget(keys.worker_stats(run, w), "steps_per_s")
-    replies = pipe.execute()
     out = {}
-    for w, alive, raw in zip(ids, replies[0::2], replies[1::2], strict=True):
+    for w, raw in runs.live_worker_stat(r, run, "steps_per_s").items():
         try:
-            if alive and raw:
+            if raw:
                 out[w] = float(raw)
         except ValueError:  # a stat is a worker's word, not a number we trust
             continue

@@ -56,6 +56,19 @@ def parse_head(run: str, fields: dict[str, str]) -> Head:
     return Head.from_fields(fields)
 
 
+def live_worker_stat(r: redis.Redis, run: str, field: str) -> dict[str, str | None]:
+    """One heartbeat stat (`state`, `steps_per_s`, ...) of each live worker, in one pipelined read."""
+    ids = sorted(r.smembers(keys.workers(run)))
+    if not ids:
+        return {}
+    pipe = r.pipeline(transaction=False)
+    for w in ids:
+        pipe.exists(keys.worker_alive(run, w))
+        pipe.hget(keys.worker_stats(run, w), field)
+    replies = pipe.execute()
+    return {w: value for w, alive, value in zip(ids, replies[0::2], replies[1::2], strict=True) if alive}
+
+
 def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
     data = store.get(head.weights, sha256=head.weights_sha256)
     return model.from_bytes(data, f"weights {head.weights}")
