@@ -113,6 +113,14 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     rnd.accepted[ann.worker] = (entry_id, ann)
 
 
+def _alive(rnd: Round, lock_lost: threading.Event | None, on_poll: Callable[[], None] | None) -> None:
+    """Each poll of a collect: a sign of life for the stall watchdog, and LockLost as soon as the lock is gone."""
+    if on_poll is not None:
+        on_poll()
+    if lock_lost is not None and lock_lost.is_set():
+        raise LockLost(f"lock lost while collecting version {rnd.version}")
+
+
 def live_workers(r: redis.Redis, run: str) -> dict[str, str | None]:
     """Each live worker's heartbeat state, in one pipelined read."""
     return runs.live_worker_stat(r, run, "state")
@@ -210,10 +218,7 @@ def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *,
     closes the version. The batch depends only on the stream, so a standby redoing it takes the same."""
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
-        if on_poll is not None:
-            on_poll()
-        if lock_lost is not None and lock_lost.is_set():
-            raise LockLost(f"lock lost while collecting version {rnd.version}")
+        _alive(rnd, lock_lost, on_poll)
         if control.state(r, cfg.run) == control.STOPPED:
             return False
         end = window_end_ms(cfg, rnd)
@@ -260,10 +265,7 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
                              on_poll=on_poll, on_accept=on_accept)
     stream = keys.deltas(cfg.run)
     while not stop.is_set():
-        if on_poll is not None:
-            on_poll()
-        if lock_lost is not None and lock_lost.is_set():
-            raise LockLost(f"lock lost while collecting version {rnd.version}")
+        _alive(rnd, lock_lost, on_poll)
         state = control.state(r, cfg.run)
         if state == control.STOPPED:
             return False
