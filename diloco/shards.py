@@ -302,14 +302,9 @@ class DeltaBuffer:
             self.covered[name].append((start, numel))
 
     def add_to(self, acc: torch.Tensor, alpha: float = 1.0) -> None:
-        """acc += alpha * this delta (acc laid out as `buffer`); alpha 1 adds without a multiply."""
+        """acc += alpha * this delta (acc laid out as `buffer`)."""
         if self._sparse:
-            if alpha == 1.0:
-                acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values))
-            else:
-                acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values), alpha=alpha)
-        elif alpha == 1.0:
-            acc += self._buffer
+            acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values), alpha=alpha)
         else:
             acc.add_(self._buffer, alpha=alpha)
 
