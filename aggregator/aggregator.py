@@ -192,7 +192,7 @@ class Aggregator:
         self._cache = None
         if self.cfg.dn_buffer > 1:
             outer.delayed_nesterov_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu,
-                                         n=self.cfg.dn_buffer)
+                                         n=self.cfg.dn_buffer, arrivals=len(red.included))
         else:
             outer_step_(weights, momentum, red.mean, lr=self.cfg.outer_lr, mu=mu, nesterov=self.cfg.nesterov)
         new_w, new_m = weights, momentum

@@ -7,8 +7,9 @@ stream and the per-worker counter, and never stops the service.
 
 In asynchronous mode (`mode=async`) there is no quorum: the version closes on its first accepted
 delta (`grace_s` 0), or `grace_s` after it, taking every delta announced in that window (by the
-stream entry's Redis timestamp) and leaving later ones to the next version. A delta counts if its
-base version is at most `max_staleness` behind the head.
+stream entry's Redis timestamp) and leaving later ones to the next version, or as soon as every live
+worker has a delta in the window. A delta counts if its base version is at most `max_staleness`
+behind the head.
 """
 
 from __future__ import annotations
@@ -240,7 +241,16 @@ def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *,
                 take(r, cfg, plan, rnd, entry_id, fields, on_accept)
         if past and read < 100 and rnd.accepted:
             return True
+        if rnd.accepted and everyone_answered(r, cfg, rnd):
+            return True
     return False
+
+
+def everyone_answered(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
+    """Async: a grace window closes early once every live worker has a delta in it: none is left to
+    wait for (equal workers then take sync rounds' steps without a window's wait)."""
+    live = live_workers(r, cfg.run)
+    return bool(live) and set(live) <= rnd.answered   # no live worker: the window runs its time
 
 
 def _publish_async(r: redis.Redis, cfg: RunConfig, rnd: Round, end: int | None) -> None:

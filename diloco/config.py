@@ -85,7 +85,7 @@ class RunConfig:
     staleness_weight: str = "none"   # async: "none", or "inv_sqrt" (a delta of staleness s scaled by 1/sqrt(1+s))
     dn_buffer: int = 1          # Delayed Nesterov: momentum updated once every N outer steps; 1 = plain Nesterov
     aggregation: str = "uniform"     # the mean's weights: "uniform", or "tokens" (each delta's announced tokens)
-    dylu: bool = False          # async: a worker's H scales with its speed relative to the fastest (diloco/dylu.py)
+    dylu: bool = False          # a worker's H scales with its speed relative to the fastest (diloco/dylu.py)
     h_min: int = 1              # DyLU: the fewest inner steps a round trains
     schema_version: int = SCHEMA_VERSION
 
@@ -158,8 +158,8 @@ class RunConfig:
             raise ConfigError(f"dn_buffer must be a positive integer (1 = plain Nesterov), got {self.dn_buffer!r}")
         if self.dn_buffer > 1 and not self.nesterov:
             raise ConfigError("dn_buffer > 1 (Delayed Nesterov) needs nesterov = true")
-        if self.mode == "sync" and (self.grace_s or self.staleness_weight != "none" or self.dylu):
-            raise ConfigError("grace_s, staleness_weight and dylu apply to mode=async only; the run's mode is sync")
+        if self.mode == "sync" and (self.grace_s or self.staleness_weight != "none"):
+            raise ConfigError("grace_s and staleness_weight apply to mode=async only; the run's mode is sync")
         if not 1 <= self.h_min <= self.sync_every:
             raise ConfigError(f"h_min must be in [1, sync_every ({self.sync_every})], got {self.h_min!r}")
         step_samples = self.grad_accum * self.batch_size

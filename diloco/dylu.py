@@ -1,7 +1,8 @@
 """Dynamic Local Updates (DyLU, Liu et al. 2024, arXiv 2401.09135): a slower worker trains fewer inner
 steps per round, so its delta is not staler than a fast worker's.
 
-With `dylu` on (async runs), a worker's H for a round is
+With `dylu` on (either mode; in a sync round the slow workers then finish about when the fast ones do,
+instead of everyone waiting for them), a worker's H for a round is
 
     max(h_min, floor(sync_every * its steps/s / the fastest live worker's steps/s))
 

@@ -56,43 +56,49 @@ def outer_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tens
 
 def outer_step(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
                mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float,
-               nesterov: bool = True, dn_buffer: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               nesterov: bool = True, dn_buffer: int = 1,
+               arrivals: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return (new weights, new momentum); the inputs are left untouched."""
     new_weights = {n: t.clone() for n, t in weights.items()}
     new_momentum = {n: t.to(torch.float32).clone() for n, t in momentum.items()}
-    step_(new_weights, new_momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov, dn_buffer=dn_buffer)
+    step_(new_weights, new_momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov, dn_buffer=dn_buffer,
+          arrivals=arrivals)
     return new_weights, new_momentum
 
 
 def delayed_nesterov_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
-                           mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, n: int) -> None:
-    """One Delayed Nesterov step in place (fp32), for parameter p with pseudo-gradient d (Liu et al.
-    2024, Algorithm "Delayed Nesterov", with its momentum activation c = 0):
+                           mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, n: int,
+                           arrivals: int = 1) -> None:
+    """One Delayed Nesterov step in place (fp32) for a version that includes `arrivals` = k deltas, for
+    parameter p with d their mean (Liu et al. 2024, Algorithm "Delayed Nesterov", with its momentum
+    activation c = 0), counting deltas, not versions:
 
-        buffer += d; count += 1
-        if count == n:  b = mu*b + buffer/n;  p -= lr*(d/n + mu*b);  buffer = 0; count = 0
-        else:           p -= lr*d/n                     (b unchanged: a plain gradient step)
+        buffer += k*d; count += k; a = min(k, n)/n
+        if count >= n:  b = mu*b + buffer/count;  p -= lr*(a*d + mu*b);  buffer = 0; count = 0
+        else:           p -= lr*a*d                     (b unchanged: a plain gradient step)
 
-    Over n steps p moves by lr*(mean d + mu*b): one Nesterov step on the mean of the n pseudo-gradients,
-    as a sync round of n workers would take, but applied as they arrive. n = 1 is Nesterov (use
-    `outer_step_` then: it is the bit-for-bit path). Float buffers become `theta - d` as in
-    `outer_step_`; integer buffers keep the global value.
+    With one delta a version (k = 1) over n versions p moves by lr*(mean d + mu*b): one Nesterov step
+    on the mean of the n pseudo-gradients, as a sync round of n workers would take, but applied as
+    they arrive. A grace window that batches n deltas (k = n) takes exactly that Nesterov step. n = 1
+    is Nesterov (use `outer_step_` then: it is the bit-for-bit path). Float buffers become `theta - d`
+    as in `outer_step_`; integer buffers keep the global value.
     """
     params = sorted(k for k in momentum if not k.startswith(DN))
-    count = int(momentum[DN_COUNT].item()) + 1 if DN_COUNT in momentum else 1
+    count = (int(momentum[DN_COUNT].item()) if DN_COUNT in momentum else 0) + arrivals
     full = count >= n
+    share = min(arrivals, n) / n
     for name in params:
         d = mean_delta[name].reshape(weights[name].shape).to(torch.float32)
         buffered = momentum.get(DN_BUFFER + name)
-        total = d.clone() if buffered is None else buffered.to(torch.float32) + d
+        total = d * arrivals if buffered is None else buffered.to(torch.float32) + d * arrivals
         theta = weights[name].to(torch.float32)
         if full:
-            b = momentum[name].to(torch.float32) * mu + total / n
-            step = d / n + b * mu
+            b = momentum[name].to(torch.float32) * mu + total / count
+            step = d * share + b * mu
             momentum[name] = b
             momentum[DN_BUFFER + name] = torch.zeros_like(total)
         else:
-            step = d / n
+            step = d * share
             momentum[DN_BUFFER + name] = total
         weights[name] = (theta - step * lr).to(weights[name].dtype)
     momentum[DN_COUNT] = torch.tensor(0.0 if full else float(count))
@@ -102,9 +108,10 @@ def delayed_nesterov_step_(weights: dict[str, torch.Tensor], momentum: dict[str,
 
 
 def step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor], mean_delta: dict[str, torch.Tensor],
-          *, lr: float, mu: float, nesterov: bool, dn_buffer: int) -> None:
-    """The run's outer step in place: Nesterov (`outer_step_`) or, with dn_buffer > 1, Delayed Nesterov."""
+          *, lr: float, mu: float, nesterov: bool, dn_buffer: int, arrivals: int = 1) -> None:
+    """The run's outer step in place: Nesterov (`outer_step_`) or, with dn_buffer > 1, Delayed Nesterov
+    for a version of `arrivals` deltas."""
     if dn_buffer > 1:
-        delayed_nesterov_step_(weights, momentum, mean_delta, lr=lr, mu=mu, n=dn_buffer)
+        delayed_nesterov_step_(weights, momentum, mean_delta, lr=lr, mu=mu, n=dn_buffer, arrivals=arrivals)
     else:
         outer_step_(weights, momentum, mean_delta, lr=lr, mu=mu, nesterov=nesterov)

@@ -61,7 +61,7 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
             red = reduce_round(store, codec, floats, anns, cfg.shard_bytes, pool, factors)
             stepped, momentum = outer_step(weights, momentum, red.mean, lr=float(entry["outer_lr"]),
                                            mu=float(entry["outer_momentum"]), nesterov=cfg.nesterov,
-                                           dn_buffer=cfg.dn_buffer)
+                                           dn_buffer=cfg.dn_buffer, arrivals=len(red.included))
             if download is None:
                 weights = stepped
             else:  # what the aggregator published: the base plus the decoded update

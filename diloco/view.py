@@ -106,7 +106,7 @@ def print_units(rep: dict[str, Any], console: Console | None = None) -> None:
 
 BARS = "▁▂▃▄▅▆▇█"
 GONE = ("lost", "kicked")  # worker conditions that need an operator's eye
-_NUMERIC = ("step", "steps/s", "loss")
+_NUMERIC = ("step", "steps/s", "loss", "H")
 
 
 def sparkline(values: Sequence[float | None], width: int | None = None) -> str:
@@ -192,6 +192,8 @@ def live_workers_table(snap: dict[str, Any], width: int, rows: int | None = None
     cols = ["id", "host", "state", "step", "steps/s", "loss", "heartbeat", "up", "down"]
     if width < 90:
         cols = ["id", "state", "step", "loss", "heartbeat"] if width >= 50 else ["id", "state", "loss"]
+    if snap["config"].get("dylu"):   # each worker's H for its round differs with its speed
+        cols.insert(cols.index("loss"), "H")
     workers = snap["workers"]
     shown = workers if rows is None else workers[:max(rows, 0)]
     more = len(workers) - len(shown)
@@ -206,7 +208,8 @@ def live_workers_table(snap: dict[str, Any], width: int, rows: int | None = None
                  "steps/s": f"{w['steps_per_s']:.1f}" if w.get("steps_per_s") is not None else "-",
                  "loss": f"{w['loss']:.4f}" if w.get("loss") is not None else "-",
                  "heartbeat": f"{duration(age)} ago" if age is not None else "-",
-                 "up": _mb(w.get("bytes_sent")), "down": _mb(w.get("bytes_received"))}
+                 "up": _mb(w.get("bytes_sent")), "down": _mb(w.get("bytes_received")),
+                 "H": str(w.get("inner_steps", "-"))}
         style = "red" if cond in GONE else "dim" if cond == "stopped" else None
         t.add_row(*(cells[c] for c in cols), style=style)
     if not workers:

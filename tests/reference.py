@@ -67,28 +67,33 @@ def weighted_mean(deltas: list[dict[str, torch.Tensor]], weights: list[float], s
 
 
 def delayed_nesterov(theta: dict[str, torch.Tensor], b: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
-                     *, lr: float, mu: float, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Delayed Nesterov in float64 (Liu et al. 2024, momentum activation c = 0), one step per delta:
-    every delta is a plain step lr*d/n; every n-th also moves the momentum by the mean of the n
-    buffered deltas and adds its Nesterov term lr*mu*b."""
+                     *, lr: float, mu: float, n: int, arrivals: list[int] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Delayed Nesterov in float64 (Liu et al. 2024, momentum activation c = 0), one outer step per
+    mean delta in `deltas`, which averages arrivals[i] deltas (default 1 each), counted one by one:
+    every delta moves theta by lr/n of the mean (a version of k deltas: min(k, n)/n); once n or more
+    are buffered, the momentum also moves by their mean and theta by its Nesterov term lr*mu*b."""
     theta = {k: t.double().clone() if t.is_floating_point() else t.clone() for k, t in theta.items()}
     b = {k: t.double().clone() for k, t in b.items()}
     buf = {k: torch.zeros_like(t) for k, t in b.items()}
-    for i, d in enumerate(deltas, start=1):
+    count = 0
+    for d, k_deltas in zip(deltas, arrivals or [1] * len(deltas), strict=True):
+        count += k_deltas
+        full = count >= n
         for k in d:               # the floating tensors (integer buffers keep the global value)
             dk = d[k].double()
             if k not in b:           # a float buffer: the workers' average
                 theta[k] = theta[k] - dk
                 continue
-            buf[k] = buf[k] + dk
-            if i % n == 0:
-                b[k] = mu * b[k] + buf[k] / n
+            buf[k] = buf[k] + k_deltas * dk
+            theta[k] = theta[k] - lr * min(k_deltas, n) / n * dk
+            if full:
+                b[k] = mu * b[k] + buf[k] / count
                 buf[k] = torch.zeros_like(buf[k])
-                theta[k] = theta[k] - lr * (dk / n + mu * b[k])
-            else:
-                theta[k] = theta[k] - lr * dk / n
+                theta[k] = theta[k] - lr * mu * b[k]
+        if full:
+            count = 0
     return theta, b
-
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:

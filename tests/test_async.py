@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -112,6 +113,35 @@ def test_delayed_nesterov_with_a_buffer_of_three_matches_the_reference_over_seve
     assert not torch.allclose(nesterov["w"], got_theta["w"], atol=1e-3)
 
 
+
+def test_delayed_nesterov_counts_the_deltas_of_a_grace_batch_not_the_versions():
+    """A version of k deltas counts k toward the buffer of n and moves theta by min(k, n)/n of their
+    mean (a reference in float64 over batches of 2, 1, 3, 1, 4 deltas with n = 3)."""
+    theta, b = _start()
+    deltas, sizes = _deltas(5, seed=2), [2, 1, 3, 1, 4]
+    want_theta, want_b = reference.delayed_nesterov(theta, b, deltas, lr=0.7, mu=0.9, n=3, arrivals=sizes)
+    got_theta, got_b = theta, b
+    for d, k in zip(deltas, sizes, strict=True):
+        got_theta, got_b = outer.outer_step(got_theta, got_b, d, lr=0.7, mu=0.9, dn_buffer=3, arrivals=k)
+    reference.assert_close({k: v for k, v in got_theta.items() if k != "count"},
+                           {k: v for k, v in want_theta.items() if k != "count"}, "DN batches weights")
+    reference.assert_close({k: v for k, v in got_b.items() if not k.startswith(outer.DN)}, want_b,
+                           "DN batches momentum")
+    assert got_b[outer.DN_COUNT].item() == 0.0, "2+1 = 3, then 3, then 1+4 = 5 >= 3: every buffer was spent"
+
+
+def test_delayed_nesterov_with_every_version_a_batch_of_n_is_the_sync_nesterov_step():
+    """n workers whose deltas always share a grace window: each version is one Nesterov step on their
+    mean, as in a sync round (to fp32 precision)."""
+    theta, b = _start()
+    t_dn, b_dn, t_sync, b_sync = theta, b, theta, b
+    for d in _deltas(5, seed=3):
+        t_dn, b_dn = outer.outer_step(t_dn, b_dn, d, lr=0.7, mu=0.9, dn_buffer=4, arrivals=4)
+        t_sync, b_sync = outer.outer_step(t_sync, b_sync, d, lr=0.7, mu=0.9)
+    reference.assert_close(t_dn, t_sync, "DN of full batches vs Nesterov weights")
+    reference.assert_close({k: v for k, v in b_dn.items() if not k.startswith(outer.DN)}, b_sync,
+                           "DN of full batches vs Nesterov momentum")
+
 # --- staleness -----------------------------------------------------------------------------------
 
 def _ann(cfg: RunConfig, worker: str, version: int, unit_bits: list[int], epoch: int, **kw) -> Announcement:
@@ -176,6 +206,37 @@ def test_without_a_grace_window_each_delta_is_a_version_of_its_own(redis_url, fi
         assert list(rnd.accepted) == [f"w{i}"] and rnd.last_id == ids[i]
         last = rnd.last_id
 
+
+
+def test_a_grace_window_closes_once_every_live_worker_has_a_delta_in_it(redis_url, file_url, r):
+    import threading
+
+    cfg = harness.init(redis_url, file_url, mode="async", grace_s=600.0, task_options={"num_samples": 400})
+    plan, want = units.plan_for(r, cfg), units.units_per_round(cfg)
+    epoch = int(r.hget(keys.units_meta(RUN, plan.dataset), "epoch_lo") or 0)
+    for w in ("w0", "w1"):
+        r.sadd(keys.workers(RUN), w)
+        r.set(keys.worker_alive(RUN, w), "1", ex=600)
+
+    def announce(i: int) -> str:
+        ann = _ann(cfg, f"w{i}", 0, list(range(i * want, (i + 1) * want)), epoch)
+        return r.xadd(keys.deltas(RUN), ann.to_fields())
+
+    def collected(last_id: str, give_up_s: float) -> tuple[bool, Round]:
+        rnd, stop = Round(head=runs.read_head(r, RUN), last_id=last_id), threading.Event()
+        timer = threading.Timer(give_up_s, stop.set)
+        timer.start()
+        try:
+            return collect(r, cfg, plan, rnd, block_ms=50, stop=stop), rnd
+        finally:
+            timer.cancel()
+
+    announce(0)
+    closed, rnd = collected("0-0", 1.0)
+    assert not closed and list(rnd.accepted) == ["w0"], "w1 is live and has not answered: the window stays open"
+    second = announce(1)
+    closed, rnd = collected("0-0", 60.0)   # not the 600 s window: closed as soon as w1's delta is read
+    assert closed and sorted(rnd.accepted) == ["w0", "w1"] and rnd.last_id == second
 
 # --- weights in the reduce -----------------------------------------------------------------------
 
@@ -328,8 +389,7 @@ def test_dylu_h_is_the_speed_share_of_sync_every_floored_and_at_least_h_min():
     assert dylu.inner_steps(cfg.replace(dylu=False), 1.0, [3.0]) == 20
     with pytest.raises(ConfigError, match="h_min must be in"):
         cfg.replace(h_min=21)
-    with pytest.raises(ConfigError, match="apply to mode=async only"):
-        RunConfig.from_options("t", {"dylu": True})
+    assert RunConfig.from_options("t", {"dylu": True}).dylu, "a sync round ends sooner when its slow workers train less"
 
 
 def test_dylu_accepts_fewer_inner_steps_with_units_to_match_and_sync_does_not(redis_url, file_url, r):
@@ -349,12 +409,15 @@ def test_dylu_accepts_fewer_inner_steps_with_units_to_match_and_sync_does_not(re
     assert "a round trains on" in units_problem(r, cfg, plan, dataclasses.replace(two, inner_steps=3))
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_dylu_worker_slower_than_the_fastest_live_one_trains_h_min_steps_and_the_run_replays(
-        redis_url, file_url, r):
-    harness.init(redis_url, file_url, mode="async", dylu=True, h_min=2, task_options={"num_samples": 400})
+        redis_url, file_url, r, mode):
+    # A sync round waits for every live worker, the fake one below too, until its timeout.
+    harness.init(redis_url, file_url, mode=mode, dylu=True, h_min=2, task_options={"num_samples": 400},
+                 **({"round_timeout_s": 2.0} if mode == "sync" else {}))
     # A live worker measured at a million steps/s: every real worker is slower than it.
     r.sadd(keys.workers(RUN), "fast")
-    r.set(keys.worker_alive(RUN, "fast"), "1", ex=120)
+    r.set(keys.worker_alive(RUN, "fast"), "1", ex=600)
     r.hset(keys.worker_stats(RUN, "fast"), "steps_per_s", "1000000")
     assert dylu.speeds(r, RUN) == {"fast": 1e6}
     agg = harness.aggregator(redis_url, file_url, max_rounds=2)
@@ -397,3 +460,23 @@ def test_status_shows_each_dylu_workers_h_and_other_runs_do_not():
 
     assert "┃ H ┃" in render(True) and "│ 7 │" in render(True)
     assert "┃ H ┃" not in render(False) and "│ 7 │" not in render(False)
+
+
+@pytest.mark.parametrize("width", [160, 70])
+def test_the_monitor_shows_each_dylu_workers_h_and_other_runs_do_not(width):
+    from rich.console import Console
+
+    from diloco.view import live_workers_table
+
+    workers = [{"id": "w0", "alive": True, "inner_steps": 7, "state": "training", "heartbeat_age_s": 0.1,
+                "loss": 1.5}]
+
+    def render(dylu: bool) -> str:
+        console = Console(record=True, width=width)
+        console.print(live_workers_table({"config": {"dylu": dylu}, "workers": workers}, width))
+        return console.export_text()
+
+    header, row = render(True).splitlines()[:2]
+    assert header.split()[header.split().index("loss") - 1] == "H", header
+    assert re.search(r"\b7\s+1\.5000\b", row), row
+    assert "H" not in render(False).splitlines()[0].split() and not re.search(r"\b7\b", render(False))
