@@ -86,10 +86,6 @@ def units_per_round(cfg: RunConfig, inner_steps: int | None = None) -> int:
     return steps * cfg.grad_accum * cfg.batch_size // cfg.unit_samples
 
 
-def format_units(units: list[Unit]) -> str:
-    return ",".join(f"{e}:{b}" for e, b in units)
-
-
 def by_epoch(units: list[Unit]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for e, b in units:

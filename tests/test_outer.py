@@ -183,3 +183,18 @@ def test_a_delta_and_momentum_of_another_float_dtype_are_taken_in_fp32():
     w, m = outer_step({"p": theta}, {"p": b.double()}, {"p": d.double()}, lr=0.7, mu=0.9)
     assert m["p"].dtype == torch.float32 and w["p"].dtype == torch.float32
     assert torch.equal(w["p"], want_w["p"]) and torch.equal(m["p"], want_m["p"])
+
+
+def test_the_in_place_step_defaults_to_nesterov_and_steps_fp32_tensors_where_they_are():
+    """Kills outer.x_outer_step___mutmut_1 (the in-place step's default made heavy-ball): every caller
+    in the product passes `nesterov`, so only a direct call can tell."""
+    from diloco.outer import outer_step_
+
+    theta, b, d = _randn(6, seed=1), _randn(6, seed=2) * 0.1, _randn(6, seed=3)
+    w, m = {"p": theta.clone()}, {"p": b.clone()}
+    kept_w, kept_m = w["p"], m["p"]
+    outer_step_(w, m, {"p": d}, lr=0.7, mu=0.9)
+    want_theta, want_b = _hand(theta, b, [d], lr=0.7, mu=0.9, nesterov=True)
+    torch.testing.assert_close(w["p"].to(F64), want_theta, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m["p"].to(F64), want_b, rtol=1e-6, atol=1e-6)
+    assert w["p"] is kept_w and m["p"] is kept_m, "fp32 weights and momentum are stepped in place"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from diloco import keys
@@ -58,3 +59,48 @@ def test_reduce_round_downloads_each_shard_once_and_averages_the_valid_deltas(tm
     for name in LIKE:
         expected = sum(d[name] for d in deltas) / 3
         torch.testing.assert_close(red.mean[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def _announced(store, worker: str, i: int, delta: dict[str, torch.Tensor], codec) -> tuple[str, Announcement]:
+    payloads = encode_delta(delta, codec, SHARD_BYTES)
+    names = tuple(keys.delta_shard("t", 0, worker, "n", j) for j in range(len(payloads)))
+    for key, data in zip(names, payloads, strict=True):
+        store.put(key, data)
+    return f"1-{i}", Announcement(
+        run="t", worker=worker, nonce="n", version=0, codec=codec.name, shards=names,
+        sizes=tuple(len(p) for p in payloads), sha256=tuple(hashlib.sha256(p).hexdigest() for p in payloads),
+        samples=8, tokens=8, inner_steps=5, loss=1.0, norm=l2_norm(delta.values()))
+
+
+def test_a_weighted_reduce_divides_the_scaled_sum_by_the_sum_of_the_weights(tmp_path):
+    """sum(w * s * d) / sum(w) against float64 (kills `Reducer.add` 40, 41 and `Reducer.result` 2-15:
+    the factors dropped, or the weights' sum or the division changed)."""
+    store, codec = open_store(tmp_path.as_uri()), get_codec("fp32")
+    gen = torch.Generator().manual_seed(8)
+    deltas = [{n: torch.randn(t.shape, generator=gen) for n, t in LIKE.items()} for _ in range(3)]
+    anns = [_announced(store, f"w{i}", i, d, codec) for i, d in enumerate(deltas)]
+    factors = [(3.0, 1.0), (1.0, 0.5), (2.0, 3 ** -0.5)]
+    with ThreadPoolExecutor(2) as pool:
+        red = reduce_round(store, codec, LIKE, anns, SHARD_BYTES, pool, factors)
+    assert red.factors == factors and [a.worker for a in red.included] == ["w0", "w1", "w2"]
+    for name in LIKE:
+        want = sum(w * s * d[name].double() for (w, s), d in zip(factors, deltas, strict=True)) / 6.0
+        torch.testing.assert_close(red.mean[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_reducer_refuses_a_delta_after_its_mean_and_a_second_mean(tmp_path):
+    """The mean is taken in place: a later add or result would corrupt it (kills `Reducer.add` 1-4 and
+    `Reducer.result` 1, the errors' messages)."""
+    from diloco.reduce import Reducer
+
+    store, codec = open_store(tmp_path.as_uri()), get_codec("fp32")
+    entry, ann = _announced(store, "w0", 0, {n: torch.ones(t.shape) for n, t in LIKE.items()}, codec)
+    with ThreadPoolExecutor(2) as pool:
+        red = Reducer(store, codec, LIKE, SHARD_BYTES, pool)
+        assert red.add(entry, ann) is None
+        mean = red.result().mean
+        assert all(torch.equal(mean[n], torch.ones(t.shape)) for n, t in LIKE.items())
+        with pytest.raises(RuntimeError, match=r"^this Reducer's mean was taken: a delta added now would be summed"):
+            red.add(entry, ann)
+        with pytest.raises(RuntimeError, match=r"^this Reducer's mean was taken already$"):
+            red.result()

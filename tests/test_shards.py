@@ -509,6 +509,22 @@ def test_sparse_segments_in_any_order_land_where_they_name():
     assert torch.equal(buf.flat["a"], sent[2:]) and torch.equal(buf.flat["b"], sent[:2])
 
 
+
+@pytest.mark.parametrize("codec_name", ["fp32", "topk"])
+def test_add_to_scales_the_delta_by_alpha(codec_name):
+    """A weighted mean (aggregation=tokens, staleness weights) adds alpha * delta; kills
+    shards.xǁDeltaBufferǁadd_to__mutmut_9 (sparse) and _16 (dense), which drop alpha."""
+    delta = _delta(5)
+    codec = get_codec(codec_name, {"density": 0.2} if codec_name == "topk" else {})
+    buf = DeltaBuffer(delta)
+    for s in encode_delta(delta, codec, 1 << 20):
+        buf.add_shard(s, codec)
+    buf.check_complete()
+    dense = buf.buffer.clone()
+    acc = torch.ones(dense.numel())
+    buf.add_to(acc, alpha=0.25)
+    assert torch.equal(acc, torch.ones(dense.numel()) + 0.25 * dense)
+
 def test_one_shard_of_many_tensors_is_one_codec_call(monkeypatch):
     delta = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(20)}
     calls = []

@@ -799,6 +799,8 @@ def test_init_refuses_a_round_larger_than_the_dataset_or_units_that_do_not_divid
     assert units_per_round(cfg) == 5 == plan_for(r, cfg).num_units
     cfg = harness.init(redis_url, file_url, run="t2", unit_samples=20, **SMALL)
     assert units_per_round(cfg) == 2 and plan_for(r, cfg).num_units == 20
+    # DyLU's shorter rounds claim fewer units (kills units.x_units_per_round__mutmut_3: H ignored)
+    assert units_per_round(cfg.replace(unit_samples=8), inner_steps=2) == 2   # 2 steps x batch 8 / 8
 
 
 @pytest.mark.parametrize("length,unit_samples", [(400, 8), (33, 8), (7, 7), (1, 1), (1000, 1), (101, 10)])
