@@ -83,7 +83,7 @@ class RunConfig:
     grace_s: float = 0.0        # async: deltas announced within this long of the batch's first share its outer step
     max_staleness: int = 4      # async: reject a delta whose base is more than this many versions behind the head
     staleness_weight: str = "none"   # async: "none", or "inv_sqrt" (a delta of staleness s scaled by 1/sqrt(1+s))
-    dn_buffer: int = 1          # Delayed Nesterov: momentum updated once every N outer steps; 1 = plain Nesterov
+    dn_buffer: int = 1          # Delayed Nesterov: momentum updated once every N deltas; 1 = plain Nesterov
     aggregation: str = "uniform"     # the mean's weights: "uniform", or "tokens" (each delta's announced tokens)
     dylu: bool = False          # a worker's H scales with its speed relative to the fastest (diloco/dylu.py)
     h_min: int = 1              # DyLU: the fewest inner steps a round trains

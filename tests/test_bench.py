@@ -112,13 +112,20 @@ def test_sync_benchmark_writes_its_section_at_toy_size(tmp_path):
 
 def test_async_speeds_benchmark_writes_its_section_at_toy_size(tmp_path):
     out = tmp_path / "benchmarks.md"
-    cmd = [sys.executable, "bench/async_speeds.py", "--workers", "2", "--tokens", "320", "--step-s", "0.005",
-           "--out", str(out)]
+    cmd = [sys.executable, "bench/async_speeds.py", "--workers", "2", "--steps", "10", "--h", "5", "--step-s", "0.02",
+           "--warm-steps", "5", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "## Asynchronous DiLoCo (toy)" in text
-    rows = re.findall(r"^\| (sync|async[^|]*) \| (\d+) \|", text, re.M)
-    assert [name.strip() for name, _ in rows] == ["sync", "async", "async + DN", "async + DN + DyLU + tokens",
-                                                  "async + DN + DyLU + tokens + inv_sqrt"]
-    assert int(rows[0][1]) == 320 // (2 * 10 * 8), "sync: the token budget in rounds of 2 workers x 10 steps x 8"
+    assert "## Asynchronous DiLoCo" in text
+    rows = re.findall(r"^\| ((?:sync|async)[^|]*) \| (\w+) \| [^|]+ \| (\d+) \| ([\d,]+) \|", text, re.M)
+    assert [name.strip() for name, *_ in rows] == [
+        "sync, w0 slow", "async + DN + DyLU, w0 slow", "sync, equal", "async + DN, equal", "sync, tokens, equal",
+        "sync + DyLU, w0 2x slow, uniform", "sync + DyLU, w0 2x slow, tokens"]
+    budget = 2 * 10 * 16 * 64   # workers x steps x batch x the gpt task's 64-token samples
+    assert [(int(v), int(t.replace(",", ""))) for name, _, v, t in rows if name.strip() == "sync, equal"] == [
+        (2, budget)], "sync: the token budget in rounds of 2 workers x 5 steps"
+    assert int(rows[1][3].replace(",", "")) >= 1.5 * budget, "the uneven async run trains on past sync's tokens"
+    for verdict in ("* uneven: async + DN + DyLU reaches", "* equal: async + DN ends", "* tokens, even H:",
+                    "* tokens, w0 trains"):
+        assert verdict in text
