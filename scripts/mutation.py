@@ -51,7 +51,7 @@ ROUND_TESTS = (
     "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected",
 )
 AGGREGATOR_TESTS = (
-    *ROUND_TESTS, "tests/test_sync_path.py",
+    *ROUND_TESTS, "tests/test_sync_path.py", "tests/test_async.py",
     "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds",
     "tests/test_faults.py::test_redis_outage_between_write_and_commit_redoes_the_round",
     "tests/test_retention.py::test_the_aggregator_applies_retention_every_n_commits",
@@ -94,7 +94,7 @@ GROUPS = (
            "tests/test_faults.py::test_units_of_a_dead_worker_do_not_stall_the_next_rounds"), 30,
           ("killed_worker_are_reissued", "stalled_worker_keeps_its_lease", "blocked_while_redis_is_wiped",
            "restart_of_aggregator_and_workers")),
-    Group("collect", ("aggregator/collect.py",), ("tests/test_collect.py", *ROUND_TESTS), 30),
+    Group("collect", ("aggregator/collect.py",), ("tests/test_collect.py", "tests/test_async.py", *ROUND_TESTS), 30),
     Group("aggregator", ("aggregator/aggregator.py",), AGGREGATOR_TESTS, 30),
     Group("lock", ("aggregator/lock.py",),
           ("tests/test_lock.py", "tests/test_pipeline.py::test_two_aggregators_commit_each_version_once",
