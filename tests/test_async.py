@@ -106,6 +106,12 @@ def test_delayed_nesterov_with_a_buffer_of_three_matches_the_reference_over_seve
                            "DN n=3 momentum")
     assert got_b[outer.DN_COUNT].item() == 1.0, "7 = 2*3 + 1: one delta is buffered"
     torch.testing.assert_close(got_b[outer.DN_BUFFER + "w"], deltas[6]["w"])
+    # In place and with `arrivals` left to its default of one delta a version (kills
+    # outer.x_delayed_nesterov_step___mutmut_1, a default of 2), the same steps.
+    in_place_theta, in_place_b = {k: v.clone() for k, v in theta.items()}, {k: v.clone() for k, v in b.items()}
+    for d in deltas:
+        outer.delayed_nesterov_step_(in_place_theta, in_place_b, d, lr=0.7, mu=0.9, n=3)
+    reference.assert_close(in_place_theta, got_theta, "DN n=3 in place")
     # Not Nesterov: the momentum moved twice, not seven times.
     nesterov, _ = theta, b
     for d in deltas:
