@@ -70,8 +70,14 @@ def live_worker_stat(r: redis.Redis, run: str, field: str) -> dict[str, str | No
 
 
 def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
+    return load_weights_counted(store, head)[0]
+
+
+def load_weights_counted(store: ObjectStore, head: Head) -> tuple[dict[str, torch.Tensor], int]:
+    """(the weights of `head`, the bytes read): a worker counts what it downloads without asking the
+    store for the object's size (one more request)."""
     data = store.get(head.weights, sha256=head.weights_sha256)
-    return model.from_bytes(data, f"weights {head.weights}")
+    return model.from_bytes(data, f"weights {head.weights}"), len(data)
 
 
 def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:

@@ -274,8 +274,8 @@ class Worker:
         if head.update and self.global_version == head.version - 1 and self.download_codec is not None:
             weights = self._apply_update(head)
         if weights is None:
-            weights = runs.load_weights(self.store, head)
-            self.bytes_received += self.store.size(head.weights)
+            weights, nbytes = runs.load_weights_counted(self.store, head)
+            self.bytes_received += nbytes
             self.full_downloads += 1
         self.model.load_state_dict(weights)
         self.global_full, self.global_version = weights, head.version
