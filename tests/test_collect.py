@@ -302,3 +302,75 @@ def test_collect_blocks_on_the_stream_between_polls_instead_of_spinning(redis_ur
         collect(r, dataclasses.replace(cfg, min_workers=2), plan, rnd_, block_ms=100, stop=threading.Event(),
                 lock_lost=lost, on_poll=poll)
     assert 2 <= len(polls) <= 10, len(polls)
+
+
+# --- asynchronous mode ---------------------------------------------------------------------------
+
+def _async_round(r, redis_url, file_url, grace_s: float):
+    cfg = harness.init(redis_url, file_url, mode="async", grace_s=grace_s, task_options={"num_samples": 400})
+    plan = plan_for(r, cfg)
+    epoch = int(r.hget(keys.units_meta("t", plan.dataset), "epoch_lo") or 0)
+    want = units_per_round(cfg)
+
+    def good(i: int) -> dict:
+        return Announcement(run="t", worker=f"w{i}", nonce="n", version=0, codec=cfg.codec,
+                            shards=(keys.delta_shard("t", 0, f"w{i}", "n", 0),), sizes=(10,), sha256=("0" * 64,),
+                            samples=40, tokens=40, inner_steps=cfg.sync_every, loss=1.0,
+                            units=tuple((epoch, b) for b in range(i * want, (i + 1) * want))).to_fields()
+    return cfg, plan, good
+
+
+def test_a_grace_window_takes_its_edge_leaves_the_next_ms_and_reads_past_a_full_reply(redis_url, file_url, r):
+    """Window [1000, 2000] ms: an entry at 2000 is in it, one at 2001 opens the next version, and a
+    delta after 100 other entries (one XREAD's worth) is still taken. Kills `window_end_ms` 9 (the
+    window 1 ms longer per second), `_closes_before` 12 (the edge left out), `collect_async` 24 (a
+    1 s window closed after its first read), 77, 78, 96, 97 (closed after a full reply of 100)."""
+    cfg, plan, good = _async_round(r, redis_url, file_url, grace_s=1.0)
+    stream = keys.deltas("t")
+    r.xadd(stream, good(0), id="1000-0")
+    for i in range(100):   # malformed: rejected, but they fill the first reply
+        r.xadd(stream, {"kind": "delta", "worker": f"m{i}"}, id=f"{1001 + i}-0")
+    r.xadd(stream, good(1), id="1500-0")
+    r.xadd(stream, good(2), id="2000-0")
+    r.xadd(stream, good(3), id="2001-0")
+    # w0 was read in an earlier poll: the window is open (and, by the clock, past) when a full reply
+    # of 100 entries comes, which must not end it
+    first = Round(head=runs.read_head(r, "t"), last_id="1000-0")
+    take(r, cfg, plan, first, "1000-0", good(0))
+    assert collect(r, cfg, plan, first, block_ms=50, stop=threading.Event())
+    assert list(first.accepted) == ["w0", "w1", "w2"] and first.last_id == "2000-0" and first.rejected == 100
+    second = Round(head=runs.read_head(r, "t"), last_id=first.last_id)
+    assert collect(r, cfg, plan, second, block_ms=50, stop=threading.Event())
+    assert list(second.accepted) == ["w3"] and second.last_id == "2001-0"
+
+
+def test_an_open_grace_window_polls_publishes_its_end_blocks_and_gives_up_for_a_lost_lock_or_a_stopped_run(
+        redis_url, file_url, r):
+    """Kills `collect_async` 4, 5, 6 (the poll's sign of life or the lost lock dropped), 15 (a stopped
+    run's version closed instead of given up), 35 (the round state without the window's end) and
+    40, 42, 60, 63 (XREAD without a block while the window is open: a busy loop)."""
+    cfg, plan, good = _async_round(r, redis_url, file_url, grace_s=600.0)
+    entry = r.xadd(keys.deltas("t"), good(0))
+    end = int(entry.split("-")[0]) + 600_000
+    r.sadd(keys.workers("t"), "w1")   # a live worker not in the window: it stays open
+    r.set(keys.worker_alive("t", "w1"), "1", ex=600)
+    lost, polls, t0 = threading.Event(), [], time.monotonic()
+
+    def go(on_poll) -> bool:
+        rnd_ = Round(head=runs.read_head(r, "t"), last_id="0-0")
+        return collect(r, cfg, plan, rnd_, block_ms=100, stop=threading.Event(), lock_lost=lost, on_poll=on_poll)
+
+    def poll() -> None:
+        polls.append(1)
+        if time.monotonic() - t0 > 0.5:
+            lost.set()
+
+    with pytest.raises(LockLost, match=r"^lock lost while collecting version 0$"):
+        go(poll)
+    assert 2 <= len(polls) <= 10, len(polls)
+    state = r.hgetall(keys.round_state("t"))
+    assert (state["waiting"], state["deadline_ms"], state["accepted"]) == (
+        f"the grace window (until {end} ms)", str(end), "1")
+    lost.clear()
+    control.set_state(r, "t", control.STOPPED, "tester")
+    assert go(None) is False
