@@ -347,7 +347,7 @@ def test_a_grace_window_takes_its_edge_leaves_the_next_ms_and_reads_past_a_full_
 def test_an_open_grace_window_polls_publishes_its_end_blocks_and_gives_up_for_a_lost_lock_or_a_stopped_run(
         redis_url, file_url, r):
     """Kills `collect_async` 4, 5, 6 (the poll's sign of life or the lost lock dropped), 15 (a stopped
-    run's version closed instead of given up), 35 (the round state without the window's end) and
+    run's version closed instead of given up), 35 and `_publish_async` 2-40 (the round state's fields) and
     40, 42, 60, 63 (XREAD without a block while the window is open: a busy loop)."""
     cfg, plan, good = _async_round(r, redis_url, file_url, grace_s=600.0)
     entry = r.xadd(keys.deltas("t"), good(0))
@@ -368,9 +368,9 @@ def test_an_open_grace_window_polls_publishes_its_end_blocks_and_gives_up_for_a_
     with pytest.raises(LockLost, match=r"^lock lost while collecting version 0$"):
         go(poll)
     assert 2 <= len(polls) <= 10, len(polls)
-    state = r.hgetall(keys.round_state("t"))
-    assert (state["waiting"], state["deadline_ms"], state["accepted"]) == (
-        f"the grace window (until {end} ms)", str(end), "1")
+    assert r.hgetall(keys.round_state("t")) == {
+        "version": "0", "phase": "collecting", "accepted": "1", "answered": "1", "live": "1", "min_workers": "1",
+        "deadline_ms": str(end), "waiting": f"the grace window (until {end} ms)", "rejected": "0"}
     lost.clear()
     control.set_state(r, "t", control.STOPPED, "tester")
     assert go(None) is False
