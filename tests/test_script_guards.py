@@ -261,3 +261,19 @@ def test_a_rejection_is_recorded_once_per_entry(r, s):
     assert s.reject(RUN, "2-0", "w", {**fields, "entry": "2-0"})
     assert [f["entry"] for _, f in r.xrange(keys.rejections(RUN))] == ["1-0", "2-0"]
     assert r.hgetall(keys.rejected_counts(RUN)) == {"w": "2"}
+
+
+def test_a_commit_without_an_update_clears_the_previous_versions_update_from_the_head(r, s):
+    """A worker applies the head's update to the version before: a stale one would be applied to the
+    wrong base (the sha check would catch it, at the cost of a full download every round). Kills the
+    Lua mutant "COMMIT: the head keeps an older version's update" (update fields set only when given)."""
+    lock_value = _lock(s)
+    token = int(lock_value.split(":")[0])
+    for base, update in ((0, (("u/a", "u/b"), ("1" * 64, "2" * 64))), (1, ((), ()))):
+        s.commit(RUN, lock_value=lock_value, base_version=base, token=token,
+                 weights=(keys.weights_object(RUN, base + 1, token), SHA),
+                 momentum=(keys.momentum_object(RUN, base + 1, token), SHA), stats={"n": "1"}, update=update)
+        head = r.hgetall(keys.head(RUN))
+        assert (head["update"], head["update_sha256"]) == (",".join(update[0]), ",".join(update[1]))
+    entries = [f for _, f in r.xrange(keys.versions(RUN))]
+    assert [(e["update"], e["update_sha256"]) for e in entries] == [("u/a,u/b", "1" * 64 + "," + "2" * 64), ("", "")]
