@@ -78,6 +78,7 @@ GROUPS = (
            "tests/test_async.py::test_delayed_nesterov_with_a_buffer_of_three_matches_the_reference_over_seven_deltas",
            "tests/test_async.py::test_delayed_nesterov_counts_the_deltas_of_a_grace_batch_not_the_versions",
            "tests/test_async.py::test_delayed_nesterov_with_every_version_a_batch_of_n_is_the_sync_nesterov_step",
+           "tests/test_async.py::test_delayed_nesterov_keeps_each_tensors_dtype",
            "tests/test_async.py::test_an_async_run_commits_a_version_per_delta_with_stale_ones_weighted_and_replays_bit_for_bit"),
           30),
     Group("codecs", ("diloco/codecs/*",),

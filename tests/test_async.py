@@ -136,6 +136,18 @@ def test_delayed_nesterov_counts_the_deltas_of_a_grace_batch_not_the_versions():
     assert got_b[outer.DN_COUNT].item() == 0.0, "2+1 = 3, then 3, then 1+4 = 5 >= 3: every buffer was spent"
 
 
+
+def test_delayed_nesterov_keeps_each_tensors_dtype():
+    """bf16 parameters and float buffers step in fp32 and stay bf16 (kills
+    outer.x_delayed_nesterov_step___mutmut_55 and _68: the stepped value left in fp32)."""
+    theta, b = _start()
+    theta = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in theta.items()}
+    got_theta, got_b = theta, b
+    for d in _deltas(2, seed=4):
+        got_theta, got_b = outer.outer_step(got_theta, got_b, d, lr=0.7, mu=0.9, dn_buffer=2)
+    assert {k: v.dtype for k, v in got_theta.items()} == {k: v.dtype for k, v in theta.items()}
+    assert got_b["w"].dtype == torch.float32, "the momentum stays fp32"
+
 def test_delayed_nesterov_with_every_version_a_batch_of_n_is_the_sync_nesterov_step():
     """n workers whose deltas always share a grace window: each version is one Nesterov step on their
     mean, as in a sync round (to fp32 precision)."""
