@@ -202,6 +202,13 @@ def pct(a: float, b: float) -> str:
     return f"{(a / b - 1) * 100:+.1f}%"
 
 
+def tail_gap(results: dict[str, Result], name: str, reference: str) -> float | None:
+    """% by which run `name`'s last-quarter mean is above `reference`'s; None unless both ran."""
+    if name not in results or reference not in results:
+        return None
+    return (results[name].tail() / results[reference].tail() - 1) * 100
+
+
 def report(args: argparse.Namespace, results: dict[str, Result], tokens: int) -> tuple[str, list[str]]:
     rows = ["| run | experiment | w0's step time | versions | tokens | wall s | final eval loss | last-quarter mean "
             "| mean H (w0 / others) | steps over their time |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -210,8 +217,7 @@ def report(args: argparse.Namespace, results: dict[str, Result], tokens: int) ->
         rows.append(f"| {c.name} | {c.experiment} | {c.slow:g}x | {r.versions} | {r.points[-1][1]:,} | {r.wall_s:.1f} "
                     f"| {r.final:.4f} | {r.tail():.4f} | {r.mean_h} | {100 * r.overrun:.1f}% |")
     verdicts = []
-    get = results.get
-    if get("sync, w0 slow") and get("async + DN + DyLU, w0 slow"):
+    if "sync, w0 slow" in results and "async + DN + DyLU, w0 slow" in results:
         s, a = results["sync, w0 slow"], results["async + DN + DyLU, w0 slow"]
         at = a.reached(s.final)
         ratio = f"{at / s.wall_s:.2f}x ({at:.1f} s vs {s.wall_s:.1f} s)" if at is not None else "never"
@@ -219,21 +225,17 @@ def report(args: argparse.Namespace, results: dict[str, Result], tokens: int) ->
                         f"wall time (target at most 0.67x: "
                         f"{'met' if at is not None and at <= s.wall_s / 1.5 else 'not met'}); at sync's tokens its "
                         f"last-quarter mean is {a.tail(tokens):.4f}, {pct(a.tail(tokens), s.tail())} against sync's")
-    if get("sync, equal") and get("async + DN, equal"):
-        s, a = results["sync, equal"], results["async + DN, equal"]
-        gap = (a.tail() / s.tail() - 1) * 100
+    if (gap := tail_gap(results, "async + DN, equal", "sync, equal")) is not None:
+        a, s = results["async + DN, equal"], results["sync, equal"]
         verdicts.append(f"equal: async + DN ends {gap:+.1f}% against sync (last-quarter mean; final "
                         f"{pct(a.final, s.final)}) in {a.wall_s / s.wall_s:.2f}x its wall time (target within 2%: "
                         f"{'met' if abs(gap) <= 2 else 'not met'})")
-    if get("sync, equal") and get("sync, tokens, equal"):
-        s, t = results["sync, equal"], results["sync, tokens, equal"]
-        gap = (t.tail() / s.tail() - 1) * 100
+    if (gap := tail_gap(results, "sync, tokens, equal", "sync, equal")) is not None:
         verdicts.append(f"tokens, even H: {gap:+.2f}% against uniform (target within 1%: "
                         f"{'met' if abs(gap) <= 1 else 'not met'})")
-    if get("sync + DyLU, w0 2x slow, uniform") and get("sync + DyLU, w0 2x slow, tokens"):
-        u, t = results["sync + DyLU, w0 2x slow, uniform"], results["sync + DyLU, w0 2x slow, tokens"]
-        gap = (t.tail() / u.tail() - 1) * 100
-        verdicts.append(f"tokens, w0 trains {t.mean_h.split(' / ')[0]} of {args.h} steps: {gap:+.2f}% against uniform "
+    if (gap := tail_gap(results, "sync + DyLU, w0 2x slow, tokens", "sync + DyLU, w0 2x slow, uniform")) is not None:
+        h = results["sync + DyLU, w0 2x slow, tokens"].mean_h.split(" / ")[0]
+        verdicts.append(f"tokens, w0 trains {h} of {args.h} steps: {gap:+.2f}% against uniform "
                         f"(target better: {'met' if gap < 0 else 'not met'})")
     return "\n".join(rows), verdicts
 
