@@ -10,7 +10,7 @@ modules and tests. Then it prints killed and surviving mutants per module. Not i
     nice -n 15 .venv/bin/python scripts/mutation.py                # every group
     nice -n 15 .venv/bin/python scripts/mutation.py outer reduce   # some groups
     nice -n 15 .venv/bin/python scripts/mutation.py --rerun-survivors codecs   # after adding tests
-    cd mutation-runs/outer && ../../.venv/bin/mutmut show NAME     # the diff of one mutant
+    .venv/bin/python scripts/mutation.py --show outer NAME ...     # the diff of mutants as they were tested
 
 docs/mutation.md has the scores and the surviving mutants judged equivalent.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import re
 import shutil
@@ -205,12 +206,39 @@ def run(group: Group, max_children: int, rerun_survivors: bool) -> dict[str, Cou
     return counts
 
 
+def show(group: str, names: list[str]) -> None:
+    """Print each mutant's changed lines as mutmut tested them: from the group's mutants/ file, its
+    function against the function's `_mutmut_orig` copy. (mutmut 3.8.1's own `mutmut show`
+    regenerates the diff and names the wrong mutant for functions whose names end in `_`, such as
+    `outer_step_` beside `outer_step`.)"""
+    root = RUNS / group / "mutants"
+    for full in names:
+        module, _, function = full.rpartition(".x")
+        src = (root / (module.replace(".", "/") + ".py")).read_text()
+        mutant = "x" + function
+        orig = re.sub(r"mutmut_\d+$", "mutmut_orig", mutant)
+        print(f"-- {full}")
+        for line in difflib.unified_diff(_function_lines(src, orig), _function_lines(src, mutant), lineterm="", n=0):
+            if line[:1] in "+-" and line[:3] not in ("+++", "---"):
+                print("   " + line)
+
+
+def _function_lines(src: str, name: str) -> list[str]:
+    """The body of function `name` in a mutants/ file (its def line left out: the names differ)."""
+    found = re.search(rf"^(    )?def {re.escape(name)}\(.*?(?=^(    )?def |^class |^[a-zA-Z_@])", src, re.S | re.M)
+    return found.group(0).splitlines()[1:] if found else [f"<{name} not found>"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", nargs="*", help=f"of: {', '.join(g.name for g in GROUPS)} (default: all)")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--rerun-survivors", action="store_true", help="test the surviving mutants again (new tests)")
+    ap.add_argument("--show", action="store_true", help="GROUP NAME...: print those mutants' diffs, run nothing")
     args = ap.parse_args(argv)
+    if args.show:
+        show(args.groups[0], args.groups[1:])
+        return 0
     chosen = [g for g in GROUPS if not args.groups or g.name in args.groups]
     print(f"{'module':28} {'mutants':>8} {'killed':>7} {'survived':>9} {'other':>6}")
     rows = []
