@@ -79,13 +79,16 @@ def test_a_weighted_reduce_divides_the_scaled_sum_by_the_sum_of_the_weights(tmp_
     gen = torch.Generator().manual_seed(8)
     deltas = [{n: torch.randn(t.shape, generator=gen) for n, t in LIKE.items()} for _ in range(3)]
     anns = [_announced(store, f"w{i}", i, d, codec) for i, d in enumerate(deltas)]
-    factors = [(3.0, 1.0), (1.0, 0.5), (2.0, 3 ** -0.5)]
-    with ThreadPoolExecutor(2) as pool:
-        red = reduce_round(store, codec, LIKE, anns, SHARD_BYTES, pool, factors)
-    assert red.factors == factors and [a.worker for a in red.included] == ["w0", "w1", "w2"]
-    for name in LIKE:
-        want = sum(w * s * d[name].double() for (w, s), d in zip(factors, deltas, strict=True)) / 6.0
-        torch.testing.assert_close(red.mean[name].double(), want, rtol=1e-6, atol=1e-6)
+    # mixed weights, and equal weights that are not 1 (tokens: every delta 40), which must not take the
+    # unweighted path's divide-by-count (kills `Reducer.result` 8, 9)
+    for factors in ([(3.0, 1.0), (1.0, 0.5), (2.0, 3 ** -0.5)], [(40.0, 1.0)] * 3):
+        with ThreadPoolExecutor(2) as pool:
+            red = reduce_round(store, codec, LIKE, anns, SHARD_BYTES, pool, factors)
+        assert red.factors == factors and [a.worker for a in red.included] == ["w0", "w1", "w2"]
+        total = sum(w for w, _ in factors)
+        for name in LIKE:
+            want = sum(w * s * d[name].double() for (w, s), d in zip(factors, deltas, strict=True)) / total
+            torch.testing.assert_close(red.mean[name].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_a_reducer_refuses_a_delta_after_its_mean_and_a_second_mean(tmp_path):
