@@ -393,9 +393,12 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
     harness.init(redis_url, file_url, **FAST)
     aggregator_waits = threading.Event()
 
+    said: list[str] = []
+
     class Seen(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.threadName == "Aggregator" and "waiting for" in record.getMessage():
+                said.append(record.getMessage())
                 aggregator_waits.set()
 
     seen = Seen()
@@ -429,6 +432,9 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
         assert fired and agg.is_alive(), f"the aggregator exited: {agg.error!r}"
         seen_versions = versions(r)  # read once: the worker and aggregator go on committing meanwhile
         assert seen_versions == list(range(1, len(seen_versions) + 1))
+        # what it waits for and why, for an operator (kills Aggregator.run 54, 55, 58, 59)
+        assert re.match(r"waiting for Redis and the object store \(\d+s so far, limit \d+s\): \S", said[0]), said[0]
+        assert "Connection" in said[0] or "connect" in said[0], said[0]
     finally:
         logging.getLogger("diloco.connect").removeHandler(seen)
         w.service.stop()

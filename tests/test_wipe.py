@@ -8,6 +8,7 @@ whose delta is rejected for any reason (here as an outlier) learns of it and tra
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 
@@ -36,7 +37,8 @@ def _history_then_wipe(r: redis.Redis) -> tuple[int, dict[int, list]]:
     return int(head), units
 
 
-def test_a_wipe_under_running_services_then_recover_carries_on_without_restarts(redis_url, file_url, r):
+def test_a_wipe_under_running_services_then_recover_carries_on_without_restarts(redis_url, file_url, r, caplog):
+    caplog.set_level(logging.WARNING, logger="diloco.connect")
     cfg = harness.init(redis_url, file_url, **SMALL)
     ep = Epoch(r, 0)
     agg = harness.aggregator(redis_url, file_url, "a1")
@@ -54,6 +56,10 @@ def test_a_wipe_under_running_services_then_recover_carries_on_without_restarts(
         assert lock is not None and lock.endswith(":a1"), lock
         assert all(w.is_alive() for w in [*ws, agg])
         wait_until(ep.complete, "epoch 0 done")
+        # the aggregator said what it waited for and why (kills Aggregator.run 47, 48, 51-53)
+        waits = [rec.getMessage() for rec in caplog.records if rec.threadName == "Aggregator"
+                 and rec.getMessage().startswith("waiting for the run to reappear in Redis (diloco recover)")]
+        assert waits and all("does not exist in this Redis" in m or "no version pointer" in m for m in waits), waits
     finally:
         for s in (*ws, agg):
             s.service.stop()
