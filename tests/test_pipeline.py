@@ -140,7 +140,17 @@ def test_inner_lr_warms_up_per_worker_and_the_cooldown_follows_the_version(redis
     assert replay(r, open_store(file_url), "t") == ReplayResult(4, [])
 
 
-def test_two_aggregators_commit_each_version_once(redis_url, file_url, r):
+def test_two_aggregators_commit_each_version_once(redis_url, file_url, r, monkeypatch):
+    from aggregator.aggregator import Aggregator
+
+    rounds: dict[str, int] = defaultdict(int)   # rounds each aggregator started (kills Aggregator.run 36:
+    real_round = Aggregator._round                 # a standby that failed to take the lock does a round)
+
+    def counted(self, *args, **kw):
+        rounds[self.s.aggregator_id] += 1
+        return real_round(self, *args, **kw)
+
+    monkeypatch.setattr(Aggregator, "_round", counted)
     harness.init(redis_url, file_url, min_workers=2)
     aggs = [harness.aggregator(redis_url, file_url, f"agg{i}") for i in range(2)]
     ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=4) for i in range(2)]
@@ -152,6 +162,8 @@ def test_two_aggregators_commit_each_version_once(redis_url, file_url, r):
     assert [int(e["version"]) for e in r.xrange(keys.versions("t")) for e in [e[1]]] == [1, 2, 3, 4]
     assert len({e["aggregator"] for e in entries}) == 1
     assert r.get(keys.lock("t")) is None, "a stopped aggregator releases the lock"
+    standby = f"agg{committed_by.index(0)}"
+    assert rounds[standby] == 0, f"the standby started {rounds[standby]} rounds without the lock"
 
 
 def test_status_json(redis_url, file_url, r, capsys):
