@@ -347,9 +347,15 @@ def test_a_grace_window_takes_its_edge_leaves_the_next_ms_and_reads_past_a_full_
 def test_an_open_grace_window_polls_publishes_its_end_blocks_and_gives_up_for_a_lost_lock_or_a_stopped_run(
         redis_url, file_url, r):
     """Kills `collect_async` 4, 5, 6 (the poll's sign of life or the lost lock dropped), 15 (a stopped
-    run's version closed instead of given up), 35 and `_publish_async` 2-40 (the round state's fields) and
+    run's version closed instead of given up), 35 and `_publish_async` 2-40 (the round state's fields,
+    before a delta and in a window) and
     40, 42, 60, 63 (XREAD without a block while the window is open: a busy loop)."""
     cfg, plan, good = _async_round(r, redis_url, file_url, grace_s=600.0)
+    gone = threading.Event()   # before any delta: it waits for one, with no window end yet
+    with pytest.raises(LockLost):
+        collect(r, cfg, plan, Round(head=runs.read_head(r, "t"), last_id="0-0"), block_ms=20, stop=threading.Event(),
+                lock_lost=gone, on_poll=lambda: gone.set() if r.exists(keys.round_state("t")) else None)
+    assert (r.hget(keys.round_state("t"), "waiting"), r.hget(keys.round_state("t"), "deadline_ms")) == ("a delta", "0")
     entry = r.xadd(keys.deltas("t"), good(0))
     end = int(entry.split("-")[0]) + 600_000
     r.sadd(keys.workers("t"), "w1")   # a live worker not in the window: it stays open
