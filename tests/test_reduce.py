@@ -81,7 +81,7 @@ def test_a_weighted_reduce_divides_the_scaled_sum_by_the_sum_of_the_weights(tmp_
     anns = [_announced(store, f"w{i}", i, d, codec) for i, d in enumerate(deltas)]
     # mixed weights, and equal weights that are not 1 (tokens: every delta 40), which must not take the
     # unweighted path's divide-by-count (kills `Reducer.result` 8, 9)
-    for factors in ([(3.0, 1.0), (1.0, 0.5), (2.0, 3 ** -0.5)], [(40.0, 1.0)] * 3):
+    for factors in ([(3.0, 1.0), (1.0, 0.5), (2.0, 3 ** -0.5)], [(40.0, 1.0)] * 3, [(2.0, 1.0)] * 3):
         with ThreadPoolExecutor(2) as pool:
             red = reduce_round(store, codec, LIKE, anns, SHARD_BYTES, pool, factors)
         assert red.factors == factors and [a.worker for a in red.included] == ["w0", "w1", "w2"]
