@@ -67,3 +67,15 @@ def test_the_holder_reads_the_weights_from_the_store_only_when_the_head_is_not_i
     w1 = harness.worker(redis_url, file_url, "w1", max_rounds=1)
     assert agg2.result() == 1 and w1.result() == 1
     assert loads[-1] == 4
+
+
+def test_the_outer_momentum_cools_down_with_the_base_version(redis_url, file_url, r):
+    """The aggregator's momentum follows the run's cooldown at the round's base version: 0.9 up to
+    version 1, then linear to 0 at version 3 (kills Aggregator._step_and_commit 5: the schedule read
+    at no version)."""
+    harness.init(redis_url, file_url, cooldown_from=1, cooldown_to=3, task_options={"num_samples": 400})
+    agg = harness.aggregator(redis_url, file_url, max_rounds=3)
+    w = harness.worker(redis_url, file_url, "w0", max_rounds=3)
+    assert agg.result() == 3 and w.result() == 3
+    momenta = [float(f["outer_momentum"]) for _, f in r.xrange(keys.versions(RUN))]
+    assert momenta == pytest.approx([0.9, 0.9, 0.45])
