@@ -353,6 +353,24 @@ def test_an_async_run_commits_a_version_per_delta_with_stale_ones_weighted_and_r
     _reference_run(r, store)
 
 
+
+def test_a_grace_window_of_every_worker_is_one_delayed_nesterov_step_of_their_deltas_and_replays(redis_url, file_url,
+                                                                                              r):
+    """Two live workers, a window that closes once both are in it: each version holds both deltas,
+    Delayed Nesterov counts two arrivals (n = 2: every version moves the momentum), and the replay
+    agrees (kills Aggregator._step_and_commit 31: the aggregator counting one arrival a version)."""
+    harness.init(redis_url, file_url, mode="async", grace_s=60.0, dn_buffer=2, task_options={"num_samples": 400})
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(2)]
+    harness.wait_until_len(r, keys.deltas(RUN), 2)
+    agg = harness.aggregator(redis_url, file_url, max_rounds=2)
+    assert agg.result() == 2 and [w.result() for w in ws] == [2, 2]
+    assert [e["n"] for _, e in r.xrange(keys.versions(RUN))] == ["2", "2"]
+    store = open_store(file_url)
+    momentum = runs.load_momentum(store, runs.read_head(r, RUN))
+    assert momentum[outer.DN_COUNT].item() == 0.0, "2 + 2 arrivals: the buffer was spent at each version"
+    result = replay(r, store, RUN)
+    assert (result.versions, result.mismatched) == (2, [])
+
 def test_the_aggregator_killed_mid_stream_in_async_mode_a_standby_commits_the_same_versions(
         redis_url, file_url, r, procs_for):  # noqa: F811
     harness.init(redis_url, file_url, **ASYNC, **FAST)
