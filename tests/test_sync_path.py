@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from diloco import keys, runs
+from diloco.messages import Announcement
 from diloco.replay import replay
 from diloco.store import open_store
 from tests import harness
@@ -79,3 +80,20 @@ def test_the_outer_momentum_cools_down_with_the_base_version(redis_url, file_url
     assert agg.result() == 3 and w.result() == 3
     momenta = [float(f["outer_momentum"]) for _, f in r.xrange(keys.versions(RUN))]
     assert momenta == pytest.approx([0.9, 0.9, 0.45])
+
+
+def test_each_version_records_its_loss_units_and_timings(redis_url, file_url, r):
+    """The versions stream's stats, as status, the monitor and the benchmarks read them (kills
+    Aggregator._step_and_commit 135, 147, 148, 151-158: the mean loss, the durations and the units
+    count miscomputed or filed under other names)."""
+    harness.init(redis_url, file_url, min_workers=2, task_options={"num_samples": 400})
+    agg = harness.aggregator(redis_url, file_url, max_rounds=2)
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(2)]
+    assert agg.result() == 2 and [w.result() for w in ws] == [2, 2]
+    for _, v in r.xrange(keys.versions(RUN)):
+        anns = [Announcement.from_fields(f)
+                for e in v["entries"].split(",") for _, f in r.xrange(keys.deltas(RUN), e, e)]
+        assert float(v["loss"]) == pytest.approx(sum(a.loss for a in anns) / 2, abs=1e-6)
+        assert v["units"] == str(sum(len(a.units) for a in anns)) == "10"
+        for name in ("duration_s", "reduce_s", "aggregate_s"):
+            assert 0 <= float(v[name]) < 60, (name, v[name])
