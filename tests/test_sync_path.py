@@ -10,6 +10,7 @@ head is not its own last commit.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -42,6 +43,11 @@ def test_pipelined_reduce_equals_a_reduce_after_the_round_in_stream_order(redis_
         ids = _ids(v["entries"])
         assert len(ids) == 3 and ids == sorted(ids), "summed in the order of the deltas stream"
         assert v["participants"] == "w0,w1,w2"  # a display field: sorted by worker id
+        # the published update's objects are named for this run, version and fencing token (kills
+        # Aggregator._publish_update 15, 17); fp32 publishes none
+        names = v["update"].split(",") if v["update"] else []
+        assert names == [keys.update_shard(RUN, int(v["version"]), int(v["token"]), i) for i in range(len(names))]
+        assert bool(names) == (codec == "topk")
     rep = replay(r, open_store(file_url), RUN)
     assert rep.versions == 3 and rep.mismatched == []
 
@@ -84,14 +90,19 @@ def test_the_outer_momentum_cools_down_with_the_base_version(redis_url, file_url
     assert momenta == pytest.approx([0.9, 0.9, 0.45])
 
 
-def test_each_version_records_its_loss_units_and_timings(redis_url, file_url, r):
+def test_each_version_records_its_loss_units_and_timings(redis_url, file_url, r, caplog):
     """The versions stream's stats, as status, the monitor and the benchmarks read them (kills
     Aggregator._step_and_commit 135, 147, 148, 151-158: the mean loss, the durations and the units
     count miscomputed or filed under other names)."""
+    caplog.set_level(logging.INFO, logger="aggregator.aggregator")
     harness.init(redis_url, file_url, min_workers=2, task_options={"num_samples": 400})
     agg = harness.aggregator(redis_url, file_url, max_rounds=2)
     ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=2) for i in range(2)]
     assert agg.result() == 2 and [w.result() for w in ws] == [2, 2]
+    said = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("committed version")]
+    assert len(said) == 2 and all(   # and the log line (kills _step_and_commit 207-209, 216)
+        re.fullmatch(rf"committed version {i}: 2 workers, loss \d+\.\d+, \d+ bytes, round \d+\.\d+s", m)
+        for i, m in enumerate(said, 1)), said
     for _, v in r.xrange(keys.versions(RUN)):
         anns = [Announcement.from_fields(f)
                 for e in v["entries"].split(",") for _, f in r.xrange(keys.deltas(RUN), e, e)]
