@@ -133,3 +133,15 @@ def test_a_holder_whose_lock_is_taken_while_it_collects_goes_back_to_standby_say
     finally:
         w0.service.stop()
         agg.service.stop()
+
+
+def test_a_token_budget_stops_the_run_once_the_committed_tokens_reach_it(redis_url, file_url, r):
+    """Kills Aggregator._check_budget 1-8: the committed tokens not summed from the versions stream.
+    The tiny task's rounds train 5 steps x 8 samples of 1 token: 40 tokens a version."""
+    harness.init(redis_url, file_url, max_tokens=100, task_options={"num_samples": 400})
+    agg = harness.aggregator(redis_url, file_url)
+    w0 = harness.worker(redis_url, file_url, "w0")
+    assert agg.result() == 3, "40, 80, then 120 >= 100 tokens: the run stops"
+    assert w0.result() in (3, 4), "the worker exits too (after a round it began before the stop, if any)"
+    assert [f["tokens"] for _, f in r.xrange(keys.versions(RUN))] == ["40", "40", "40"]
+    assert r.hget(keys.control(RUN), "reason") == "token budget reached: 120 tokens of max_tokens 100"
