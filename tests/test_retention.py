@@ -230,7 +230,7 @@ def test_the_aggregator_applies_retention_every_n_commits(redis_url, file_url, r
                  retention_every=2)
     _run(redis_url, file_url, 5)
     # each pass says what it deleted, counted by kind, no sizes measured (kills Aggregator._retention
-    # 15, 19, 21-29: the summary measured, or the line's text and arguments changed)
+    # 19, 21-29: the summary measured, or the line's text and arguments changed)
     said = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("retention after version")]
     assert len(said) == 2 and all(re.fullmatch(rf"retention after version {v} deleted (\d+ \w+(, )?)+", m)
                                   for v, m in zip((2, 4), said, strict=True)), said
