@@ -227,7 +227,8 @@ def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *,
             return True
         now = server_time_ms(r)
         past = end is not None and now > end
-        _publish_async(r, cfg, rnd, end)
+        live = live_workers(r, cfg.run)   # one read a poll: the round state and the early close use it
+        _publish_async(r, cfg, rnd, end, live)
         # Past the window: one read without blocking takes what is left in it.
         block = None if past else block_ms if end is None else max(1, min(block_ms, end - now + 1))
         reply = r.xread({stream: rnd.last_id}, block=block, count=100)
@@ -241,23 +242,23 @@ def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *,
                 take(r, cfg, plan, rnd, entry_id, fields, on_accept)
         if past and read < 100 and rnd.accepted:
             return True
-        if rnd.accepted and everyone_answered(r, cfg, rnd):
+        if rnd.accepted and everyone_answered(live, rnd):
             return True
     return False
 
 
-def everyone_answered(r: redis.Redis, cfg: RunConfig, rnd: Round) -> bool:
+def everyone_answered(live: dict[str, str | None], rnd: Round) -> bool:
     """Async: a grace window closes early once every live worker has a delta in it: none is left to
     wait for (equal workers then take sync rounds' steps without a window's wait)."""
-    live = live_workers(r, cfg.run)
     return bool(live) and set(live) <= rnd.answered   # no live worker: the window runs its time
 
 
-def _publish_async(r: redis.Redis, cfg: RunConfig, rnd: Round, end: int | None) -> None:
+def _publish_async(r: redis.Redis, cfg: RunConfig, rnd: Round, end: int | None,
+                   live: dict[str, str | None]) -> None:
     waiting = "a delta" if end is None else f"the grace window (until {end} ms)"
     r.hset(keys.round_state(cfg.run), mapping={
         "version": str(rnd.version), "phase": "collecting", "accepted": str(len(rnd.accepted)),
-        "answered": str(len(rnd.answered)), "live": str(len(live_workers(r, cfg.run))),
+        "answered": str(len(rnd.answered)), "live": str(len(live)),
         "min_workers": "1", "deadline_ms": str(end or 0),
         "waiting": waiting, "rejected": str(rnd.rejected),
     })
