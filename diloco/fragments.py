@@ -67,22 +67,20 @@ def plan(numels: Mapping[str, int], num_fragments: int, layout: str = "strided")
     names = list(numels)
     if num_fragments == 1:
         return FragmentPlan((tuple(names),))
-    blocks = _blocks(names)
-    if blocks is None:
+    block_of = _blocks(names)
+    if block_of is None:
         return _by_size(numels, num_fragments)
-    indices = sorted(blocks)
-    if len(indices) < num_fragments:
-        raise ConfigError(f"the model has {len(indices)} repeated blocks, fewer than num_fragments ({num_fragments}): "
+    rank = {i: r for r, i in enumerate(sorted(set(block_of.values())))}
+    if len(rank) < num_fragments:
+        raise ConfigError(f"the model has {len(rank)} repeated blocks, fewer than num_fragments ({num_fragments}): "
                           f"every fragment needs a block")
-    rank = {i: r for r, i in enumerate(indices)}
-    first = min(names.index(n) for ns in blocks.values() for n in ns)
-    last = max(names.index(n) for ns in blocks.values() for n in ns)
+    in_blocks = [pos for pos, name in enumerate(names) if name in block_of]
+    first, last = in_blocks[0], in_blocks[-1]
     out: list[list[str]] = [[] for _ in range(num_fragments)]
     for pos, name in enumerate(names):
-        block = next((i for i, ns in blocks.items() if name in ns), None)
-        if block is not None:
-            r = rank[block]
-            f = r % num_fragments if layout == "strided" else r * num_fragments // len(indices)
+        if name in block_of:
+            r = rank[block_of[name]]
+            f = r % num_fragments if layout == "strided" else r * num_fragments // len(rank)
         else:
             f = 0 if pos < first else num_fragments - 1 if pos > last else _between(name)
         out[f].append(name)
@@ -97,17 +95,15 @@ def syncs_after(step: int, sync_every: int, num_fragments: int) -> int | None:
     return (step // interval) % num_fragments
 
 
-def _blocks(names: list[str]) -> dict[int, set[str]] | None:
-    """{block index: its parameter names} under the prefix with the most distinct indices; None if
-    no prefix repeats (fewer than two indices)."""
-    by_prefix: dict[str, dict[int, set[str]]] = {}
+def _blocks(names: list[str]) -> dict[str, int] | None:
+    """{parameter name: its block index} under the prefix with the most distinct indices; None if no
+    prefix repeats (fewer than two indices)."""
+    by_prefix: dict[str, dict[str, int]] = {}
     for name in names:
         if m := _BLOCK.match(name):
-            by_prefix.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(name)
-    if not by_prefix:
-        return None
-    best = max(by_prefix.values(), key=len)
-    return best if len(best) >= 2 else None
+            by_prefix.setdefault(m.group(1), {})[name] = int(m.group(2))
+    best = max(by_prefix.values(), key=lambda found: len(set(found.values())), default=None)
+    return best if best is not None and len(set(best.values())) >= 2 else None
 
 
 def _between(name: str) -> int:
