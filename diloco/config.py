@@ -77,7 +77,12 @@ class RunConfig:
     keep_every: int = 100       # retention: also keep every M-th version; 0 = none
     delta_grace_s: float = 3600.0  # retention: delete deltas/v{b}/ this long after version b+1 was committed
     retention_every: int = 10   # the aggregator runs retention after every N-th commit; 0 = never (diloco gc)
-    num_fragments: int = 1
+    # Streaming DiLoCo (docs/architecture.md, "Streaming fragments"); 1 fragment = plain rounds.
+    num_fragments: int = 1      # N: the model is synced in N fragments, one every sync_every / N steps
+    fragment_layout: str = "strided"   # which repeated block goes to which fragment (diloco/fragments.py)
+    overlap_steps: int = 0      # tau: steps trained after a fragment's announcement before its result is merged
+    merge_alpha: float = 0.5    # local = alpha * local + (1 - alpha) * global at a fragment's merge
+    fragment_plan: str = ""     # the plan's fingerprint, filled in by init (part of the model check)
     # Asynchronous DiLoCo (docs/architecture.md, "Asynchronous mode"); the defaults are today's sync rounds.
     mode: str = "sync"          # sync: one version per quorum round; async: a version per delta (or grace window)
     grace_s: float = 0.0        # async: deltas announced within this long of the batch's first share its outer step
@@ -138,8 +143,7 @@ class RunConfig:
             get_codec(*download_codec_spec(self))
         if self.init_weights and not re.fullmatch(r"[0-9a-f]{64}", self.init_weights):
             raise ConfigError(f"init_weights must be a sha256 (64 lowercase hex), got {self.init_weights[:80]!r}")
-        if self.num_fragments != 1:
-            raise ConfigError("num_fragments must be 1: streaming fragments are not built yet")
+        self._validate_streaming()
         if self.schema_version != SCHEMA_VERSION:
             raise ConfigError(
                 f"run {self.run!r} has config schema version {self.schema_version}, but this diloco "
@@ -166,6 +170,36 @@ class RunConfig:
         if self.dylu and self.unit_samples and step_samples % self.unit_samples:
             raise ConfigError(f"dylu needs unit_samples ({self.unit_samples}) to divide one optimizer step's samples "
                               f"(grad_accum * batch_size = {step_samples}), so any H trains whole units")
+
+    def _validate_streaming(self) -> None:
+        from diloco.fragments import check_settings
+
+        check_settings(self.sync_every, self.num_fragments, self.overlap_steps, self.merge_alpha,
+                       self.fragment_layout)
+        if self.num_fragments == 1:
+            if self.overlap_steps:
+                raise ConfigError("overlap_steps applies to streaming runs (num_fragments > 1) only")
+            return
+        clash = [name for name, on in (("mode=async", self.is_async), ("dylu", self.dylu),
+                                       ("dn_buffer > 1", self.dn_buffer > 1)) if on]
+        if clash:
+            raise ConfigError(f"num_fragments > 1 (streaming) does not combine with {', '.join(clash)}: "
+                              "fragments sync in synchronous rounds of fixed length")
+        per_interval = self.sync_every // self.num_fragments * self.grad_accum * self.batch_size
+        if self.unit_samples and per_interval % self.unit_samples:
+            raise ConfigError(f"unit_samples ({self.unit_samples}) must divide the samples between two fragment syncs "
+                              f"(sync_every / num_fragments * grad_accum * batch_size = {per_interval})")
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.num_fragments > 1
+
+    @property
+    def lanes(self) -> list[str]:
+        """What aggregator locks serve: the run, or each fragment's lane (diloco.keys.lane)."""
+        if not self.is_streaming:
+            return [self.run]
+        return [keys.lane(self.run, f) for f in range(self.num_fragments)]
 
     @property
     def is_async(self) -> bool:

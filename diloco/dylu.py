@@ -48,6 +48,12 @@ def allowed_steps(cfg: RunConfig, steps: int) -> str | None:
         if not cfg.h_min <= steps <= cfg.sync_every:
             return f"trained {steps} inner steps, outside DyLU's [h_min {cfg.h_min}, sync_every {cfg.sync_every}]"
         return None
+    if cfg.is_streaming:   # a fragment's announcement carries the steps since the previous fragment's
+        interval = cfg.sync_every // cfg.num_fragments
+        if steps != interval:
+            return (f"trained {steps} inner steps, the run syncs a fragment every {interval} "
+                    "(sync_every / num_fragments)")
+        return None
     if steps != cfg.sync_every:
         return f"trained {steps} inner steps, the run's sync_every is {cfg.sync_every}"
     return None

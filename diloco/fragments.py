@@ -1,6 +1,5 @@
 """Streaming DiLoCo's fragments (Douillard et al. 2025, arXiv 2501.18512): which parameters sync
-together, and when each fragment syncs. Issue 16's first piece: the plan and the schedule, not yet
-wired into the worker and the aggregator (`num_fragments` must still be 1; docs/architecture.md).
+together, and when each fragment syncs (docs/architecture.md, "Streaming fragments").
 
 A plan follows the model's repeated blocks: the parameters named `<prefix>.<i>.<rest>` under the
 prefix with the most distinct indices `i` (a transformer's `blocks.0`, `blocks.1`, ...). Block i goes
@@ -8,7 +7,9 @@ to fragment `i mod N` (`strided`, the default: each fragment spans the depth) or
 (`sequential`: contiguous stacks); parameters before the first block (embeddings) join the first
 fragment and parameters after the last (final norm, head) the last one, as the paper assigns them.
 A model without repeated blocks is cut, in state-dict order, into N runs of about equal parameter
-count. The plan's fingerprint goes into the run's model check, so every worker cuts alike.
+count. The plan covers every state-dict entry (a fragment's weights object holds exactly its
+entries). Its fingerprint is the run's `fragment_plan` setting, checked by every worker, so every
+worker cuts alike.
 
 With H = `sync_every` and N fragments, fragment f syncs after the worker's optimizer step s whenever
 s = f*H/N + k*H, s > 0: every H/N steps one fragment, each fragment once every H steps, staggered.
@@ -21,8 +22,14 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diloco.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from diloco.config import RunConfig
 
 LAYOUTS = ("strided", "sequential")
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.")
@@ -42,6 +49,16 @@ class FragmentPlan:
         """A digest of the assignment, for the run's model check."""
         text = "\n".join(f"{f}\t{name}" for f, names in enumerate(self.fragments) for name in names)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_of_state(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> FragmentPlan:
+    """The run's plan for a model whose state dict is `state`."""
+    return plan({name: t.numel() for name, t in state.items()}, cfg.num_fragments, cfg.fragment_layout)
+
+
+def part(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The entries of `state` named in one fragment (no copies)."""
+    return {name: state[name] for name in names}
 
 
 def check_settings(sync_every: int, num_fragments: int, overlap_steps: int, merge_alpha: float, layout: str) -> None:

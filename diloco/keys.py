@@ -3,6 +3,12 @@
 Redis keys carry the hash tag `{run}` so all of one run's keys share a Redis Cluster slot.
 Object keys are named so that sorting them sorts by version (`v00000042`). A test pins the names:
 operators read them with redis-cli and the docs list them, so they must not drift.
+
+A *lane* is what one aggregator lock serves: the run itself, or with streaming fragments
+(`num_fragments` > 1) one fragment of it, written `run@f2` (`lane()`). A fragment's round state
+(head, deltas, versions, rejections, round, lock) lives under `diloco:{run}:f2:...` and its objects
+under `runs/{run}/f2/`; the run's own state (config, control, workers, work units, eval) has one key
+whatever lane names it, so code serving a lane may pass the lane wherever a run is asked for.
 """
 
 from __future__ import annotations
@@ -22,8 +28,26 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-def _k(run: str, *parts: str) -> str:
-    return ":".join(("diloco", "{" + run + "}", *parts))
+def lane(run: str, fragment: int | None) -> str:
+    """The lane of `fragment` of `run` (None: the run itself, no fragments)."""
+    return run if fragment is None else f"{run}@f{fragment}"
+
+
+def split_lane(lane_: str) -> tuple[str, int | None]:
+    """(run, fragment or None) of a lane."""
+    run, sep, frag = lane_.partition("@f")
+    return (run, int(frag)) if sep else (run, None)
+
+
+def _k(lane_: str, *parts: str) -> str:
+    """A run-wide key: the same for the run and every lane of it."""
+    return ":".join(("diloco", "{" + split_lane(lane_)[0] + "}", *parts))
+
+
+def _lk(lane_: str, *parts: str) -> str:
+    """A lane's own key: the run's for the run itself, `...:f{i}:...` for fragment i."""
+    run, frag = split_lane(lane_)
+    return _k(run, *parts) if frag is None else _k(run, f"f{frag}", *parts)
 
 
 # --- Redis -------------------------------------------------------------------------------------
@@ -36,33 +60,33 @@ def config(run: str) -> str:
 def head(run: str) -> str:
     """Hash: the committed version pointer and what it points at; written by the init and commit scripts and
     by `diloco recover` (which also resets `deltas_since`)."""
-    return _k(run, "head")
+    return _lk(run, "head")
 
 
 def deltas(run: str) -> str:
     """Stream: workers' announcements of uploaded pseudo-gradients."""
-    return _k(run, "deltas")
+    return _lk(run, "deltas")
 
 
 def versions(run: str) -> str:
     """Stream: one entry per committed version, with the round's stats."""
-    return _k(run, "versions")
+    return _lk(run, "versions")
 
 
 def rejections(run: str) -> str:
     """Stream: every rejected announcement with its reason."""
-    return _k(run, "rejections")
+    return _lk(run, "rejections")
 
 
 def rejected_counts(run: str) -> str:
     """Hash: worker id -> number of its announcements rejected."""
-    return _k(run, "rejected")
+    return _lk(run, "rejected")
 
 
 def round_state(run: str) -> str:
     """Hash: the open round as the aggregator sees it (version, phase, accepted, answered, live, min_workers,
     deadline_ms, waiting, rejected)."""
-    return _k(run, "round")
+    return _lk(run, "round")
 
 
 def eval_losses(run: str) -> str:
@@ -82,17 +106,17 @@ def audit(run: str) -> str:
 
 def rejected_entries(run: str) -> str:
     """Set: deltas-stream ids already rejected, so a round redone after a crash counts each once."""
-    return _k(run, "rejected", "entries")
+    return _lk(run, "rejected", "entries")
 
 
 def lock(run: str) -> str:
     """String with TTL: the aggregator lock; value '<token>:<aggregator id>'."""
-    return _k(run, "lock")
+    return _lk(run, "lock")
 
 
 def lock_token(run: str) -> str:
     """Counter: the fencing tokens handed out with the lock."""
-    return _k(run, "lock", "token")
+    return _lk(run, "lock", "token")
 
 
 def workers(run: str) -> str:
@@ -158,21 +182,23 @@ def epoch_keys(run: str, dataset: str, epoch: int) -> list[str]:
 # --- Object store ------------------------------------------------------------------------------
 
 def run_prefix(run: str) -> str:
-    return f"runs/{run}/"
+    """A lane's objects: `runs/{run}/`, or `runs/{run}/f{i}/` for fragment i."""
+    base, frag = split_lane(run)
+    return f"runs/{base}/" if frag is None else f"runs/{base}/f{frag}/"
 
 
 def weights_object(run: str, version: int, token: int) -> str:
     """The fencing token in the name means two aggregators never write the same key."""
-    return f"runs/{run}/weights/v{version:08d}-t{token}.safetensors"
+    return f"{run_prefix(run)}weights/v{version:08d}-t{token}.safetensors"
 
 
 def momentum_object(run: str, version: int, token: int) -> str:
-    return f"runs/{run}/momentum/v{version:08d}-t{token}.safetensors"
+    return f"{run_prefix(run)}momentum/v{version:08d}-t{token}.safetensors"
 
 
 def update_prefix(run: str, version: int) -> str:
     """The encoded update from version-1 to `version` (diloco/update.py), one directory per version."""
-    return f"runs/{run}/updates/v{version:08d}/"
+    return f"{run_prefix(run)}updates/v{version:08d}/"
 
 
 def update_shard(run: str, version: int, token: int, index: int) -> str:
@@ -181,20 +207,20 @@ def update_shard(run: str, version: int, token: int, index: int) -> str:
 
 def snapshot_object(run: str, version: int) -> str:
     """msgpack snapshot of the run's Redis state as of a committed version (for `diloco recover`)."""
-    return f"runs/{run}/state/v{version:08d}.msgpack"
+    return f"{run_prefix(run)}state/v{version:08d}.msgpack"
 
 
 def snapshot_prefix(run: str) -> str:
-    return f"runs/{run}/state/"
+    return f"{run_prefix(run)}state/"
 
 
 def weights_prefix(run: str) -> str:
-    return f"runs/{run}/weights/"
+    return f"{run_prefix(run)}weights/"
 
 
 def delta_prefix(run: str, version: int, worker: str) -> str:
     """Everything a worker uploads for one base version lives under its own prefix."""
-    return f"runs/{run}/deltas/v{version:08d}/{worker}/"
+    return f"{run_prefix(run)}deltas/v{version:08d}/{worker}/"
 
 
 def delta_shard(run: str, version: int, worker: str, nonce: str, index: int) -> str:

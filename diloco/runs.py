@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import torch
 
-from diloco import keys, model
+from diloco import fragments, keys, model
 from diloco.config import RunConfig
 from diloco.connect import server_time_ms
 from diloco.errors import BadInput, ConfigError, ObjectExists, RunNotFound
@@ -78,6 +78,23 @@ def load_weights_counted(store: ObjectStore, head: Head) -> tuple[dict[str, torc
     store for the object's size (one more request)."""
     data = store.get(head.weights, sha256=head.weights_sha256)
     return model.from_bytes(data, f"weights {head.weights}"), len(data)
+
+
+def read_heads(r: redis.Redis, cfg: RunConfig) -> list[Head]:
+    """The head of each of the run's lanes (one without fragments), read together."""
+    pipe = r.pipeline(transaction=True)
+    for lane in cfg.lanes:
+        pipe.hgetall(keys.head(lane))
+    return [parse_head(lane, fields) for lane, fields in zip(cfg.lanes, pipe.execute(), strict=True)]
+
+
+def load_full_weights(store: ObjectStore, heads: list[Head]) -> dict[str, torch.Tensor]:
+    """The whole model of the run at `heads` (read_heads): with fragments, each fragment's weights at its
+    head's version, joined (in fragment order; load_state_dict does not mind the order)."""
+    out: dict[str, torch.Tensor] = {}
+    for head in heads:
+        out.update(load_weights(store, head))
+    return out
 
 
 def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
@@ -149,7 +166,7 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     if existing:
         return InitResult(_check_same(RunConfig.from_fields(existing), given), created=False)
     store.check()  # creating a run may create a file store's directory; a running service never does
-    if store.list(keys.snapshot_prefix(run)):
+    if store.list(keys.snapshot_prefix(run)) or store.list(keys.snapshot_prefix(keys.lane(run, 0))):
         # Redis lost the run but the store has its history: starting over at version 0 would
         # silently throw away every committed version.
         raise ConfigError(
@@ -175,14 +192,14 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
             f"has only {plan.num_units} units ({len(train)} samples): lower sync_every or batch_size"
         )
     momentum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in net.named_parameters()}
-    w_key, m_key = keys.weights_object(run, 0, 0), keys.momentum_object(run, 0, 0)
-    w_sha = _put_idempotent(store, w_key, model.to_bytes(state, run=run, version="0"))
-    m_sha = _put_idempotent(store, m_key, model.to_bytes(momentum, run=run, version="0"))
-    head = {"version": "0", "token": "0", "weights": w_key, "weights_sha256": w_sha,
-            "momentum": m_key, "momentum_sha256": m_sha,
-            "committed_ms": str(server_time_ms(r)), "deltas_since": "0-0"}
+    parts = fragments.plan_of_state(state, cfg)
+    if cfg.is_streaming:
+        cfg = cfg.replace(fragment_plan=parts.fingerprint())
+    heads = {keys.head(lane): _write_version_zero(r, store, lane, fragments.part(state, names),
+                                                  {n: m for n, m in momentum.items() if n in names})
+             for lane, names in zip(cfg.lanes, parts.fragments, strict=True)}
     created = Scripts(r).init_run(run, {
-        keys.config(run): cfg.to_fields(), keys.head(run): head,
+        keys.config(run): cfg.to_fields(), **heads,
         keys.datasets(run): {train.dataset_id: str(len(train))},
         keys.units_meta(run, train.dataset_id): plan.meta(),
     })
@@ -190,6 +207,18 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
         return InitResult(_check_same(load_config(r, run), given), created=False)
     log.info("created run %s: task %s, model %s, %d samples", run, cfg.task, cfg.model_hash, len(train))
     return InitResult(cfg, created=True)
+
+
+def _write_version_zero(r: redis.Redis, store: ObjectStore, lane: str, state: dict[str, torch.Tensor],
+                        momentum: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write a lane's version 0 (weights and zero momentum); its head's fields."""
+    w_key, m_key = keys.weights_object(lane, 0, 0), keys.momentum_object(lane, 0, 0)
+    run = keys.split_lane(lane)[0]
+    w_sha = _put_idempotent(store, w_key, model.to_bytes(state, run=run, version="0"))
+    m_sha = _put_idempotent(store, m_key, model.to_bytes(momentum, run=run, version="0"))
+    return {"version": "0", "token": "0", "weights": w_key, "weights_sha256": w_sha,
+            "momentum": m_key, "momentum_sha256": m_sha,
+            "committed_ms": str(server_time_ms(r)), "deltas_since": "0-0"}
 
 
 def _check_same(existing: RunConfig, given: dict[str, Any]) -> RunConfig:

@@ -20,7 +20,8 @@ ARGS = {"run": RUN, "worker": WORKER, "version": 3, "token": 7, "nonce": "n1", "
 def _public_key_functions():
     return [
         (name, fn) for name, fn in inspect.getmembers(keys, inspect.isfunction)
-        if not name.startswith("_") and fn.__module__ == keys.__name__ and name not in ("check_name", "epoch_keys")
+        if not name.startswith("_") and fn.__module__ == keys.__name__
+        and name not in ("check_name", "epoch_keys", "lane", "split_lane")
     ]
 
 
@@ -189,3 +190,37 @@ def test_check_name_accepts_exactly_the_safe_alphabet(value):
     else:
         with pytest.raises(ValueError):
             keys.check_name("run name", value)
+
+
+# A fragment's lane (streaming): its own round state and objects, the run's shared state unchanged.
+LANE_KEYS = {
+    "head": "diloco:{r1}:f2:head",
+    "deltas": "diloco:{r1}:f2:deltas",
+    "versions": "diloco:{r1}:f2:versions",
+    "rejections": "diloco:{r1}:f2:rejections",
+    "rejected_counts": "diloco:{r1}:f2:rejected",
+    "rejected_entries": "diloco:{r1}:f2:rejected:entries",
+    "round_state": "diloco:{r1}:f2:round",
+    "lock": "diloco:{r1}:f2:lock",
+    "lock_token": "diloco:{r1}:f2:lock:token",
+    "run_prefix": "runs/r1/f2/",
+    "weights_object": "runs/r1/f2/weights/v00000003-t7.safetensors",
+    "delta_shard": "runs/r1/f2/deltas/v00000003/w1/n1-0002.safetensors",
+    "update_shard": "runs/r1/f2/updates/v00000003/t7-0002.safetensors",
+    "snapshot_prefix": "runs/r1/f2/state/",
+}
+
+
+def test_lane_names_round_trip():
+    assert keys.lane(RUN, None) == RUN and keys.split_lane(RUN) == (RUN, None)
+    assert keys.lane(RUN, 2) == "r1@f2" and keys.split_lane("r1@f2") == (RUN, 2)
+
+
+@pytest.mark.parametrize("name", sorted(REDIS_KEYS) + sorted(OBJECT_KEYS))
+def test_a_fragment_lane_has_its_own_round_keys_and_the_runs_shared_ones(name):
+    fn = getattr(keys, name)
+    got = fn(**{p: (keys.lane(RUN, 2) if p == "run" else ARGS[p]) for p in inspect.signature(fn).parameters})
+    expected = LANE_KEYS.get(name, REDIS_KEYS.get(name, OBJECT_KEYS.get(name)))
+    if name in OBJECT_KEYS and name not in LANE_KEYS:   # every object of a lane lives under its prefix
+        expected = expected.replace("runs/r1/", "runs/r1/f2/")
+    assert got == expected
