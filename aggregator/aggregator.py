@@ -19,9 +19,9 @@ from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
 from diloco import control, keys, model, outer, retention, runs, schedule, snapshot, units, update, weighting
 from diloco.codecs import Codec, get_codec
-from diloco.config import AggregatorSettings
+from diloco.config import AggregatorSettings, RunConfig
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
-from diloco.errors import DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
+from diloco.errors import ConfigError, DilocoError, LockLost, ObjectExists, RunNotFound, UnitConflict
 from diloco.faults import crash_point
 from diloco.messages import Announcement
 from diloco.outer import outer_step_
@@ -33,15 +33,19 @@ log = logging.getLogger(__name__)
 
 
 class Aggregator:
-    def __init__(self, settings: AggregatorSettings) -> None:
+    """Serves one lane (diloco.keys): the run, or with streaming one fragment of it (`fragment`)."""
+
+    def __init__(self, settings: AggregatorSettings, fragment: int | None = None) -> None:
         self.s = settings
         self.stop_event = threading.Event()
         self.r = connect_redis(settings.redis_url)
         self.raw = connect_redis(settings.redis_url, decode=False)  # for snapshots: bitmaps are bytes
         self.cfg = runs.load_config(self.r, settings.run)
+        self.fragment = fragment
+        self.lane = lane_of(self.cfg, fragment)
         self.store = open_store(settings.store_url, concurrency=settings.concurrency)
         self.store.check()
-        self.lock = RoundLock(self.r, settings.run, settings.aggregator_id, settings.lock_ttl_s)
+        self.lock = RoundLock(self.r, self.lane, settings.aggregator_id, settings.lock_ttl_s)
         self.scripts = Scripts(self.r)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="fetch")
         self.progress_at = time.monotonic()   # the round loop's last sign of life (see _watch)
@@ -110,11 +114,11 @@ class Aggregator:
         conflict at commit) means summing the rest again from the start, in the same order.
         """
         self.cfg = runs.load_config(self.r, self.s.run)   # settings changed by control take effect now
-        if self.r.get(keys.lock(self.s.run)) != self.lock.value:  # e.g. `diloco recover` replaced every key
+        if self.r.get(keys.lock(self.lane)) != self.lock.value:  # e.g. `diloco recover` replaced every key
             raise LockLost(f"the round lock is no longer ours (token {self.lock.token})")
         plan = units.plan_for(self.r, self.cfg)
-        head = runs.read_head(self.r, self.s.run)
-        rnd = Round(head=head, last_id=head.deltas_since)
+        head = runs.read_head(self.r, self.lane)
+        rnd = Round(head=head, last_id=head.deltas_since, lane=self.lane)
         t0 = time.perf_counter()
         weights, momentum, residual = self._base(head)
         floats = {n: t for n, t in weights.items() if t.is_floating_point()}
@@ -177,7 +181,7 @@ class Aggregator:
 
     def _drop(self, rnd: Round, worker: str, reason: str) -> None:
         entry_id, ann = rnd.accepted.pop(worker)
-        reject(self.r, self.s.run, worker, reason, entry_id, ann.version)
+        reject(self.r, self.lane, worker, reason, entry_id, ann.version)
         rnd.rejected += 1
 
     def _step_and_commit(self, rnd: Round, reducer: Reducer, base: tuple[dict, dict, dict], plan, *,
@@ -198,7 +202,7 @@ class Aggregator:
         new_w, new_m = weights, momentum
         version = head.version + 1
         token = self.lock.token
-        w_key, m_key = keys.weights_object(self.s.run, version, token), keys.momentum_object(self.s.run, version, token)
+        w_key, m_key = keys.weights_object(self.lane, version, token), keys.momentum_object(self.lane, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
         def write_state(key: str, state: dict) -> str:
             return put_idempotent(self.store, key, model.to_bytes(state, run=self.s.run, version=str(version)))
@@ -232,7 +236,7 @@ class Aggregator:
             **weighting.stats(self.cfg, head.version, inc),   # the mean's weights (not for sync + uniform)
         }
         try:
-            self.scripts.commit(self.s.run, lock_value=self.lock.value, base_version=head.version, token=token,
+            self.scripts.commit(self.lane, lock_value=self.lock.value, base_version=head.version, token=token,
                                 weights=(w_key, w_sha), momentum=(m_key, m_sha), stats=stats,
                                 dataset=plan.dataset, units=trained, deltas_read=rnd.last_id, update=upd)
         except UnitConflict:
@@ -257,15 +261,19 @@ class Aggregator:
         if codec is None:
             return stepped, residual, ((), ())
         shards, residual = update.encode(weights, stepped, residual, codec, self.cfg.shard_bytes)
-        names = tuple(keys.update_shard(self.s.run, version, token, i) for i in range(len(shards)))
+        names = tuple(keys.update_shard(self.lane, version, token, i) for i in range(len(shards)))
         # Not durable: read with sha256 checked, and a worker that finds one torn reads the full weights.
         shas = tuple(self.pool.map(lambda k, d: put_idempotent(self.store, k, d, durable=False), names, shards))
         return update.apply(weights, update.decode(shards, weights, codec)), residual, (names, shas)
 
     def _check_budget(self, version: int) -> None:
         tokens = 0
+        if self.cfg.is_streaming:   # the run's version is its least advanced fragment's
+            version = min(h.version for h in runs.read_heads(self.r, self.cfg))
         if self.cfg.max_tokens:  # only then is the versions stream worth reading every round
-            tokens = sum(int(f.get("tokens", 0)) for _, f in self.r.xrange(keys.versions(self.s.run)))
+            # with fragments, each commit counts the tokens trained since the fragment before synced
+            tokens = sum(int(f.get("tokens", 0))
+                         for lane in self.cfg.lanes for _, f in self.r.xrange(keys.versions(lane)))
         reason = control.budget_reached(self.cfg, version, tokens)
         if reason:
             log.info("%s: stopping the run", reason)
@@ -274,7 +282,7 @@ class Aggregator:
     def _snapshot(self, version: int) -> None:
         """Best effort: a missing snapshot only means `recover` restores the version before."""
         try:
-            snapshot.write(self.store, self.raw, self.s.run)
+            snapshot.write(self.store, self.raw, self.lane)
         except ObjectExists:
             pass
         except (DilocoError, redis.RedisError, OSError) as e:
@@ -286,9 +294,60 @@ class Aggregator:
         if not every or version % every:
             return
         try:
-            doomed = retention.plan(self.r, self.store, self.s.run)
+            doomed = retention.plan(self.r, self.store, self.lane)
             if doomed:
                 summary = retention.apply(self.store, doomed, sizes=False, pool=self.pool)
                 log.info("retention after version %d deleted %s", version, summary.describe())
         except Exception as e:  # housekeeping must never stop the run
             log.warning("retention after version %d failed (the next pass retries): %s", version, e)
+
+
+def lane_of(cfg: RunConfig, fragment: int | None) -> str:
+    """The lane an aggregator of `fragment` serves; ConfigError for a fragment the run does not have."""
+    if not cfg.is_streaming:
+        if fragment not in (None, 0):
+            raise ConfigError(f"run {cfg.run!r} has no fragments (num_fragments 1): leave --fragments out")
+        return cfg.run
+    if fragment is None or not 0 <= fragment < cfg.num_fragments:
+        raise ConfigError(f"run {cfg.run!r} has fragments 0-{cfg.num_fragments - 1}, not {fragment!r}")
+    return keys.lane(cfg.run, fragment)
+
+
+class Lanes:
+    """One Aggregator per lane, each in its own thread, for a run with fragments: every fragment has its
+    own lock, so several such processes (each given some `fragments`) share the work, and a lane whose
+    holder died is taken over by a standby thread of another process."""
+
+    def __init__(self, settings: AggregatorSettings, fragments: list[int] | None = None) -> None:
+        cfg = runs.load_config(connect_redis(settings.redis_url), settings.run)
+        wanted = list(range(cfg.num_fragments)) if fragments is None else fragments
+        self.aggregators = [Aggregator(settings, f) for f in wanted]
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for agg in self.aggregators:
+            agg.stop()
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Serve every lane until stopped (or each lane committed `max_rounds`); the versions committed.
+        A lane that fails stops the others: the process exits with its error."""
+        errors: list[BaseException] = []
+        counts = [0] * len(self.aggregators)
+
+        def serve(i: int, agg: Aggregator) -> None:
+            try:
+                counts[i] = agg.run(max_rounds=max_rounds)
+            except BaseException as e:
+                errors.append(e)
+                self.stop()
+
+        threads = [threading.Thread(target=serve, args=(i, agg), name=f"lane-{agg.lane}")
+                   for i, agg in enumerate(self.aggregators)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return sum(counts)

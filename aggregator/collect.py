@@ -42,6 +42,7 @@ class Round:
     answered: set[str] = field(default_factory=set)    # workers that announced, accepted or not
     rejected: int = 0
     waiting: str = ""    # why the round is still open, as last published
+    lane: str = ""       # the lane whose round this is (diloco.keys.lane); "" = the run itself
 
     @property
     def version(self) -> int:
@@ -58,6 +59,8 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
     """The reason `ann` cannot count in this round, or None if it can."""
     if ann.run != cfg.run:
         return f"announcement is for run {ann.run!r}"
+    if (reason := _fragment_problem(ann, cfg, rnd)) is not None:
+        return reason
     if cfg.is_async:
         if rnd.version - ann.version > cfg.max_staleness:
             return (f"stale: trained on version {ann.version}, the head is version {rnd.version}: staleness "
@@ -72,13 +75,27 @@ def check(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
         return f"codec {ann.codec!r} is not the run's codec {cfg.codec!r}"
     if (reason := dylu.allowed_steps(cfg, ann.inner_steps)) is not None:
         return reason
-    prefix = keys.delta_prefix(cfg.run, ann.version, ann.worker)
+    prefix = keys.delta_prefix(_lane(cfg, rnd), ann.version, ann.worker)
     outside = [s for s in ann.shards if not s.startswith(prefix) or ".." in s]
     if outside:
         return f"shard key {outside[0][:120]!r} is outside the worker's prefix {prefix!r}"
     limit = max_shard_object_bytes(cfg.shard_bytes)
     if any(size > limit for size in ann.sizes):
         return f"a shard of {max(ann.sizes)} bytes exceeds the run's limit of {limit} bytes"
+    return None
+
+
+def _lane(cfg: RunConfig, rnd: Round) -> str:
+    return rnd.lane or cfg.run
+
+
+def _fragment_problem(ann: Announcement, cfg: RunConfig, rnd: Round) -> str | None:
+    fragment = keys.split_lane(_lane(cfg, rnd))[1] or 0
+    if not 0 <= ann.fragment < cfg.num_fragments:
+        return (f"fragment {ann.fragment} does not exist: run {cfg.run!r} has {cfg.num_fragments} "
+                f"(0-{cfg.num_fragments - 1})")
+    if ann.fragment != fragment:
+        return f"announced for fragment {ann.fragment} on the deltas stream of fragment {fragment}"
     return None
 
 
@@ -89,7 +106,7 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     try:
         ann = Announcement.from_fields(fields)
     except BadMessage as e:
-        reject(r, cfg.run, worker, f"malformed announcement: {e}", entry_id, fields.get("version", "?"))
+        reject(r, _lane(cfg, rnd), worker, f"malformed announcement: {e}", entry_id, fields.get("version", "?"))
         rnd.rejected += 1
         return
     if ann.worker in rnd.accepted and rnd.accepted[ann.worker][1] == ann:
@@ -100,7 +117,7 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     if reason is None:
         reason = units_problem(r, cfg, plan, ann)
     if reason is not None:
-        reject(r, cfg.run, ann.worker, reason, entry_id, ann.version)
+        reject(r, _lane(cfg, rnd), ann.worker, reason, entry_id, ann.version)
         rnd.rejected += 1
         if ann.version == rnd.version:
             rnd.answered.add(ann.worker)
@@ -108,7 +125,7 @@ def take(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, entry_id: s
     rnd.answered.add(ann.worker)
     reason = on_accept(entry_id, ann) if on_accept is not None else None
     if reason is not None:
-        reject(r, cfg.run, ann.worker, reason, entry_id, ann.version)
+        reject(r, _lane(cfg, rnd), ann.worker, reason, entry_id, ann.version)
         rnd.rejected += 1
         return
     rnd.accepted[ann.worker] = (entry_id, ann)
@@ -159,7 +176,7 @@ def is_closed(r: redis.Redis, cfg: RunConfig, rnd: Round, state: str) -> bool:
         if waiting:
             log.info("round for version %d waits for %s", rnd.version, waiting)
         rnd.waiting = waiting
-    r.hset(keys.round_state(cfg.run), mapping={
+    r.hset(keys.round_state(_lane(cfg, rnd)), mapping={
         "version": str(rnd.version), "phase": "collecting" if waiting else "reducing",
         "accepted": str(len(rnd.accepted)), "answered": str(len(rnd.answered)), "live": str(len(live)),
         "min_workers": str(cfg.min_workers), "deadline_ms": str(deadline), "waiting": waiting,
@@ -217,7 +234,7 @@ def collect_async(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *,
     stays before it), so the next version starts with it. XADD stamps ids with the server clock, so
     once the server time is past the window every entry inside it is in the stream: a last read then
     closes the version. The batch depends only on the stream, so a standby redoing it takes the same."""
-    stream = keys.deltas(cfg.run)
+    stream = keys.deltas(_lane(cfg, rnd))
     while not stop.is_set():
         _alive(rnd, lock_lost, on_poll)
         if control.state(r, cfg.run) == control.STOPPED:
@@ -256,7 +273,7 @@ def everyone_answered(live: dict[str, str | None], rnd: Round) -> bool:
 def _publish_async(r: redis.Redis, cfg: RunConfig, rnd: Round, end: int | None,
                    live: dict[str, str | None]) -> None:
     waiting = "a delta" if end is None else f"the grace window (until {end} ms)"
-    r.hset(keys.round_state(cfg.run), mapping={
+    r.hset(keys.round_state(_lane(cfg, rnd)), mapping={
         "version": str(rnd.version), "phase": "collecting", "accepted": str(len(rnd.accepted)),
         "answered": str(len(rnd.answered)), "live": str(len(live)),
         "min_workers": "1", "deadline_ms": str(end or 0),
@@ -274,7 +291,7 @@ def collect(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, rnd: Round, *, block
     if cfg.is_async:
         return collect_async(r, cfg, plan, rnd, block_ms=block_ms, stop=stop, lock_lost=lock_lost,
                              on_poll=on_poll, on_accept=on_accept)
-    stream = keys.deltas(cfg.run)
+    stream = keys.deltas(_lane(cfg, rnd))
     while not stop.is_set():
         _alive(rnd, lock_lost, on_poll)
         state = control.state(r, cfg.run)

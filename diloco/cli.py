@@ -34,10 +34,15 @@ from diloco import stopping
 from diloco.errors import ConfigError, DilocoError
 
 _NOT_FLAGS = {"run", "task_options", "codec_options", "download_codec_options", "model_hash", "dataset_id",
-              "schema_version", "num_fragments", "init_weights"}
+              "schema_version", "init_weights", "fragment_plan"}
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 _HELP = {"download_codec": "codec of each version's published update (default: --codec; fp32: workers download "
-                           "the full weights every round)"}
+                           "the full weights every round)",
+         "num_fragments": "streaming DiLoCo: sync the model in N fragments, one every sync_every / N steps "
+                          "(default 1: whole-model rounds)",
+         "overlap_steps": "streaming: steps trained after a fragment's announcement before merging its result "
+                          "(default 0)",
+         "merge_alpha": "streaming: local = alpha * local + (1 - alpha) * global at a merge (default 0.5)"}
 
 
 def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
@@ -167,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--lock-ttl-s", type=float, default=30.0)
     agg.add_argument("--concurrency", type=int, default=8, help="parallel shard downloads")
     agg.add_argument("--max-rounds", type=int, default=None, help="exit after committing this many versions")
+    agg.add_argument("--fragments", default=None,
+                     help="streaming runs: serve only these fragments, comma-separated (default: all; start "
+                          "several aggregators with different fragments to aggregate them in parallel)")
     agg.add_argument("--outage-limit-s", type=float, default=600.0,
                      help="exit once Redis or the store has been unreachable this long")
     agg.add_argument("--stall-limit-s", type=float, default=1800.0,
@@ -306,14 +314,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     import socket
 
-    from aggregator.aggregator import Aggregator
+    from aggregator.aggregator import Aggregator, Lanes
 
     agg_id = args.aggregator_id or f"{socket.gethostname()[:40]}-{os.getpid()}"
     settings = C.AggregatorSettings(
         redis_url=args.redis_url, store_url=_require_store(args), run=args.run,
         aggregator_id=agg_id, lock_ttl_s=args.lock_ttl_s, concurrency=args.concurrency,
         outage_limit_s=args.outage_limit_s, stall_limit_s=args.stall_limit_s)
-    return _serve(Aggregator(settings), args.max_rounds, _grace(args))
+    if args.fragments is None and not _is_streaming(settings):
+        return _serve(Aggregator(settings), args.max_rounds, _grace(args))
+    return _serve(Lanes(settings, _fragment_list(args.fragments)), args.max_rounds, _grace(args))
+
+
+def _is_streaming(settings: Any) -> bool:
+    from diloco import runs
+    from diloco.connect import connect_redis
+
+    return runs.load_config(connect_redis(settings.redis_url), settings.run).is_streaming
+
+
+def _fragment_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--fragments takes fragment numbers separated by commas, got {text!r}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -42,7 +42,8 @@ class Recomputed:
 
 def recompute(r: redis.Redis, store: ObjectStore, run: str,
               archive: dict[str, dict[str, str]] | None = None) -> Iterator[Recomputed]:
-    """Each committed version in order, recomputed from version 0 and the deltas each one included.
+    """Each committed version of lane `run` (the run, or one of its fragments) in order, recomputed from
+    version 0 and the deltas each one included.
 
     `archive` holds announcements (stream id -> fields) that a wipe took from the deltas stream."""
     cfg = runs.load_config(r, run)
@@ -67,7 +68,7 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
             else:  # what the aggregator published: the base plus the decoded update
                 shards, residual = update.encode(weights, stepped, residual, download, cfg.shard_bytes)
                 weights = update.apply(weights, update.decode(shards, weights, download))
-            data = model.to_bytes(weights, run=run, version=entry["version"])
+            data = model.to_bytes(weights, run=cfg.run, version=entry["version"])
             matches = factors_ok and not red.rejected and _sha(data) == entry["weights_sha256"]
             yield Recomputed(entry, weights, momentum, matches)
 

@@ -109,6 +109,8 @@ class Summary:
 def kind_of(key: str) -> str:
     """'weights', 'momentum', 'snapshots', 'deltas' or 'updates' for a key under runs/{run}/."""
     parts = key.split("/")
+    if len(parts) > 4 and re.fullmatch(r"f\d+", parts[2]):  # a fragment's objects: runs/{run}/f{i}/...
+        parts = parts[:2] + parts[3:]
     kind = _DIRS.get(parts[2]) if len(parts) > 3 and parts[0] == "runs" else None
     if kind is None:
         raise ValueError(f"{key!r} is not a run object retention handles")

@@ -126,6 +126,11 @@ def recover(r: redis.Redis, store: ObjectStore, run: str, *, force: bool = False
             f"run {run!r} exists in this Redis; recover rebuilds a wiped Redis. Pass --force to replace "
             "the run's keys with the snapshot"
         )
+    if store.list(keys.snapshot_prefix(keys.lane(run, 0))):
+        raise ConfigError(f"run {run!r} syncs in fragments (its snapshots are under "
+                          f"{store.url}/{keys.run_prefix(keys.lane(run, 0))}...): recover restores runs without "
+                          "fragments only, so a streaming run lost with Redis cannot be resumed yet; its fragments' "
+                          "weights objects stay in the store")
     snap = newest_usable(store, run)
     run_keys = list(r.scan_iter(match=f"diloco:{{{run}}}:*", count=1000))
     pipe = r.pipeline(transaction=True)

@@ -101,9 +101,10 @@ def worker(redis_url: str, store_url: str, worker_id: str, run: str = "t", max_r
 
 
 def aggregator(redis_url: str, store_url: str, agg_id: str = "agg", run: str = "t",
-               max_rounds: int | None = None, start: bool = True, **kw: Any) -> Service:
+               max_rounds: int | None = None, start: bool = True, fragment: int | None = None, **kw: Any) -> Service:
+    """An aggregator of the run, or (streaming) of one of its fragments."""
     settings = AggregatorSettings(redis_url, store_url, run, agg_id, block_ms=200, standby_poll_s=0.2, **kw)
-    svc = Service(Aggregator(settings), max_rounds)
+    svc = Service(Aggregator(settings, fragment), max_rounds)
     if start:
         svc.start()
     return svc
