@@ -102,14 +102,15 @@ class Leases:
         self.held: list[Unit] = []
         self._lock = threading.Lock()  # the heartbeat thread renews while the main thread claims
 
-    def claim(self, want: int, stop: threading.Event) -> list[Unit] | None:
+    def claim(self, want: int, stop: threading.Event, *, keep: bool = False) -> list[Unit] | None:
         """Claim exactly `want` units in one script call; None if stopped first.
 
         A claim never waits: it takes free units of the open epochs, oldest first, and opens the next
         epoch when they run short (docs/architecture.md, "Work units", argues why that cannot stall).
-        Units still held from a round that an outage or a wipe interrupted are given back first.
+        Units still held from a round that an outage or a wipe interrupted are given back first, unless
+        `keep` (streaming: the previous interval's units wait for their fragment's commit meanwhile).
         """
-        if self.held:
+        if self.held and not keep:
             self.release()
         while not stop.is_set():
             lo, hi = self.r.hmget(keys.units_meta(self.run, self.plan.dataset), "epoch_lo", "epoch_hi")
@@ -119,7 +120,7 @@ class Leases:
                                            self.lease_ms)
             if got is not None:  # None: another claim moved epoch_lo or epoch_hi; read them again
                 with self._lock:
-                    self.held = list(got)
+                    self.held = [*self.held, *got] if keep else list(got)
                 return got
         return None
 
@@ -129,10 +130,14 @@ class Leases:
         for epoch, bits in by_epoch(held).items():
             self.scripts.renew_units(self.run, self.plan.dataset, epoch, self.worker, bits, self.lease_ms)
 
-    def release(self) -> int:
-        """Give back every held unit that is not done (done ones are simply forgotten)."""
+    def release(self, only: list[Unit] | None = None) -> int:
+        """Give back every held unit (or those of `only`) that is not done (done ones are simply forgotten)."""
         with self._lock:
-            held, self.held = self.held, []
+            if only is None:
+                held, self.held = self.held, []
+            else:
+                held = [u for u in self.held if u in set(only)]
+                self.held = [u for u in self.held if u not in set(only)]
         return sum(self.scripts.release_units(self.run, self.plan.dataset, e, self.worker, bits)
                    for e, bits in by_epoch(held).items())
 

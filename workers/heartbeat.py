@@ -94,6 +94,8 @@ class Heartbeat:
             self._thread.join(timeout=5)
         try:
             self.scripts.release_if_owner(keys.worker_alive(self.run, self.worker), self.nonce)
-            self.r.hset(keys.worker_stats(self.run, self.worker), "state", state)
+            # the last stats too: what the worker did since its last beat (its final version) stays readable
+            fields = {**{k: str(v) for k, v in self.stats.items()}, "state": state}
+            self.r.hset(keys.worker_stats(self.run, self.worker), mapping=fields)
         except redis.RedisError as e:
             log.warning("could not deregister: %s", e)

@@ -63,9 +63,11 @@ class InnerLoop:
         self.net = self.ranks.wrap(self.model)
 
     def train(self, version: int, ids: list[int], should_stop: Callable[[], bool],
-              on_step: Callable[[int, float, float, float], None] | None = None) -> Trained | None:
+              on_step: Callable[[int, float, float, float], None] | None = None,
+              first_step: int = 0) -> Trained | None:
         """One step per `grad_accum * batch_size` of `ids` (the round's samples, in order): `sync_every`
-        steps, or DyLU's H for this worker; None if any rank asked to stop.
+        steps, or DyLU's H for this worker, or a part of a round starting at its step `first_step` (the
+        learning rate's position; streaming trains a round in pieces); None if any rank asked to stop.
 
         `on_step(step, loss, lr, elapsed_s)` is called after each step with this rank's loss.
         """
@@ -78,7 +80,7 @@ class InnerLoop:
             if ranks.agree_stop(should_stop()):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
-            lr = schedule.inner_lr(cfg, self.steps_done, version, step)
+            lr = schedule.inner_lr(cfg, self.steps_done, version, first_step + step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             total = 0.0

@@ -40,6 +40,7 @@ from workers.checkpoint import Checkpoint
 from workers.heartbeat import Heartbeat
 from workers.inner import InnerLoop
 from workers.ranks import Ranks, RoundCommand
+from workers.streaming import Streaming
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Worker:
         self.ranks.send_config(self.cfg.to_fields())
         self.inner.distribute()
         self.followers_idle = True  # the other ranks wait for the next round (or stop) message
+        self.streaming = Streaming(self) if self.cfg.is_streaming else None
 
     @property
     def steps_done(self) -> int:
@@ -128,8 +130,7 @@ class Worker:
         local = self.model.state_dict()
         if model.model_hash(local) == self.cfg.model_hash:
             return
-        head = runs.read_head(self.r, self.s.run)
-        diffs = model.describe_differences(runs.load_weights(self.store, head), local)
+        diffs = model.describe_differences(runs.load_full_weights(self.store, runs.read_heads(self.r, self.cfg)), local)
         raise ModelMismatch(
             f"the local model does not match run {self.s.run!r} (model hash "
             f"{model.model_hash(local)} vs {self.cfg.model_hash}): " + "; ".join(diffs)
@@ -161,15 +162,20 @@ class Worker:
         try:
             while not self._should_stop() and (max_rounds is None or rounds < max_rounds):
                 try:
-                    if not self._one_round():
+                    if not (self.streaming.round() if self.streaming else self._one_round()):
                         break
                     rounds += 1
                 except RunNotFound as e:  # Redis was wiped: wait (within the limit) for `diloco recover`
                     self.outage.failed("the run to reappear in Redis (diloco recover)", e)
+            if self.streaming is not None and not self._should_stop():
+                self.streaming.finish()   # the last fragment's result, so its units are settled
         except BaseException:
             state = "failed"
             raise
         finally:
+            if self.streaming is not None:
+                self.stop_event.set()   # a fragment's background wait ends at once
+                self.streaming.close()
             self._release_units()
             self._stop_followers()
             self.heartbeat.stop(state)
@@ -272,7 +278,7 @@ class Worker:
             return False
         weights = None
         if head.update and self.global_version == head.version - 1 and self.download_codec is not None:
-            weights = self._apply_update(head)
+            weights = self._apply_update(head, self.global_full, self.global_version)
         if weights is None:
             weights, nbytes = runs.load_weights_counted(self.store, head)
             self.bytes_received += nbytes
@@ -288,15 +294,16 @@ class Worker:
                               update_fallbacks=self.update_fallbacks)
         return True
 
-    def _apply_update(self, head) -> dict[str, torch.Tensor] | None:
-        """Version `head`'s weights from ours and its update, checked to hash as its weights object;
-        None (logged and counted in the `update_fallbacks` stat) if the update is unusable."""
+    def _apply_update(self, head, base: dict[str, torch.Tensor], base_version: int) -> dict[str, torch.Tensor] | None:
+        """Version `head`'s weights from `base` (version `base_version`, the one before) and its update,
+        checked to hash as its weights object; None (logged and counted in the `update_fallbacks` stat)
+        if the update is unusable."""
         try:
             shards = update.fetch(self.store, head.update, head.update_sha256, self.cfg.shard_bytes)
-            weights = update.apply(self.global_full, update.decode(shards, self.global_full, self.download_codec))
+            weights = update.apply(base, update.decode(shards, base, self.download_codec))
             data = model.to_bytes(weights, run=self.s.run, version=str(head.version))
             if hashlib.sha256(data).hexdigest() != head.weights_sha256:
-                raise BadShard(f"applied to version {self.global_version}, it does not give the bytes of "
+                raise BadShard(f"applied to version {base_version}, it does not give the bytes of "
                                f"{head.weights}")
         except BadInput as e:  # missing, corrupt, truncated or not ours: the full weights are the truth
             self.update_fallbacks += 1
@@ -357,13 +364,16 @@ class Worker:
         return self._upload(version, delta, mean_loss, done.train_s, done.micro_batches, claimed)
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
-                micro_batches: int, claimed: list[units.Unit]) -> Announcement:
-        self.heartbeat.update(state="uploading")
+                micro_batches: int, claimed: list[units.Unit], *, lane: str | None = None,
+                fragment: int = 0) -> Announcement:
+        if lane is None:   # a streaming worker uploads in the background while it trains
+            self.heartbeat.update(state="uploading")
         shards, norm = self._encode_with_feedback(delta, version)
         # A fresh upload id per round: after a Redis restore the same session may train the same
         # version again, and immutable keys must not collide with what it uploaded before.
         upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
-        names = [keys.delta_shard(self.s.run, version, self.s.worker_id, upload, i) for i in range(len(shards))]
+        names = [keys.delta_shard(lane or self.s.run, version, self.s.worker_id, upload, i)
+                 for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
             # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
             return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data, durable=False))
@@ -379,7 +389,7 @@ class Worker:
             codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
             inner_steps=micro_batches // self.cfg.grad_accum, loss=loss, train_s=train_s, units=tuple(claimed),
-            norm=norm,
+            norm=norm, fragment=fragment,
         )
 
     def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[bytes], float]:
@@ -395,32 +405,34 @@ class Worker:
                                                            self.cfg.shard_bytes)
         return shards, norm
 
-    def _wait_for_version_after(self, version: int, entry_id: str) -> str | None:
+    def _wait_for_version_after(self, version: int, entry_id: str, *, lane: str | None = None) -> str | None:
         """Block on the versions stream until the head moves past `version` (or stop).
 
         Also returns, to train again, when our announcement was rejected (returns the reason), when
         the head went back (Redis restored from a snapshot) or our announcement vanished (Redis wiped
         and recovered to this very version). A wait that only an operator can end (no aggregator
-        holds the lock) is logged once and shown in the worker's `waiting_for` stat.
+        holds the lock) is logged once and shown in the worker's `waiting_for` stat. `lane`: a fragment's
+        (streaming), waited on in the background.
         """
-        stream = keys.versions(self.s.run)
+        lane = lane or self.s.run
+        stream = keys.versions(lane)
         last, alone = None, False
         while not self._should_stop():
             # One atomic round trip per wake-up: the stream's end, the head, the run state, our entry.
             pipe = self.r.pipeline(transaction=True)
             pipe.xrevrange(stream, count=1)
-            pipe.hgetall(keys.head(self.s.run))
+            pipe.hgetall(keys.head(lane))
             pipe.hget(keys.control(self.s.run), "state")
-            pipe.xrange(keys.deltas(self.s.run), entry_id, entry_id)
-            pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
-            pipe.exists(keys.lock(self.s.run))
+            pipe.xrange(keys.deltas(lane), entry_id, entry_id)
+            pipe.sismember(keys.rejected_entries(lane), entry_id)
+            pipe.exists(keys.lock(lane))
             newest, head, state, ours, rejected, locked = pipe.execute()
             if rejected:  # first: the round may have committed without us since
-                return self._rejection_reason(entry_id)
+                return self._rejection_reason(entry_id, lane)
             # RunNotFound (Redis wiped) goes to the caller, which waits for a recovery
-            if runs.parse_head(self.s.run, head).version != version or state == control.STOPPED or not ours:
+            if runs.parse_head(lane, head).version != version or state == control.STOPPED or not ours:
                 return None
-            if alone != (not locked):
+            if alone != (not locked) and lane == self.s.run:
                 alone = not locked
                 why = " (no aggregator holds the lock: start one)" if alone else ""
                 self.heartbeat.update(waiting_for=f"version {version + 1}{why}")
@@ -454,7 +466,7 @@ class Worker:
             pipe.sismember(keys.rejected_entries(self.s.run), entry_id)
             head, state, ours, rejected = pipe.execute()
             if rejected:
-                return self._rejection_reason(entry_id)
+                return self._rejection_reason(entry_id, self.s.run)
             if runs.parse_head(self.s.run, head).version < version or state == control.STOPPED or not ours:
                 return None
             # From `last`, not the end: a version committed since the checks above is still read here.
@@ -466,9 +478,9 @@ class Worker:
                         return None
         return None
 
-    def _rejection_reason(self, entry_id: str) -> str:
+    def _rejection_reason(self, entry_id: str, lane: str) -> str:
         """The reason the aggregator gave for rejecting our entry (the newest rejections are searched)."""
-        for _, fields in self.r.xrevrange(keys.rejections(self.s.run), count=1000):
+        for _, fields in self.r.xrevrange(keys.rejections(lane), count=1000):
             if fields.get("entry") == entry_id:
                 return fields.get("reason", "?")
         return "rejected (reason no longer in the rejections stream)"
