@@ -66,7 +66,12 @@ class Evaluator:
         self.stop_event.set()
 
     def evaluate(self, head: Head) -> float:
-        self.model.load_state_dict(runs.load_weights(self.store, head))
+        """The eval loss of `head`'s weights; with fragments `head` is fragment 0's, and the model joins every
+        fragment at its newest version (fragment 0 syncs last in a cycle, so the others are at least as new)."""
+        if self.cfg.is_streaming:
+            self.model.load_state_dict(runs.load_full_weights(self.store, runs.read_heads(self.r, self.cfg)))
+        else:
+            self.model.load_state_dict(runs.load_weights(self.store, head))
         loss = eval_loss(self.task, self.model, max_samples=self.max_samples, device=self.device)
         self.r.hset(keys.eval_losses(self.run_name), str(head.version), f"{loss:.6f}")
         log.info("version %d: eval loss %.4f", head.version, loss)
@@ -81,14 +86,15 @@ class Evaluator:
             try:
                 if self.tb is not None:
                     self.tb.rounds()
-                head = runs.read_head(self.r, self.run_name)
+                lane = self.cfg.lanes[0]
+                head = runs.read_head(self.r, lane)
                 if not self.r.hexists(keys.eval_losses(self.run_name), str(head.version)):
                     self.evaluate(head)
                     done += 1
                     continue
-                last = self.r.xinfo_stream(keys.versions(self.run_name))["last-generated-id"] \
-                    if self.r.exists(keys.versions(self.run_name)) else "0-0"
-                self.r.xread({keys.versions(self.run_name): last}, block=self.block_ms)
+                last = self.r.xinfo_stream(keys.versions(lane))["last-generated-id"] \
+                    if self.r.exists(keys.versions(lane)) else "0-0"
+                self.r.xread({keys.versions(lane): last}, block=self.block_ms)
                 self.outage.ok()
             except RunNotFound as e:
                 self.outage.failed("the run to reappear in Redis", e)

@@ -101,7 +101,8 @@ def _newest_first(r: redis.Redis, stream: str) -> Iterator[dict[str, str]]:
             return
 
 
-def read_weights(store: ObjectStore, cfg: RunConfig, src: Source) -> dict[str, torch.Tensor]:
+def read_weights(store: ObjectStore, cfg: RunConfig, src: Source, *,
+                 check_hash: bool = True) -> dict[str, torch.Tensor]:
     """The version's state dict, checked against its recorded sha256 (or, for v0, the run's model)."""
     try:
         data = store.get(src.weights, sha256=src.sha256)
@@ -116,7 +117,7 @@ def read_weights(store: ObjectStore, cfg: RunConfig, src: Source) -> dict[str, t
     if src.sha256 is None:  # v0 after the head moved on: check what init wrote instead
         _check_init_header(data, cfg.run, what)
     state = model.from_bytes(data, what)
-    if model.model_hash(state) != cfg.model_hash:
+    if check_hash and model.model_hash(state) != cfg.model_hash:
         raise BadInput(f"{what} has model hash {model.model_hash(state)}, but run {cfg.run!r} has "
                        f"{cfg.model_hash}")
     return state
@@ -133,16 +134,38 @@ def export(r: redis.Redis, store: ObjectStore, run: str, out: str | os.PathLike,
         raise ConfigError(f"{path} exists; pass --force to replace it")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
-    src = locate(r, run, version)
-    state = read_weights(store, cfg, src)
-    meta = {
-        "format": EXPORT_FORMAT, "run": run, "version": src.version, "task": cfg.task,
-        "task_options": cfg.task_options, "model_hash": cfg.model_hash, "seed": cfg.seed,
-        "committed_ms": src.committed_ms, "source": src.weights, "source_sha256": src.sha256,
-    }
+    if cfg.is_streaming:
+        state, meta = _streaming_state(r, store, cfg, version)
+    else:
+        src = locate(r, run, version)
+        state = read_weights(store, cfg, src)
+        meta = {"version": src.version, "committed_ms": src.committed_ms, "source": src.weights,
+                "source_sha256": src.sha256}
+    meta = {"format": EXPORT_FORMAT, "run": run, "task": cfg.task, "task_options": cfg.task_options,
+            "model_hash": cfg.model_hash, "seed": cfg.seed, **meta}
     data = st_save(state, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
     _write(path, data, force=force)
-    return Exported(path, src.version, len(data), hashlib.sha256(data).hexdigest(), meta)
+    return Exported(path, meta["version"], len(data), hashlib.sha256(data).hexdigest(), meta)
+
+
+def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
+                     version: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A streaming run's whole model: every fragment at its newest committed version, read from heads
+    taken in one transaction (a consistent cut: each fragment's weights are a committed version)."""
+    if version is not None:
+        raise ConfigError(f"run {cfg.run!r} syncs in {cfg.num_fragments} fragments, each with its own versions: "
+                          "export takes each fragment's newest version; leave --version out")
+    heads = runs.read_heads(r, cfg)
+    state = {}
+    for head in heads:
+        state.update(read_weights(store, cfg, Source(
+            head.version, head.weights, head.weights_sha256, head.committed_ms), check_hash=False))
+    if model.model_hash(state) != cfg.model_hash:
+        raise BadInput(f"the fragments' weights join into model hash {model.model_hash(state)}, but run "
+                       f"{cfg.run!r} has {cfg.model_hash}")
+    return state, {"version": min(h.version for h in heads), "fragment_versions": [h.version for h in heads],
+                   "committed_ms": max(h.committed_ms for h in heads), "source": [h.weights for h in heads],
+                   "source_sha256": [h.weights_sha256 for h in heads]}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

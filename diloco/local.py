@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, given: dict[str, Any], init: Any, data: DataD
     store.check()
     result = runs.init_run(r, store, args.run, given, init)
     cfg = result.config
-    head = runs.read_head(r, args.run)
+    head = runs.read_head(r, cfg.lanes[0])   # with fragments, fragment 0's: it syncs last in each cycle
     what = "created" if result.created else f"resumed at version {head.version}"
     console.print(f"run [bold]{args.run}[/] {what}: task {cfg.task}, H={cfg.sync_every}, "
                   f"codec {cfg.codec}, {args.workers} workers")
@@ -160,8 +160,9 @@ def _run(args: argparse.Namespace, given: dict[str, Any], init: Any, data: DataD
            ENV_STOP_GRACE: str(grace)}
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     # The aggregator stops by itself after the last version, so the run never overshoots it.
-    _spawn(children, "aggregator", ["aggregator", "--id", "local-aggregator",
-                                    "--max-rounds", str(args.max_versions - head.version)], env, data, stop_phase=1)
+    # With fragments the run stops itself (max_versions counts the least advanced fragment's versions).
+    rounds = ["--max-rounds", str(args.max_versions - head.version)] if not cfg.is_streaming else []
+    _spawn(children, "aggregator", ["aggregator", "--id", "local-aggregator", *rounds], env, data, stop_phase=1)
     _spawn(children, "evaluator", ["eval", "--max-samples", "256"], env, data)
     for w in worker_ids:
         _spawn(children, w, ["worker", "--worker-id", w, "--device", "cpu", "--threads", str(threads),
@@ -169,13 +170,14 @@ def _run(args: argparse.Namespace, given: dict[str, Any], init: Any, data: DataD
     if sys.stdout.isatty() and not getattr(args, "no_monitor", False):
         from diloco.monitor import alongside  # _follow's lines are held back until the dashboard closes
 
-        return alongside(lambda: _follow(r, args.run, head.version, args.max_versions, children),
+        return alongside(lambda: _follow(r, cfg.lanes[0], head.version, args.max_versions, children),
                          server.url, args.run, console)
-    return _follow(r, args.run, head.version, args.max_versions, children)
+    return _follow(r, cfg.lanes[0], head.version, args.max_versions, children)
 
 
 def _follow(r: redis.Redis, run: str, version: int, max_versions: int, children: list[Child]) -> int:
-    """Print each committed version and its eval loss until max_versions; fail fast if a service dies."""
+    """Print each committed version (of lane `run`: the run, or its fragment 0) and its eval loss until
+    max_versions; fail fast if a service dies."""
     last, shown = "0-0", set(r.hkeys(keys.eval_losses(run)))
     deadline = None
     while deadline is None or time.monotonic() < deadline:

@@ -1,7 +1,9 @@
 """A run's state in one snapshot: what `diloco status` prints, `--json` emits and `diloco monitor` shows.
 
 The JSON keys are stable (documented in docs/architecture.md): run, version, config, head,
-workers, rounds, lock, rejections, round, eval, units, control, server_time_ms.
+workers, rounds, lock, rejections, round, eval, units, control, server_time_ms, and for a streaming
+run `fragments` (each fragment's version, lock, last round and open round; the top-level head,
+rounds, lock and round are fragment 0's).
 
 One `read` is one pipelined round trip. What it cannot know before its own answers arrive (the
 worker ids, the dataset id and the open epochs) comes from the previous read as `Known`, and the
@@ -35,6 +37,7 @@ class Known:
     workers: tuple[str, ...] = ()
     dataset: str = ""
     epochs: tuple[int, ...] = ()
+    lanes: tuple[str, ...] = ()   # a streaming run's fragments (diloco.keys.lane); () = the run itself
 
 
 def _num(value: str | None, kind: type) -> Any:
@@ -64,22 +67,25 @@ def units_rate(rounds: list[dict[str, Any]], last: int = 10) -> float | None:
 def read(r: redis.Redis, run: str, known: Known = Known(), *, rounds: int = 20,
          rejections: int = 10) -> tuple[dict[str, Any], Known]:
     """The snapshot from one pipeline (covering what `known` names), and what the next read should cover."""
+    lanes = known.lanes or (run,)
     pipe = r.pipeline(transaction=False)
     pipe.hgetall(keys.config(run))
-    pipe.hgetall(keys.head(run))
+    for lane in lanes:
+        pipe.hgetall(keys.head(lane))
     pipe.time()
     pipe.smembers(keys.workers(run))
     for w in known.workers:
         pipe.exists(keys.worker_alive(run, w))
         pipe.hgetall(keys.worker_stats(run, w))
         pipe.exists(keys.worker_kicked(run, w))
-    pipe.hgetall(keys.rejected_counts(run))
-    pipe.get(keys.lock(run))
-    pipe.pttl(keys.lock(run))
-    pipe.xrevrange(keys.versions(run), count=rounds)
-    pipe.xrevrange(keys.rejections(run), count=rejections)
-    pipe.xlen(keys.rejections(run))
-    pipe.hgetall(keys.round_state(run))
+    for lane in lanes:
+        pipe.hgetall(keys.rejected_counts(lane))
+        pipe.get(keys.lock(lane))
+        pipe.pttl(keys.lock(lane))
+        pipe.xrevrange(keys.versions(lane), count=rounds)
+        pipe.xrevrange(keys.rejections(lane), count=rejections)
+        pipe.xlen(keys.rejections(lane))
+        pipe.hgetall(keys.round_state(lane))
     pipe.hgetall(keys.eval_losses(run))
     pipe.hgetall(keys.control(run))
     if known.dataset:
@@ -90,21 +96,37 @@ def read(r: redis.Redis, run: str, known: Known = Known(), *, rounds: int = 20,
             pipe.zcard(keys.units_leases(run, known.dataset, e))
     answers = iter(pipe.execute())
 
-    cfg_fields, head_fields, (sec, usec), members = (next(answers) for _ in range(4))
+    cfg_fields = next(answers)
+    head_fields = [next(answers) for _ in lanes]
+    (sec, usec), members = next(answers), next(answers)
     if not cfg_fields:
         raise RunNotFound(
             f"run {run!r} does not exist in this Redis (no key {keys.config(run)}): "
             f"create it with `diloco init --run {run}`, or check --run and the Redis URL"
         )
-    if not head_fields:
-        raise RunNotFound(f"run {run!r} has a config but no version pointer {keys.head(run)}")
-    cfg, head = RunConfig.from_fields(cfg_fields), Head.from_fields(head_fields)
+    cfg = RunConfig.from_fields(cfg_fields)
+    if tuple(cfg.lanes) != lanes:   # learned from the config: read again, covering the run's fragments
+        return read(r, run, Known(known.workers, known.dataset, known.epochs, tuple(cfg.lanes)), rounds=rounds,
+                    rejections=rejections)
+    if not all(head_fields):
+        raise RunNotFound(f"run {run!r} has a config but no version pointer {keys.head(lanes[0])}")
+    heads = [Head.from_fields(f) for f in head_fields]
     now = sec * 1000 + usec // 1000
     per_worker = {w: (next(answers), next(answers), next(answers)) for w in known.workers}
-    rejected, lock, lock_ttl, versions, recent_rej, rej_total, round_state, evals, control = (
-        next(answers) for _ in range(9))
+    per_lane = [[next(answers) for _ in range(7)] for _ in lanes]
+    evals, control = next(answers), next(answers)
+    # lane 0 is the run's own (with fragments, fragment 0: it syncs last in each cycle, so it is the least
+    # advanced); the others show in `fragments`
+    rejected, lock, lock_ttl, versions, recent_rej, rej_total, round_state = per_lane[0]
+    head = heads[0]
     rounds_out = [_typed(f, _ROUND_INTS, _ROUND_FLOATS) | {"id": i, "eval_loss": _num(evals.get(f["version"]), float)}
                   for i, f in reversed(versions)]
+    fragments = [_fragment(f, h, *state) for f, (h, state) in enumerate(zip(heads, per_lane, strict=True))]
+    if len(lanes) > 1:
+        rejected = {w: str(sum(int(st[0].get(w, 0)) for st in per_lane)) for st in per_lane for w in st[0]}
+        rej_total = sum(int(st[5]) for st in per_lane)
+        recent_rej = sorted((x for st in per_lane for x in st[4]), key=lambda x: _stream_order(x[0]),
+                            reverse=True)[:rejections]
 
     units, epochs = None, ()
     if known.dataset:
@@ -132,7 +154,26 @@ def read(r: redis.Redis, run: str, known: Known = Known(), *, rounds: int = 20,
         "control": control or None,
         "server_time_ms": now,
     }
-    return snap, Known(tuple(sorted(members)), cfg.dataset_id, epochs)
+    if len(lanes) > 1:
+        snap["fragments"] = fragments
+    return snap, Known(tuple(sorted(members)), cfg.dataset_id, epochs, lanes if len(lanes) > 1 else ())
+
+
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _fragment(f: int, head: Head, rejected: dict[str, str], lock: str | None, lock_ttl: int,
+              versions: list, recent_rej: list, rej_total: int, round_state: dict[str, str]) -> dict[str, Any]:
+    """One fragment's lane of a streaming run: its version, lock holder, last commit and open round."""
+    token, _, holder = (lock or "").partition(":")
+    last = _typed(versions[0][1], _ROUND_INTS, _ROUND_FLOATS) if versions else None
+    return {"fragment": f, "version": head.version, "committed_ms": head.committed_ms,
+            "lock": {"holder": holder or None, "token": int(token) if token else None,
+                     "ttl_ms": lock_ttl if lock else None},
+            "last_round": last, "rejected": int(rej_total),
+            "round": _typed(round_state, _OPEN_ROUND_INTS, ()) if round_state else None}
 
 
 def _worker(w: str, alive: int, stats: dict[str, str], kicked: int, rejected: dict[str, str],

@@ -62,6 +62,19 @@ def rounds_table(snap: dict[str, Any], last: int = 10) -> Table:
     return t
 
 
+def fragments_table(snap: dict[str, Any]) -> Table:
+    """A streaming run's fragments: each one's version, aggregator, last round and open round."""
+    t = Table(title="fragments (the versions above are fragment 0's)")
+    for col in ("fragment", "version", "aggregator", "last round s", "bytes", "open round", "rejected"):
+        t.add_column(col)
+    for fr in snap["fragments"]:
+        last, rnd = fr.get("last_round") or {}, fr.get("round") or {}
+        waiting = f"{rnd.get('accepted')}/{rnd.get('live')}" if rnd.get("version") == fr["version"] else "-"
+        t.add_row(str(fr["fragment"]), str(fr["version"]), str(fr["lock"]["holder"] or "none"),
+                  str(last.get("duration_s", "-")), _mb(last.get("bytes")), waiting, str(fr["rejected"]))
+    return t
+
+
 def status_view(snap: dict[str, Any]) -> Group:
     parts: list[Any] = [header(snap)]
     if phase(snap) in ("paused", "stopped"):
@@ -72,6 +85,8 @@ def status_view(snap: dict[str, Any]) -> Group:
         parts.append(Text(f"round for version {rnd['version']}: {rnd.get('phase')}, {rnd.get('accepted')} accepted "
                           f"of {rnd.get('live')} live workers{why}"))
     parts += [workers_table(snap), rounds_table(snap)]
+    if snap.get("fragments"):
+        parts.append(fragments_table(snap))
     if snap.get("units"):
         parts.append(units_grid(snap))
     rej = snap["rejections"]
@@ -274,6 +289,11 @@ def loss_text(snap: dict[str, Any], width: int) -> Text:
 def aggregator_text(snap: dict[str, Any]) -> Text:
     lock = snap["lock"]
     text = Text()
+    if snap.get("fragments"):
+        held = [fr for fr in snap["fragments"] if fr["lock"]["holder"]]
+        text.append(f"fragments: {len(held)} of {len(snap['fragments'])} held by "
+                    f"{', '.join(sorted({fr['lock']['holder'] for fr in held})) or 'none'}; "
+                    f"versions {', '.join(str(fr['version']) for fr in snap['fragments'])}\n")
     if lock["holder"]:
         ttl = f", lock ttl {lock['ttl_ms'] / 1000:.1f}s" if lock.get("ttl_ms") and lock["ttl_ms"] > 0 else ""
         text.append_text(Text.assemble(("lock held by ", "dim"), (lock["holder"], "bold"), f" (token {lock['token']})"

@@ -1,0 +1,223 @@
+"""Streaming DiLoCo (issue 16): fragments as lanes with their own versions, locks and aggregators; the
+worker's overlap (tau) and merge (alpha) against references computed here; a killed fragment
+aggregator redone by another process; announcements for a fragment that does not exist rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from aggregator.collect import Round, check
+from diloco import export, keys, model, runs, snapshot
+from diloco.config import ENV_CRASH_AT, RunConfig
+from diloco.errors import ConfigError, ModelMismatch
+from diloco.faults import CRASH_EXIT_CODE
+from diloco.messages import Announcement
+from diloco.replay import replay
+from diloco.store import open_store
+from tests import harness
+from tests.test_faults import FAST, procs_for  # noqa: F401  (procs_for: a fixture)
+from workers.streaming import MergeInfo, merge_
+from workers.worker import RoundInfo
+
+RUN = "t"
+STREAM = {"sync_every": 4, "num_fragments": 2, "overlap_steps": 1, "merge_alpha": 0.5, "min_workers": 2}
+
+
+def _lanes(cfg: RunConfig) -> list[str]:
+    return [keys.lane(RUN, f) for f in range(cfg.num_fragments)]
+
+
+# --- init and settings ---------------------------------------------------------------------------
+
+def test_init_writes_each_fragments_version_zero_with_exactly_its_entries(redis_url, file_url, r):
+    cfg = harness.init(redis_url, file_url, **STREAM)
+    store = open_store(file_url)
+    assert cfg.lanes == ["t@f0", "t@f1"] and cfg.fragment_plan
+    assert not r.exists(keys.head(RUN)), "a streaming run has no whole-model head"
+    parts = [runs.load_weights(store, runs.read_head(r, lane)) for lane in cfg.lanes]
+    assert all(parts) and not set(parts[0]) & set(parts[1])
+    joined = {**parts[0], **parts[1]}
+    assert model.model_hash(joined) == cfg.model_hash, "the fragments join into the run's model"
+    assert runs.read_head(r, "t@f1").weights.startswith("runs/t/f1/weights/v00000000")
+
+
+def test_a_worker_whose_model_cuts_into_other_fragments_is_refused(redis_url, file_url, r):
+    harness.init(redis_url, file_url, **STREAM)
+    r.hset(keys.config(RUN), "fragment_plan", "0123456789abcdef")
+    with pytest.raises(ModelMismatch, match="cuts into other fragments"):
+        harness.worker(redis_url, file_url, "w0", start=False)
+
+
+def test_an_aggregator_for_a_fragment_the_run_does_not_have_is_refused(redis_url, file_url):
+    harness.init(redis_url, file_url, **STREAM)
+    with pytest.raises(ConfigError, match="has fragments 0-1, not 2"):
+        harness.aggregator(redis_url, file_url, fragment=2, start=False)
+
+
+@pytest.mark.parametrize(("fragment", "lane", "reason"), [
+    (9, "t@f0", "fragment 9 does not exist: run 't' has 2 (0-1)"),
+    (1, "t@f0", "announced for fragment 1 on the deltas stream of fragment 0"),
+    (0, "t@f0", None),
+])
+def test_an_announcement_for_another_or_a_missing_fragment_is_rejected_with_its_reason(fragment, lane, reason):
+    cfg = RunConfig.from_options(RUN, {**STREAM, "codec": "fp32"})
+    head = runs.parse_head(lane, {"version": "0", "weights": "w", "weights_sha256": "0" * 64, "momentum": "m",
+                                  "momentum_sha256": "0" * 64, "token": "0", "committed_ms": "0",
+                                  "deltas_since": "0-0"})
+    prefix = keys.delta_prefix(lane, 0, "w0")
+    ann = Announcement(run=RUN, worker="w0", nonce="n0", version=0, codec="fp32", shards=(prefix + "x-0000",),
+                       sizes=(10,), sha256=("0" * 64,), samples=16, tokens=16, inner_steps=2, loss=1.0,
+                       fragment=fragment)
+    assert check(ann, cfg, Round(head=head, last_id="0-0", lane=lane)) == reason
+
+
+def test_merge_is_alpha_local_plus_one_minus_alpha_global_and_copies_what_is_not_floating():
+    g = torch.Generator().manual_seed(0)
+    local = {"w": torch.randn(50, generator=g), "n": torch.tensor(3)}
+    glob = {"w": torch.randn(50, generator=g), "n": torch.tensor(7)}
+    expected = 0.3 * local["w"].double() + 0.7 * glob["w"].double()
+    merge_(local, glob, 0.3)
+    torch.testing.assert_close(local["w"].double(), expected, rtol=1e-6, atol=1e-7)
+    assert local["n"].item() == 7
+    merge_(local, glob, 0.0)
+    assert torch.equal(local["w"], glob["w"]), "alpha 0 takes the global fragment exactly"
+
+
+# --- a streaming run, end to end -------------------------------------------------------------------
+
+def test_a_streaming_run_overlaps_tau_steps_merges_with_alpha_and_commits_each_fragment_exactly_once(
+        redis_url, file_url, r):
+    cfg = harness.init(redis_url, file_url, **STREAM, **FAST)
+    store = open_store(file_url)
+    events: dict[str, list] = {"w0": [], "w1": []}
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    ws = [harness.worker(redis_url, file_url, w, max_rounds=6, observer=events[w].append) for w in events]
+    try:
+        assert [w.result() for w in ws] == [6, 6]
+        entries = {lane: harness.wait_for_version(r, lane, 3) for lane in _lanes(cfg)}
+    finally:
+        for a in aggs:
+            a.stop()
+    for f, lane in enumerate(_lanes(cfg)):
+        assert [int(e["version"]) for e in entries[lane]] == [1, 2, 3], "every fragment version once"
+        assert {e["aggregator"] for e in entries[lane]} == {f"agg{f}"}
+        assert all(e["n"] == "2" for e in entries[lane])
+        assert replay(r, store, lane).mismatched == []
+    interval = cfg.sync_every // cfg.num_fragments
+    for evs in events.values():
+        sends = [e for e in evs if isinstance(e, RoundInfo)]
+        merges = [e for e in evs if isinstance(e, MergeInfo)]
+        assert len(sends) == 6 and all(s.optimizer_steps == interval for s in sends)
+        # fragment 1 syncs after step 2, fragment 0 after step 4, ...; each merges tau = 1 step later
+        assert [m.fragment for m in merges] == [1, 0, 1, 0, 1, 0]
+        assert [m.step for m in merges] == [3, 5, 7, 9, 11, 12], "the last merges when the worker ends"
+        assert [m.version for m in merges] == [1, 1, 2, 2, 3, 3]
+        for m in merges:
+            committed = runs.load_weights(store, _head_of(r, store, keys.lane(RUN, m.fragment), m.version))
+            assert committed.keys() == m.global_.keys()
+            assert all(torch.equal(committed[n], m.global_[n]) for n in committed), "merged the committed bits"
+            for n, merged in m.merged.items():
+                if merged.is_floating_point():
+                    expected = 0.5 * m.local[n].double() + 0.5 * m.global_[n].double()
+                    torch.testing.assert_close(merged.double(), expected, rtol=1e-6, atol=1e-6)
+                else:
+                    assert torch.equal(merged, m.global_[n])
+    _check_units_exactly_once(r, cfg, entries, expected_units=2 * 6 * interval)
+
+
+def _head_of(r, store, lane: str, version: int):
+    entry = next(f for _, f in r.xrange(keys.versions(lane)) if int(f["version"]) == version)
+    return runs.parse_head(lane, {"version": entry["version"], "weights": entry["weights"],
+                                  "weights_sha256": entry["weights_sha256"], "momentum": entry["momentum"],
+                                  "momentum_sha256": entry["momentum_sha256"], "token": "0", "committed_ms": "0",
+                                  "deltas_since": "0-0"})
+
+
+def _check_units_exactly_once(r, cfg: RunConfig, entries: dict[str, list[dict]], expected_units: int) -> None:
+    """Every committed unit's done bit is set once: the versions' unit counts add up to the bits set."""
+    committed = sum(int(e["units"]) for lane in entries for e in entries[lane])
+    meta = r.hgetall(keys.units_meta(RUN, cfg.dataset_id))
+    done = sum(r.bitcount(keys.units_done(RUN, cfg.dataset_id, ep)) for ep in
+               range(int(meta["epoch_lo"]), int(meta["epoch_hi"]) + 1))
+    assert committed == done == expected_units // (cfg.unit_samples // cfg.batch_size)
+
+
+def test_export_joins_every_fragment_at_its_newest_version(redis_url, file_url, r, tmp_path):
+    cfg = harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1}, **FAST)
+    store = open_store(file_url)
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    w = harness.worker(redis_url, file_url, "w0", max_rounds=3)   # fragment 1 twice, fragment 0 once
+    try:
+        assert w.result() == 3
+    finally:
+        for a in aggs:
+            a.stop()
+    heads = runs.read_heads(r, cfg)
+    assert [h.version for h in heads] == [1, 2]
+    out = export.export(r, store, RUN, tmp_path / "m.safetensors")
+    assert out.metadata["fragment_versions"] == [1, 2] and out.version == 1
+    loaded, _ = export.load_model(tmp_path / "m.safetensors")
+    expected = runs.load_full_weights(store, heads)
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in expected.items())
+    with pytest.raises(ConfigError, match="leave --version out"):
+        export.export(r, store, RUN, tmp_path / "v.safetensors", version=1)
+    assert store.list(keys.snapshot_prefix("t@f1")), "each fragment's commits write its own snapshots"
+    r.flushdb()
+    with pytest.raises(ConfigError, match="recover restores runs without fragments only"):
+        snapshot.recover(r, store, RUN)
+
+
+
+def test_status_shows_each_fragments_version_and_the_monitor_renders_them(redis_url, file_url, r):
+    from rich.console import Console
+
+    from diloco import status, view
+
+    harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1}, **FAST)
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    w = harness.worker(redis_url, file_url, "w0", max_rounds=3)
+    try:
+        assert w.result() == 3
+        snap = status.snapshot(r, RUN)
+    finally:
+        for a in aggs:
+            a.stop()
+    assert [(fr["fragment"], fr["version"]) for fr in snap["fragments"]] == [(0, 1), (1, 2)]
+    assert [fr["lock"]["holder"] for fr in snap["fragments"]] == ["agg0", "agg1"]
+    assert snap["version"] == 1 and [rd["version"] for rd in snap["rounds"]] == [1], "fragment 0's own"
+    assert snap["workers"][0]["fragment_versions"] == "1,2"
+    console = Console(record=True, width=200)
+    view.print_status(snap, console)
+    console.print(view.aggregator_text(snap))
+    text = console.export_text()
+    assert "fragments (the versions above are fragment 0's)" in text and "versions 1, 2" in text
+
+
+# --- aggregators in processes ------------------------------------------------------------------------
+
+def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_is_redone_by_the_other(
+        redis_url, file_url, r, procs_for):  # noqa: F811
+    cfg = harness.init(redis_url, file_url, **STREAM, **FAST)
+    store = open_store(file_url)
+    procs = procs_for(redis_url, file_url)
+    a = procs.aggregator("aggA", "--fragments", "1", env={ENV_CRASH_AT: "after_write"})  # dies before f1 v1
+    b = procs.aggregator("aggB", "--fragments", "0,1")   # fragment 0 at once; fragment 1 once A's lock is gone
+    ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=4) for i in range(2)]
+    try:
+        assert a.wait(timeout=120) == CRASH_EXIT_CODE
+        assert [w.result() for w in ws] == [4, 4]
+        entries = {lane: harness.wait_for_version(r, lane, 2) for lane in _lanes(cfg)}
+    finally:
+        procs.stop(b)
+    for lane in _lanes(cfg):
+        assert [int(e["version"]) for e in entries[lane]] == [1, 2]
+        assert {e["aggregator"] for e in entries[lane]} == {"aggB"}
+        assert replay(r, store, lane).mismatched == []
+    # A wrote fragment 1's version 1 under its token and died: B's redo is the same bits
+    orphan = keys.weights_object("t@f1", 1, 1)
+    assert hashlib.sha256(store.get(orphan)).hexdigest() == entries["t@f1"][0]["weights_sha256"]
+    _check_units_exactly_once(r, cfg, entries, expected_units=2 * 4 * 2)
