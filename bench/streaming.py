@@ -3,8 +3,9 @@
 Part `workload` runs the sync benchmark's workload (bench/sync_task.py: 6 x Linear(2048, 2048),
 100.7 MB fp32, AdamW lr 1e-4, batch 2, MSE, outer Nesterov lr 0.7 momentum 0.9, fp32 deltas, W workers
 with one torch thread each) through the real services as processes (redis-server, one `diloco
-aggregator`, W `diloco worker`, a file:// store), with H = --h (20: with N = 4 a fragment syncs every 5
-steps, the workload's own H) as plain DiLoCo and as streaming with N = 4 and tau in --taus. Per worker,
+aggregator`, W `diloco worker`, a file:// store), as plain DiLoCo and as streaming with N = 4 (--runs:
+by default H = 20, where a fragment syncs every 5 steps, the workload's own H, with tau 1 and 4, and
+H = 40 with tau 8). Per worker,
 over the intervals after --warmup cycles: the share of wall time not training = 1 - (the announced
 `train_s` of each interval) / (wall time from the interval's first step to the next interval's first
 step; bench/sync_task.py traces the steps), and the bytes of each sync event (one announcement).
@@ -12,7 +13,7 @@ step; bench/sync_task.py traces the steps), and the bytes of each sync event (on
 Part `quality` runs the convergence benchmark's task (bench/convergence.py: the gpt task from its warm
 start, batch 16, AdamW lr 3e-3, outer lr 0.7 momentum 0.9, fp32) with W workers and the aggregators
 as threads of this process: plain DiLoCo at H = --quality-h against streaming with N in {2, 4}, tau in
-{1, 5} and alpha 0.5, the same steps (tokens) each. The model is evaluated after every cycle of H
+{1, 5} and alpha in --alphas, the same steps (tokens) each. The model is evaluated after every cycle of H
 steps (each fragment at that cycle's version, which is every fragment's newest then: fragment 0
 syncs last in a cycle). Judged on the mean of the last quarter of the evaluations, as
 bench/async_speeds.py does.
@@ -77,9 +78,9 @@ class Workload:
     wait_s: float = 0.0                                  # streaming: blocked at merges, per worker (mean)
 
 
-def run_workload(args: argparse.Namespace, name: str, fragments: int, tau: int) -> Workload:
+def run_workload(args: argparse.Namespace, name: str, fragments: int, h: int, tau: int) -> Workload:
     res = Workload(name, fragments, tau)
-    interval = args.h // fragments
+    interval = h // fragments
     intervals = args.cycles * fragments
     data = Path(tempfile.mkdtemp(prefix=f"diloco-stream{fragments}-"))
     trace = data / "trace"
@@ -91,11 +92,11 @@ def run_workload(args: argparse.Namespace, name: str, fragments: int, tau: int) 
     try:
         store_url = (data / "store").as_uri()
         r = connect_redis(server.url)
-        samples = max(1024, 2 * args.workers * args.cycles * args.h * BATCH)
+        samples = max(1024, 2 * args.workers * args.cycles * h * BATCH)
         cfg = runs.init_run(r, open_store(store_url), RUN, {
             "task": TASK, "task_options": {"width": args.width, "layers": args.layers, "num_samples": samples,
                                            "trace_dir": str(trace)},
-            "seed": SEED, "codec": "fp32", "sync_every": args.h, "batch_size": BATCH, "inner_lr": INNER_LR,
+            "seed": SEED, "codec": "fp32", "sync_every": h, "batch_size": BATCH, "inner_lr": INNER_LR,
             "inner_warmup_steps": 0, "outer_lr": OUTER_LR, "outer_momentum": MU, "min_workers": args.workers,
             "num_fragments": fragments, "overlap_steps": tau, "merge_alpha": args.alpha}).config
         common = ["--run", RUN, "--redis-url", server.url, "--store", store_url]
@@ -181,7 +182,7 @@ class Quality:
 
 
 def run_quality(task: Task, args: argparse.Namespace, init: runs.InitWeights, name: str, fragments: int,
-                tau: int) -> Quality:
+                tau: int, alpha: float) -> Quality:
     res = Quality(name, fragments, tau)
     h = args.quality_h
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +195,7 @@ def run_quality(task: Task, args: argparse.Namespace, init: runs.InitWeights, na
                 "inner_lr": args.inner_lr, "inner_weight_decay": args.weight_decay,
                 "inner_warmup_steps": args.warmup_steps, "outer_lr": 0.7, "outer_momentum": args.outer_momentum,
                 "codec": "fp32", "retention_every": 0, "min_workers": args.workers, "round_timeout_s": 600.0,
-                "num_fragments": fragments, "overlap_steps": tau, "merge_alpha": args.alpha}, init).config
+                "num_fragments": fragments, "overlap_steps": tau, "merge_alpha": alpha}, init).config
             settings = AggregatorSettings(server.url, store_url, RUN, "agg", block_ms=100)
             from aggregator.aggregator import Aggregator
 
@@ -253,8 +254,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="workload,quality")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.5, help="merge_alpha of the streaming runs")
-    p.add_argument("--h", type=int, default=20, help="workload: sync_every (default 20)")
-    p.add_argument("--taus", default="1,4", help="workload: overlap_steps of the N=4 runs")
+    p.add_argument("--runs", default="1:20:0,4:20:1,4:20:4,4:40:8",
+                   help="workload: the runs, each N:H:tau (num_fragments, sync_every, overlap_steps); the first is "
+                        "the reference for bytes")
     p.add_argument("--cycles", type=int, default=8, help="workload: cycles of H steps per worker")
     p.add_argument("--warmup", type=int, default=2, help="workload: cycles not measured")
     p.add_argument("--width", type=int, default=2048)
@@ -263,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
                    "needs H/N > 5)")
     p.add_argument("--quality-steps", type=int, default=384, help="quality: inner steps per worker")
     p.add_argument("--warm-steps", type=int, default=300, help="quality: steps of the shared warm start")
+    p.add_argument("--alphas", default="0.5,0", help="quality: merge_alpha of the streaming runs")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--out", type=Path, help="write the 'Streaming DiLoCo' section of this markdown file")
     return p
@@ -280,12 +283,13 @@ def main() -> None:
     t0 = time.perf_counter()
     sections = []
     if "workload" in parts:
-        runs_ = [("plain DiLoCo (N=1)", 1, 0)] + [(f"streaming N=4, tau={t}", 4, int(t)) for t in args.taus.split(",")]
-        results = [run_workload(args, *spec) for spec in runs_]
+        specs = [tuple(int(x) for x in spec.split(":")) for spec in args.runs.split(",")]
+        results = [run_workload(args, f"plain DiLoCo, H={h}" if n == 1 else f"streaming N={n}, H={h}, tau={t}", n, h, t)
+                   for n, h, t in specs]
         table, verdicts = workload_report(results)
         sections.append(
             f"**Time not training and bytes per sync event** (the sync benchmark's workload, W={args.workers}, "
-            f"H={args.h}, {args.cycles} cycles of H steps per worker, the first {args.warmup} not measured; "
+            f"{args.cycles} cycles of H steps per worker, the first {args.warmup} not measured; "
             f"alpha {args.alpha:g}; aggregator peak RSS {max(r.agg_rss for r in results) / 2**30:.2f} GiB):\n\n"
             f"{table}\n\n" + "\n".join(f"* {v}" for v in verdicts))
     if "quality" in parts:
@@ -293,17 +297,20 @@ def main() -> None:
         task = load_task("gpt", {})
         with tempfile.TemporaryDirectory() as tmp:
             init = runs.read_init_weights(convergence.warm_start(task, conv, Path(tmp) / "warm.safetensors"))
-        specs = [("plain DiLoCo", 1, 0)] + [(f"streaming N={n}, tau={t}", n, t) for n in (2, 4) for t in (1, 5)]
+        specs = [("plain DiLoCo", 1, 0, 0.0)] + [(f"streaming N={n}, tau={t}, alpha={a:g}", n, t, a)
+                                                  for a in map(float, args.alphas.split(",")) for n in (2, 4)
+                                                  for t in (1, 5)]
         results_q = [run_quality(task, args, init, *spec) for spec in specs]
         table, verdicts = quality_report(results_q)
         sections.append(
             f"**Quality** (the convergence benchmark's gpt task from its warm start, W={args.workers}, "
             f"H={args.quality_h}, {args.quality_steps} inner steps per worker, batch {args.batch_size}, AdamW lr "
-            f"{args.inner_lr:g}, outer lr 0.7 momentum {args.outer_momentum:g}, fp32, alpha {args.alpha:g}; "
+            f"{args.inner_lr:g}, outer lr 0.7 momentum {args.outer_momentum:g}, fp32; "
             f"eval loss on {args.eval_samples} held-out samples after every cycle):\n\n{table}\n\n"
             + "\n".join(f"* {v}" for v in verdicts))
-    cmd = (f"python bench/streaming.py --parts {args.parts} --workers {args.workers} --h {args.h} --taus {args.taus} "
-           f"--cycles {args.cycles} --quality-h {args.quality_h} --quality-steps {args.quality_steps}")
+    cmd = (f"python bench/streaming.py --parts {args.parts} --workers {args.workers} --runs {args.runs} "
+           f"--cycles {args.cycles} --quality-h {args.quality_h} --quality-steps {args.quality_steps} "
+           f"--alphas {args.alphas}")
     took = (time.perf_counter() - t0) / 60
     body = (f"`{cmd} --out docs/benchmarks.md` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{took:.1f} min in all; {machine_facts()})\n\n" + "\n\n".join(sections) + "\n")

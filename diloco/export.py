@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from diloco import keys, model, runs
+from diloco import fragments, keys, model, runs
 from diloco.config import RunConfig
 from diloco.errors import BadInput, ConfigError, ObjectMissing
 from diloco.store import ObjectStore
@@ -160,6 +160,7 @@ def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
     for head in heads:
         state.update(read_weights(store, cfg, Source(
             head.version, head.weights, head.weights_sha256, head.committed_ms), check_hash=False))
+    state = fragments.join(state)
     if model.model_hash(state) != cfg.model_hash:
         raise BadInput(f"the fragments' weights join into model hash {model.model_hash(state)}, but run "
                        f"{cfg.run!r} has {cfg.model_hash}")

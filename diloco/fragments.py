@@ -6,10 +6,13 @@ prefix with the most distinct indices `i` (a transformer's `blocks.0`, `blocks.1
 to fragment `i mod N` (`strided`, the default: each fragment spans the depth) or `i * N // B`
 (`sequential`: contiguous stacks); parameters before the first block (embeddings) join the first
 fragment and parameters after the last (final norm, head) the last one, as the paper assigns them.
-A model without repeated blocks is cut, in state-dict order, into N runs of about equal parameter
-count. The plan covers every state-dict entry (a fragment's weights object holds exactly its
-entries). Its fingerprint is the run's `fragment_plan` setting, checked by every worker, so every
-worker cuts alike.
+A model without repeated blocks, or with fewer than N, is cut, in state-dict order, into N runs of
+equal element count: given the entries' row counts, an entry that straddles a cut is split between
+rows into pieces named `name[a:b]` (rows a to b of dim 0, a view of the tensor), so that every
+fragment, and so every sync event, carries 1/N of the model to within a row. The plan covers every
+state-dict entry (a fragment's weights object holds exactly its pieces; `join` puts split entries
+back together). Its fingerprint is the run's `fragment_plan` setting, checked by every worker, so
+every worker cuts alike.
 
 With H = `sync_every` and N fragments, fragment f syncs after the worker's optimizer step s whenever
 s = f*H/N + k*H, s > 0: every H/N steps one fragment, each fragment once every H steps, staggered.
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("strided", "sequential")
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.")
+_PIECE = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,47 @@ class FragmentPlan:
 
 
 def plan_of_state(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> FragmentPlan:
-    """The run's plan for a model whose state dict is `state`."""
-    return plan({name: t.numel() for name, t in state.items()}, cfg.num_fragments, cfg.fragment_layout)
+    """The run's plan for a model whose state dict is `state` (entries of more than one row may be split)."""
+    rows = {name: t.shape[0] if t.dim() else 1 for name, t in state.items()}
+    return plan({name: t.numel() for name, t in state.items()}, cfg.num_fragments, cfg.fragment_layout, rows)
 
 
-def part(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The entries of `state` named in one fragment (no copies)."""
-    return {name: state[name] for name in names}
+def piece(key: str) -> tuple[str, tuple[int, int] | None]:
+    """(entry name, (first row, end row) or None for the whole entry) of a plan's piece name."""
+    m = _PIECE.match(key)
+    return (m.group(1), (int(m.group(2)), int(m.group(3)))) if m else (key, None)
+
+
+def part(state: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The pieces of `state` named in one fragment: views of its tensors, no copies (an in-place change
+    of a piece changes `state`)."""
+    out = {}
+    for key in keys:
+        name, rows = piece(key)
+        out[key] = state[name] if rows is None else state[name][rows[0]:rows[1]]
+    return out
+
+
+def join(parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict from every fragment's pieces: split entries concatenated back in row order."""
+    import torch  # here: config imports this module, and `diloco status` does not need torch
+
+    out: dict[str, torch.Tensor] = {}
+    split: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+    for key, t in parts.items():
+        name, rows = piece(key)
+        if rows is None:
+            out[name] = t
+        else:
+            split.setdefault(name, []).append((*rows, t))
+    for name, pieces in split.items():
+        pieces.sort(key=lambda p: p[0])
+        ends = [0] + [b for _, b, _ in pieces[:-1]]
+        if [a for a, _, _ in pieces] != ends:
+            raise ValueError(f"the pieces of {name!r} do not cover its rows in order: "
+                             f"{[(a, b) for a, b, _ in pieces]}")
+        out[name] = torch.cat([t for _, _, t in pieces])
+    return out
 
 
 def check_settings(sync_every: int, num_fragments: int, overlap_steps: int, merge_alpha: float, layout: str) -> None:
@@ -78,13 +116,18 @@ def check_settings(sync_every: int, num_fragments: int, overlap_steps: int, merg
         raise ConfigError(f"fragment_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
-def plan(numels: Mapping[str, int], num_fragments: int, layout: str = "strided") -> FragmentPlan:
-    """The fragments of a model whose floating parameters are `numels` (name -> element count, in
-    state-dict order)."""
+def plan(numels: Mapping[str, int], num_fragments: int, layout: str = "strided",
+         rows: Mapping[str, int] | None = None) -> FragmentPlan:
+    """The fragments of a model whose state-dict entries are `numels` (name -> element count, in
+    state-dict order). With `rows` (name -> rows of dim 0) a model without blocks is cut into equal
+    element counts, splitting entries between rows; without, at whole entries."""
     names = list(numels)
     if num_fragments == 1:
         return FragmentPlan((tuple(names),))
     block_of = _blocks(names)
+    blocks = len(set(block_of.values())) if block_of is not None else 0
+    if blocks < num_fragments and rows is not None and (split := _by_rows(numels, rows, num_fragments)) is not None:
+        return split   # no blocks, or fewer than fragments: equal element counts
     if block_of is None:
         return _by_size(numels, num_fragments)
     rank = {i: r for r, i in enumerate(sorted(set(block_of.values())))}
@@ -125,6 +168,33 @@ def _blocks(names: list[str]) -> dict[str, int] | None:
 
 def _between(name: str) -> int:
     raise ConfigError(f"parameter {name!r} lies between the model's repeated blocks: no fragment rule places it")
+
+
+def _by_rows(numels: Mapping[str, int], rows: Mapping[str, int], num_fragments: int) -> FragmentPlan | None:
+    """N runs of equal element count to within a row: each cut falls between the rows of the entry
+    it crosses (that entry becomes two pieces). None if some fragment would be empty (a model of few,
+    tiny entries), for `_by_size` to cut at whole entries instead."""
+    total = sum(numels.values())
+    cuts = [total * (f + 1) / num_fragments for f in range(num_fragments - 1)]
+    out: list[list[str]] = [[] for _ in range(num_fragments)]
+    done, f = 0, 0
+    for name, numel in numels.items():
+        n_rows = max(1, rows.get(name, 1))
+        per_row = numel / n_rows
+        start = 0
+        while f < len(cuts) and done + (n_rows - start) * per_row > cuts[f]:
+            cut = min(n_rows, max(start, round((cuts[f] - done) / per_row) + start)) if per_row else start
+            if cut > start:
+                out[f].append(name if (start, cut) == (0, n_rows) else f"{name}[{start}:{cut}]")
+                done += (cut - start) * per_row
+                start = cut
+            f += 1
+        if start < n_rows:
+            out[f].append(name if start == 0 else f"{name}[{start}:{n_rows}]")
+            done += (n_rows - start) * per_row
+    if not all(out):
+        return None
+    return FragmentPlan(tuple(tuple(ns) for ns in out))
 
 
 def _by_size(numels: Mapping[str, int], num_fragments: int) -> FragmentPlan:

@@ -90,11 +90,11 @@ def read_heads(r: redis.Redis, cfg: RunConfig) -> list[Head]:
 
 def load_full_weights(store: ObjectStore, heads: list[Head]) -> dict[str, torch.Tensor]:
     """The whole model of the run at `heads` (read_heads): with fragments, each fragment's weights at its
-    head's version, joined (in fragment order; load_state_dict does not mind the order)."""
+    head's version, joined (fragments.join: split entries put back together)."""
     out: dict[str, torch.Tensor] = {}
     for head in heads:
         out.update(load_weights(store, head))
-    return out
+    return fragments.join(out) if len(heads) > 1 else out
 
 
 def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
@@ -196,7 +196,7 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
     if cfg.is_streaming:
         cfg = cfg.replace(fragment_plan=parts.fingerprint())
     heads = {keys.head(lane): _write_version_zero(r, store, lane, fragments.part(state, names),
-                                                  {n: m for n, m in momentum.items() if n in names})
+                                                  fragments.part(momentum, _params(names, momentum)))
              for lane, names in zip(cfg.lanes, parts.fragments, strict=True)}
     created = Scripts(r).init_run(run, {
         keys.config(run): cfg.to_fields(), **heads,
@@ -207,6 +207,11 @@ def init_run(r: redis.Redis, store: ObjectStore, run: str, given: dict[str, Any]
         return InitResult(_check_same(load_config(r, run), given), created=False)
     log.info("created run %s: task %s, model %s, %d samples", run, cfg.task, cfg.model_hash, len(train))
     return InitResult(cfg, created=True)
+
+
+def _params(pieces: tuple[str, ...], momentum: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The pieces of a fragment that are (parts of) parameters: those have outer momentum."""
+    return tuple(p for p in pieces if fragments.piece(p)[0] in momentum)
 
 
 def _write_version_zero(r: redis.Redis, store: ObjectStore, lane: str, state: dict[str, torch.Tensor],

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diloco import fragments, runs
+from diloco.config import RunConfig
 from diloco.errors import ConfigError
 from diloco.tasks import load_task
 
@@ -103,3 +104,45 @@ def test_the_fingerprint_tells_assignments_apart():
     assert a.fingerprint() != b.fingerprint()
     with pytest.raises(KeyError, match="in no fragment"):
         a.of("nope")
+
+
+def test_with_row_counts_a_model_without_blocks_is_cut_into_equal_element_counts_between_rows():
+    state = {f"{i}.{kind}": torch.zeros(2048, 2048) if kind == "weight" else torch.zeros(2048)
+             for i in range(6) for kind in ("weight", "bias")}   # the sync benchmark's model
+    cfg = RunConfig.from_options("r", {"num_fragments": 4, "sync_every": 20})
+    plan = fragments.plan_of_state(state, cfg)
+    sizes = [sum(t.numel() for t in fragments.part(state, names).values()) for names in plan.fragments]
+    total = sum(t.numel() for t in state.values())
+    assert max(sizes) - min(sizes) <= 2048 and sum(sizes) == total, "equal to within a row"
+    assert plan.fragments[0] == ("0.weight", "0.bias", "1.weight[0:1024]")
+    assert plan.fragments[1][0] == "1.weight[1024:2048]"
+    assert fragments.plan({n: t.numel() for n, t in state.items()}, 4).fragments != plan.fragments, \
+        "without row counts: whole entries"
+
+
+def test_pieces_are_views_and_join_puts_split_entries_back():
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(10, 3, generator=g), "b": torch.randn(7, generator=g), "c": torch.tensor(1)}
+    rows = {"a": 10, "b": 7, "c": 1}
+    plan = fragments.plan({n: t.numel() for n, t in state.items()}, 3, rows=rows)
+    parts = {k: v for names in plan.fragments for k, v in fragments.part(state, names).items()}
+    assert any("[" in k for k in parts), plan.fragments
+    joined = fragments.join({k: v.clone() for k, v in parts.items()})
+    assert joined.keys() == state.keys() and all(torch.equal(joined[n], state[n]) for n in state)
+    key = next(k for k in parts if k.startswith("a["))
+    parts[key].add_(1.0)   # a view: the model's tensor changes
+    name, (lo, hi) = fragments.piece(key)
+    assert name == "a" and torch.equal(state["a"][lo:hi], parts[key])
+    with pytest.raises(ValueError, match="do not cover its rows"):
+        fragments.join({"a[0:3]": torch.zeros(3), "a[4:10]": torch.zeros(6)})
+
+
+def test_a_model_too_small_to_cut_into_equal_rows_falls_back_to_whole_entries():
+    plan = fragments.plan({"a": 1, "b": 1, "c": 1}, 3, rows={"a": 1, "b": 1, "c": 1})
+    assert plan.fragments == (("a",), ("b",), ("c",))
+
+
+def test_a_model_with_fewer_blocks_than_fragments_is_cut_by_size_when_rows_are_known():
+    numels = _blocks(2)
+    plan = fragments.plan(numels, 3, rows={n: 1 for n in numels})   # rows known: equal sizes, no error
+    assert len(plan.fragments) == 3 and all(plan.fragments)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aggregator.collect import Round, check
-from diloco import export, keys, model, runs, snapshot
+from diloco import export, fragments, keys, model, runs, snapshot
 from diloco.config import ENV_CRASH_AT, RunConfig
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.faults import CRASH_EXIT_CODE
@@ -40,7 +40,7 @@ def test_init_writes_each_fragments_version_zero_with_exactly_its_entries(redis_
     assert not r.exists(keys.head(RUN)), "a streaming run has no whole-model head"
     parts = [runs.load_weights(store, runs.read_head(r, lane)) for lane in cfg.lanes]
     assert all(parts) and not set(parts[0]) & set(parts[1])
-    joined = {**parts[0], **parts[1]}
+    joined = fragments.join({**parts[0], **parts[1]})
     assert model.model_hash(joined) == cfg.model_hash, "the fragments join into the run's model"
     assert runs.read_head(r, "t@f1").weights.startswith("runs/t/f1/weights/v00000000")
 
@@ -129,6 +129,27 @@ def test_a_streaming_run_overlaps_tau_steps_merges_with_alpha_and_commits_each_f
     _check_units_exactly_once(r, cfg, entries, expected_units=2 * 6 * interval)
 
 
+def test_with_gradient_accumulation_the_schedule_counts_optimizer_steps_and_alpha_0_takes_the_global_fragment(
+        redis_url, file_url, r):
+    harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1, "grad_accum": 2, "overlap_steps": 0,
+                                         "merge_alpha": 0.0}, **FAST)
+    events: list = []
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    w = harness.worker(redis_url, file_url, "w0", max_rounds=4, observer=events.append)
+    try:
+        assert w.result() == 4
+    finally:
+        for a in aggs:
+            a.stop()
+    sends = [e for e in events if isinstance(e, RoundInfo)]
+    merges = [e for e in events if isinstance(e, MergeInfo)]
+    assert [(s.optimizer_steps, s.micro_batches) for s in sends] == [(2, 4)] * 4
+    assert [(m.fragment, m.step) for m in merges] == [(1, 2), (0, 4), (1, 6), (0, 8)], "tau 0: merged at once"
+    assert all(torch.equal(m.merged[n], m.global_[n]) for m in merges for n in m.merged)
+    anns = [f for lane in ("t@f0", "t@f1") for _, f in r.xrange(keys.deltas(lane))]
+    assert sorted(int(f["inner_steps"]) for f in anns) == [2] * 4
+
+
 def _head_of(r, store, lane: str, version: int):
     entry = next(f for _, f in r.xrange(keys.versions(lane)) if int(f["version"]) == version)
     return runs.parse_head(lane, {"version": entry["version"], "weights": entry["weights"],
@@ -172,7 +193,8 @@ def test_export_joins_every_fragment_at_its_newest_version(redis_url, file_url, 
 
 
 
-def test_status_shows_each_fragments_version_and_the_monitor_renders_them(redis_url, file_url, r):
+def test_status_shows_each_fragment_the_monitor_renders_them_and_a_late_worker_takes_up_the_order(
+        redis_url, file_url, r):
     from rich.console import Console
 
     from diloco import status, view
@@ -183,6 +205,11 @@ def test_status_shows_each_fragments_version_and_the_monitor_renders_them(redis_
     try:
         assert w.result() == 3
         snap = status.snapshot(r, RUN)
+        # a worker that joins now takes up the group's order: 3 syncs so far (f1, f0, f1), so f0 is next
+        late = harness.worker(redis_url, file_url, "w1", max_rounds=1)
+        assert late.result() == 1
+        assert [(f["worker"], f["fragment"]) for _, f in r.xrange(keys.deltas("t@f0"))][-1] == ("w1", "0")
+        assert r.xlen(keys.deltas("t@f1")) == 2, "w1 announced nothing for fragment 1"
     finally:
         for a in aggs:
             a.stop()
@@ -205,6 +232,7 @@ def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_i
     store = open_store(file_url)
     procs = procs_for(redis_url, file_url)
     a = procs.aggregator("aggA", "--fragments", "1", env={ENV_CRASH_AT: "after_write"})  # dies before f1 v1
+    harness.wait_for_key(r, keys.lock_token("t@f1"))   # A holds fragment 1
     b = procs.aggregator("aggB", "--fragments", "0,1")   # fragment 0 at once; fragment 1 once A's lock is gone
     ws = [harness.worker(redis_url, file_url, f"w{i}", max_rounds=4) for i in range(2)]
     try:

@@ -3,7 +3,9 @@
 
 The model is cut into N fragments (diloco/fragments.py), each a lane with its own versions. The
 worker trains in intervals of H/N optimizer steps. At the end of an interval the fragment whose turn
-it is (fragment f after step s = f*H/N + k*H) computes its pseudo-gradient against its global copy,
+it is (fragment f after step s = f*H/N + k*H of a worker that started with the run; a worker that
+joins later takes up the group's order from the fragments' versions) computes its pseudo-gradient
+against its global copy,
 and a background thread encodes, uploads and announces it, waits for the fragment's next version
 and downloads it, while the worker trains on. `overlap_steps` (tau) steps into the next interval the
 worker takes the result (waiting only if it is not there yet) and merges it:
@@ -102,6 +104,10 @@ class Streaming:
                                 f"{self.plan.fingerprint()} vs {cfg.fragment_plan})")
         self.lanes = [LaneState(lane, names) for lane, names in zip(cfg.lanes, self.plan.fragments, strict=True)]
         self.pending: Pending | None = None
+        # The group's sync events so far (the fragments' versions added up, counted on from there): the
+        # next fragment to sync is `events + 1` mod N, so a worker that joins or restarts mid-run syncs the
+        # fragments in the group's order (see _load_all), and its learning rate follows the run's cycles.
+        self.events = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment-sync")
         self.train_s = 0.0      # inner steps, all intervals
         self.wait_s = 0.0       # blocked on a fragment's result at a merge
@@ -130,7 +136,7 @@ class Streaming:
             return False
         if any(lane.version is None for lane in self.lanes):
             io("the object store", self._load_all)
-        start = w.steps_done
+        start, cycle, into = w.steps_done, self.events // cfg.num_fragments, self.events % cfg.num_fragments
         ids = w._round_samples(start, claimed)
         per_step = cfg.grad_accum * cfg.batch_size
         split = cfg.overlap_steps if self.pending is not None else 0
@@ -142,15 +148,16 @@ class Streaming:
                 return False
             if hi == lo:
                 continue
-            done = w.inner.train(start // cfg.sync_every, ids[lo * per_step:hi * per_step], w._should_stop,
-                                 self._on_step(start), first_step=start % cfg.sync_every + lo)
+            done = w.inner.train(cycle, ids[lo * per_step:hi * per_step], w._should_stop, self._on_step(start),
+                                 first_step=into * self.interval + lo)
             if done is None:
                 return False
             losses += done.losses
             micro_batches += done.micro_batches
             train_s += done.train_s
         self.train_s += train_s
-        self._send((w.steps_done // self.interval) % cfg.num_fragments, claimed, losses, micro_batches, train_s)
+        self.events += 1
+        self._send(self.events % cfg.num_fragments, claimed, losses, micro_batches, train_s)
         return True
 
     def _on_step(self, start: int):
@@ -167,7 +174,7 @@ class Streaming:
         """The fragment's delta against its global copy, then its exchange in the background."""
         w, lane = self.w, self.lanes[f]
         t = time.perf_counter()
-        local = w.model.state_dict()
+        local = fragments.part(w.model.state_dict(), lane.names)
         delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in lane.state.items()}
         loss = sum(losses) / len(losses)
         if w.observer is not None:
@@ -224,7 +231,7 @@ class Streaming:
 
     def _merge_weights(self, f: int, head: Head, weights: dict[str, torch.Tensor]) -> None:
         w, lane = self.w, self.lanes[f]
-        local = w.model.state_dict()
+        local = fragments.part(w.model.state_dict(), lane.names)   # views: the merge changes the model
         before = {n: local[n].detach().cpu().clone() for n in lane.names} if w.observer is not None else {}
         merge_(local, weights, w.cfg.merge_alpha)
         self._adopt(lane, head, weights)
@@ -245,7 +252,8 @@ class Streaming:
             w.full_downloads += 1
             self._adopt(lane, head, weights)
             full.update(weights)
-        w.model.load_state_dict(full)
+        w.model.load_state_dict(fragments.join(full))
+        self.events = sum(h.version for h in heads)
 
     def _fetch(self, lane: LaneState, head: Head) -> dict[str, torch.Tensor]:
         """`head`'s weights: from our copy and its published update when we hold the version before,
