@@ -119,6 +119,9 @@ class Chaos:
         self.archive: dict[str, dict[str, str]] = {}  # announcements a wipe took from the deltas stream
         self.leased_at_wipes = self.units_of_lost_commits = 0
         self.t0 = time.monotonic()
+        # the run's lanes (diloco.keys.lane): the run, or with --fragments each fragment, its own versions and lock
+        self.lanes = [RUN] if args.fragments == 1 else [keys.lane(RUN, f) for f in range(args.fragments)]
+        self.kinds_all = KINDS if args.fragments == 1 else tuple(k for k in KINDS if k != "wipe")
         common = ["--run", RUN, "--redis-url", self.server.url, "--store", self.store_url]
         self.aggregators = [Service(f"agg{i}", ["aggregator", *common, "--id", f"agg{i}", "--lock-ttl-s", "2"],
                                     self.data / "logs" / f"agg{i}.log") for i in range(2)]
@@ -140,10 +143,12 @@ class Chaos:
         self.server.start()
         r = connect_redis(self.server.url)
         try:
+            streaming = {"num_fragments": self.args.fragments, "overlap_steps": self.args.overlap_steps} \
+                if self.args.fragments > 1 else {}
             runs.init_run(r, open_store(self.store_url), RUN, {
                 "task": "tiny", "task_options": {"num_samples": self.args.samples}, "seed": self.args.seed,
                 "sync_every": self.args.sync_every, "batch_size": 8, "unit_samples": self.args.unit_samples,
-                "inner_lr": 0.01, "inner_warmup_steps": 0,
+                "inner_lr": 0.01, "inner_warmup_steps": 0, **streaming,
                 "codec": self.args.codec, "heartbeat_timeout_s": 3.0, "round_timeout_s": ROUND_TIMEOUT_S})
             for s in self.services:
                 s.start(self.env)
@@ -162,8 +167,9 @@ class Chaos:
         for v in self.violations:
             print(f"VIOLATION: {v}")
         if self.args.out:
-            write_section(Path(self.args.out), "Chaos", self.report(table))
-            print(f"wrote the Chaos section of {self.args.out}")
+            section = "Chaos" if self.args.fragments == 1 else "Chaos (streaming)"
+            write_section(Path(self.args.out), section, self.report(table))
+            print(f"wrote the {section} section of {self.args.out}")
         return 1 if self.violations else 0
 
     def loop(self, r: redis.Redis) -> None:
@@ -171,7 +177,7 @@ class Chaos:
         next_fault = self.rng.randint(1, self.args.fault_every)
         progress_at = time.monotonic()
         # Past --versions until every kind of fault has happened at least once, so each is checked.
-        while head < self.args.versions or len(self.faults) < len(KINDS):
+        while head < self.args.versions or len(self.faults) < len(self.kinds_all):
             if time.monotonic() - progress_at > self.args.stall_s:
                 self.violations.append(f"stalled: no version committed for {self.args.stall_s:.0f}s after version "
                                        f"{head}; {self.diagnose(r)}")
@@ -180,7 +186,8 @@ class Chaos:
             self.supervise(r)
             if head >= next_fault and self.inject(r):
                 next_fault = head + self.rng.randint(1, self.args.fault_every)
-            for _, entries in r.xread({keys.versions(RUN): last}, block=300) or []:
+            # with fragments, fragment 0's versions: it syncs last in a cycle, so it is the least advanced
+            for _, entries in r.xread({keys.versions(self.lanes[0]): last}, block=300) or []:
                 for entry_id, fields in entries:
                     last, head, progress_at = entry_id, max(head, int(fields["version"])), time.monotonic()
 
@@ -190,7 +197,8 @@ class Chaos:
         epochs = "; ".join(f"epoch {e['epoch']}: {e['claimed']} claimed, {e['done']} done of {e['total']}, leases "
                            + ",".join(f"{x['unit']}:{x['worker']}" for x in e["leased"]) for e in rep["epochs"])
         states = {w.name: r.hget(keys.worker_stats(RUN, w.name), "state") for w in self.workers}
-        return f"round {r.hgetall(keys.round_state(RUN))}; workers {states}; {epochs}"
+        rounds = {lane: r.hgetall(keys.round_state(lane)) for lane in self.lanes}
+        return f"rounds {rounds}; workers {states}; {epochs}"
 
     def settle(self, r: redis.Redis, timeout_s: float = 120.0) -> None:
         """Let every killed service come back and finish starting, so the stop at the end is a fair test."""
@@ -236,7 +244,7 @@ class Chaos:
     def inject(self, r: redis.Redis) -> bool:
         """Inject the next fault of the shuffled rounds of kinds; False if it must wait (Redis: start-ups)."""
         if not self.kinds:
-            self.kinds = self.rng.sample(KINDS, len(KINDS))
+            self.kinds = self.rng.sample(self.kinds_all, len(self.kinds_all))
         kind = self.kinds[0]
         if kind in ("redis", "wipe") and not self.ready(r):
             return False
@@ -251,7 +259,7 @@ class Chaos:
             self.pending.append(victim)
             self.say(f"SIGKILL worker {victim.name}")
         elif kind == "aggregator":
-            holder = (r.get(keys.lock(RUN)) or ":").partition(":")[2]
+            holder = (r.get(keys.lock(self.rng.choice(self.lanes))) or ":").partition(":")[2]
             victim = next((a for a in self.aggregators if a.name == holder and a.alive), None)
             victim = victim or self.rng.choice([a for a in self.aggregators if a.alive])
             victim.kill()
@@ -318,15 +326,21 @@ class Chaos:
     # --- the checks ----------------------------------------------------------------------------------
 
     def check(self, r: redis.Redis, stopped_cleanly: bool) -> dict[str, str]:
-        entries = r.xrange(keys.versions(RUN))
-        versions = [int(f["version"]) for _, f in entries]
-        head = runs.read_head(r, RUN).version
-        gaps = 0 if versions == list(range(1, head + 1)) else len(set(range(1, head + 1)) ^ set(versions)) or 1
-        if gaps:
-            self.violations.append(f"versions stream {versions} is not 1..{head}, each once")
-        rep = replay(r, open_store(self.store_url), RUN, self.archive)
-        if rep.mismatched:
-            self.violations.append(f"versions {rep.mismatched} differ from a fault-free replay")
+        entries, gaps, mismatched = [], 0, []
+        for lane in self.lanes:   # every lane's versions once each, each equal to a fault-free replay
+            lane_entries = r.xrange(keys.versions(lane))
+            entries += lane_entries
+            versions = [int(f["version"]) for _, f in lane_entries]
+            head = runs.read_head(r, lane).version
+            lane_gaps = 0 if versions == list(range(1, head + 1)) else \
+                len(set(range(1, head + 1)) ^ set(versions)) or 1
+            if lane_gaps:
+                self.violations.append(f"versions stream of {lane} {versions} is not 1..{head}, each once")
+            gaps += lane_gaps
+            rep = replay(r, open_store(self.store_url), lane, self.archive)
+            if rep.mismatched:
+                self.violations.append(f"versions {rep.mismatched} of {lane} differ from a fault-free replay")
+            mismatched += rep.mismatched
         cfg = runs.load_config(r, RUN)
         a = audit(r, cfg, self.archive)
         if a.unresolved:
@@ -351,10 +365,11 @@ class Chaos:
         tokens = {f["token"] for _, f in entries}
         partial = sum(1 for _, f in entries if int(f["n"]) < len(self.workers))
         return {
-            "versions committed": str(len(versions)),
+            "versions committed" + (f" (all {len(self.lanes)} fragments)" if len(self.lanes) > 1 else ""):
+                str(len(entries)),
             **{FAULT_ROWS[k]: str(self.faults[k]) for k in KINDS},
             "version gaps or repeats": str(gaps),
-            "replay mismatches": str(len(rep.mismatched)),
+            "replay mismatches": str(len(mismatched)),
             "units committed": str(sum(a.committed.values())),
             "units leased at a wipe": str(self.leased_at_wipes),
             "units of commits lost with a wipe (trained again)": str(self.units_of_lost_commits),
@@ -370,7 +385,7 @@ class Chaos:
             # Version 1's round also spans the start-up of every process, so it is left out.
             "rounds closed at the deadline": str(sum(1 for _, f in entries[1:]
                                                      if float(f["duration_s"]) >= ROUND_TIMEOUT_S)),
-            "rejected announcements": str(r.xlen(keys.rejections(RUN))),
+            "rejected announcements": str(sum(r.xlen(keys.rejections(lane)) for lane in self.lanes)),
             "wall time (s)": f"{time.monotonic() - self.t0:.0f}",
         }
 
@@ -382,8 +397,29 @@ class Chaos:
 
     def report(self, table: str) -> str:
         a = self.args
+        streaming = ["--fragments", str(a.fragments), "--overlap-steps", str(a.overlap_steps), "--sync-every",
+                     str(a.sync_every), "--unit-samples", str(a.unit_samples)] if a.fragments > 1 else []
         command = shlex.join([".venv/bin/python", "bench/chaos.py", "--versions", str(a.versions), "--workers",
-                              str(a.workers), "--seed", str(a.seed), *(["--out", a.out] if a.out else [])])
+                              str(a.workers), "--seed", str(a.seed), *streaming, *(["--out", a.out] if a.out else [])])
+        if a.fragments > 1:
+            return f"""\
+The chaos run (section [Chaos](#chaos) describes it) on a streaming run: `num_fragments`
+{a.fragments}, `overlap_steps` {a.overlap_steps}, `merge_alpha` 0.5, `sync_every` {a.sync_every}, units of
+{a.unit_samples} samples, two aggregator processes (each serving every fragment: one thread per
+fragment holds its lock or stands by for it), {a.workers} workers. The faults are worker, aggregator
+(the holder of a random fragment's lock) and redis-server kills; no wipes (`diloco recover` restores
+runs without fragments only). The checks are per fragment: every fragment's versions committed exactly
+once and equal to a fault-free replay; and for the run: no work unit lost or committed twice (each
+unit is committed by the fragment that synced after it was trained), the done bitmaps equal the
+commits, no unit stuck, no unexpected exit, a clean stop. `--versions` counts fragment 0's.
+
+    {command}
+
+{len(self.workers)} workers, {os.cpu_count()} cores, Python {platform.python_version()}, load average
+{" ".join(f"{x:.1f}" for x in os.getloadavg())} at the end.
+
+{table}
+"""
         cpu = platform.processor() or platform.machine()
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         return f"""\
@@ -431,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unit-samples", type=int, default=800, help="samples per work unit (10 a round by default)")
     ap.add_argument("--samples", type=int, default=80_000, help="tiny task samples (100 units): epochs finish")
     ap.add_argument("--codec", default="bf16")
+    ap.add_argument("--fragments", type=int, default=1,
+                    help="streaming: num_fragments (each fragment its own versions and lock; no wipe faults, which "
+                         "`recover` does not restore for streaming runs)")
+    ap.add_argument("--overlap-steps", type=int, default=1, help="streaming: overlap_steps (with --fragments > 1)")
     ap.add_argument("--stall-s", type=float, default=120.0,
                     help="a violation (and the end of the run) if no version commits for this long")
     ap.add_argument("--data-dir", help="Redis data, objects, checkpoints and logs (default: a new temp dir)")

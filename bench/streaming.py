@@ -50,6 +50,7 @@ from diloco import keys, runs  # noqa: E402
 from diloco.config import AggregatorSettings, WorkerSettings  # noqa: E402
 from diloco.connect import connect_redis  # noqa: E402
 from diloco.evaluate import eval_loss  # noqa: E402
+from diloco.fragments import join as join_fragments  # noqa: E402
 from diloco.inprocess import ServiceThread  # noqa: E402
 from diloco.localserver import RedisServer  # noqa: E402
 from diloco.messages import Head  # noqa: E402
@@ -223,7 +224,7 @@ def run_quality(task: Task, args: argparse.Namespace, init: runs.InitWeights, na
                 for p in per_lane:
                     state.update(runs.load_weights(store, Head.from_fields({**p[v], "deltas_since": "0-0"})))
                 tokens += sum(int(p[v]["tokens"]) for p in per_lane)
-                net.load_state_dict(state)
+                net.load_state_dict(join_fragments(state))
                 res.points.append((tokens, eval_loss(task, net, max_samples=args.eval_samples)))
             r.close()
         finally:
@@ -233,17 +234,29 @@ def run_quality(task: Task, args: argparse.Namespace, init: runs.InitWeights, na
     return res
 
 
-def quality_report(results: list[Quality]) -> tuple[str, list[str]]:
-    base = results[0]
-    rows = ["| run | cycles | tokens | wall s | final eval loss | last-quarter mean | vs plain DiLoCo |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for res in results:
-        gap = (res.tail() / base.tail() - 1) * 100
-        rows.append(f"| {res.name} | {len(res.points) - 1} | {res.points[-1][0]:,} | {res.wall_s:.1f} | "
-                    f"{res.points[-1][1]:.4f} | {res.tail():.4f} | {gap:+.2f}% |")
-    verdicts = [f"{res.name}: {(res.tail() / base.tail() - 1) * 100:+.2f}% against plain DiLoCo at the same H, codec "
-                f"and tokens (target within 1%: {'met' if abs(res.tail() / base.tail() - 1) <= 0.01 else 'not met'})"
-                for res in results[1:]]
+def quality_report(results: list[list[Quality]]) -> tuple[str, list[str]]:
+    """One row per run (its repeats side by side); gaps on the mean of the repeats' last-quarter means."""
+    def mean_tail(reps: list[Quality]) -> float:
+        return statistics.mean(q.tail() for q in reps)
+
+    base = mean_tail(results[0])
+    rows = ["| run | cycles | tokens | final eval loss (each repeat) | last-quarter mean (each repeat) | mean | "
+            "vs plain DiLoCo |", "|---|---:|---:|---|---|---:|---:|"]
+    for reps in results:
+        q = reps[0]
+        rows.append(f"| {q.name} | {len(q.points) - 1} | {q.points[-1][0]:,} | "
+                    f"{' / '.join(f'{r.points[-1][1]:.4f}' for r in reps)} | "
+                    f"{' / '.join(f'{r.tail():.4f}' for r in reps)} | {mean_tail(reps):.4f} | "
+                    f"{(mean_tail(reps) / base - 1) * 100:+.2f}% |")
+    verdicts = []
+    for reps in results[1:]:
+        gap = mean_tail(reps) / base - 1
+        verdicts.append(f"{reps[0].name}: {gap * 100:+.2f}% against plain DiLoCo at the same H, codec and tokens "
+                        f"(target within 1%: {'met' if abs(gap) <= 0.01 else 'not met'})")
+    spread = [abs(a.tail() / b.tail() - 1) * 100 for a, b in zip(results[0], results[0][1:], strict=False)]
+    if spread:
+        verdicts.append(f"noise: plain DiLoCo's repeats differ by {max(spread):.2f}% (the deltas of a round are summed "
+                        "in the order they arrive, so runs differ in their last bits and then drift apart)")
     return "\n".join(rows), verdicts
 
 
@@ -266,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-steps", type=int, default=384, help="quality: inner steps per worker")
     p.add_argument("--warm-steps", type=int, default=300, help="quality: steps of the shared warm start")
     p.add_argument("--alphas", default="0.5,0", help="quality: merge_alpha of the streaming runs")
+    p.add_argument("--repeats", type=int, default=2, help="quality: runs of each setting (their mean is judged)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--out", type=Path, help="write the 'Streaming DiLoCo' section of this markdown file")
     return p
@@ -300,7 +314,7 @@ def main() -> None:
         specs = [("plain DiLoCo", 1, 0, 0.0)] + [(f"streaming N={n}, tau={t}, alpha={a:g}", n, t, a)
                                                   for a in map(float, args.alphas.split(",")) for n in (2, 4)
                                                   for t in (1, 5)]
-        results_q = [run_quality(task, args, init, *spec) for spec in specs]
+        results_q = [[run_quality(task, args, init, *spec) for _ in range(args.repeats)] for spec in specs]
         table, verdicts = quality_report(results_q)
         sections.append(
             f"**Quality** (the convergence benchmark's gpt task from its warm start, W={args.workers}, "
@@ -310,7 +324,7 @@ def main() -> None:
             + "\n".join(f"* {v}" for v in verdicts))
     cmd = (f"python bench/streaming.py --parts {args.parts} --workers {args.workers} --runs {args.runs} "
            f"--cycles {args.cycles} --quality-h {args.quality_h} --quality-steps {args.quality_steps} "
-           f"--alphas {args.alphas}")
+           f"--alphas {args.alphas} --repeats {args.repeats}")
     took = (time.perf_counter() - t0) / 60
     body = (f"`{cmd} --out docs/benchmarks.md` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{took:.1f} min in all; {machine_facts()})\n\n" + "\n\n".join(sections) + "\n")

@@ -46,10 +46,10 @@ def audit(r: redis.Redis, cfg: RunConfig, archive: dict[str, dict[str, str]] | N
     plan = plan_for(r, cfg)
     committed: Counter = Counter()
     unresolved: list[str] = []
-    versions = r.xrange(keys.versions(cfg.run))
-    for _, fields in versions:
+    versions = [(lane, v) for lane in cfg.lanes for v in r.xrange(keys.versions(lane))]  # every fragment's
+    for lane, (_, fields) in versions:
         for entry_id in filter(None, fields.get("entries", "").split(",")):
-            found = r.xrange(keys.deltas(cfg.run), entry_id, entry_id)
+            found = r.xrange(keys.deltas(lane), entry_id, entry_id)
             fields = found[0][1] if found else (archive or {}).get(entry_id)
             if fields is None:  # the deltas stream did not survive a wipe; the caller audits around it
                 unresolved.append(entry_id)

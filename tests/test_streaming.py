@@ -75,6 +75,19 @@ def test_an_announcement_for_another_or_a_missing_fragment_is_rejected_with_its_
     assert check(ann, cfg, Round(head=head, last_id="0-0", lane=lane)) == reason
 
 
+def test_error_feedback_keeps_each_fragments_residual_across_the_others_syncs(redis_url, file_url):
+    harness.init(redis_url, file_url, **{**STREAM, "codec": "int8"})
+    w = harness.worker(redis_url, file_url, "w0", start=False).service
+    parts = w.streaming.lanes
+    g = torch.Generator().manual_seed(0)
+    for lane in parts:   # fragment 0's delta, then fragment 1's
+        delta = {n: torch.randn(t.shape, generator=g) for n, t in fragments.part(w.model.state_dict(),
+                                                                                 lane.names).items()}
+        w._encode_with_feedback(delta, 0)
+    assert set(w.residual) == {n for lane in parts for n in lane.names}, "both fragments' residuals are kept"
+    assert all(bool(r.abs().sum() > 0) for r in w.residual.values())
+
+
 def test_merge_is_alpha_local_plus_one_minus_alpha_global_and_copies_what_is_not_floating():
     g = torch.Generator().manual_seed(0)
     local = {"w": torch.randn(50, generator=g), "n": torch.tensor(3)}

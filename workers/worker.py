@@ -401,8 +401,8 @@ class Worker:
         if self.codec.name == "fp32":
             return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
         decay = self.codec.feedback_decay * schedule.cooldown(self.cfg, version)
-        shards, self.residual, norm = encode_with_feedback(delta, self.residual, self.codec, decay,
-                                                           self.cfg.shard_bytes)
+        shards, residual, norm = encode_with_feedback(delta, self.residual, self.codec, decay, self.cfg.shard_bytes)
+        self.residual = {**self.residual, **residual}   # streaming: one fragment's delta keeps the others' residuals
         return shards, norm
 
     def _wait_for_version_after(self, version: int, entry_id: str, *, lane: str | None = None) -> str | None:
