@@ -142,10 +142,11 @@ def test_a_streaming_run_overlaps_tau_steps_merges_with_alpha_and_commits_each_f
     _check_units_exactly_once(r, cfg, entries, expected_units=2 * 6 * interval)
 
 
-def test_with_gradient_accumulation_the_schedule_counts_optimizer_steps_and_alpha_0_takes_the_global_fragment(
+def test_with_gradient_accumulation_the_schedule_counts_optimizer_steps_and_updates_arrive_compressed(
         redis_url, file_url, r):
     harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1, "grad_accum": 2, "overlap_steps": 0,
-                                         "merge_alpha": 0.0}, **FAST)
+                                         "merge_alpha": 0.0, "codec": "int8"}, **FAST)
+    store = open_store(file_url)
     events: list = []
     aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
     w = harness.worker(redis_url, file_url, "w0", max_rounds=4, observer=events.append)
@@ -161,6 +162,13 @@ def test_with_gradient_accumulation_the_schedule_counts_optimizer_steps_and_alph
     assert all(torch.equal(m.merged[n], m.global_[n]) for m in merges for n in m.merged)
     anns = [f for lane in ("t@f0", "t@f1") for _, f in r.xrange(keys.deltas(lane))]
     assert sorted(int(f["inner_steps"]) for f in anns) == [2] * 4
+    # int8 uploads, int8 updates down: version 0 of each fragment read whole, every later version as its
+    # published update, bit for bit the committed weights object
+    stats = r.hgetall(keys.worker_stats(RUN, "w0"))
+    assert (stats["updates_applied"], stats["update_fallbacks"], stats["full_downloads"]) == ("4", "0", "2")
+    for m in merges:
+        committed = runs.load_weights(store, _head_of(r, store, keys.lane(RUN, m.fragment), m.version))
+        assert all(torch.equal(committed[n], m.global_[n]) for n in committed)
 
 
 def _head_of(r, store, lane: str, version: int):
