@@ -143,7 +143,8 @@ class Chaos:
         self.server.start()
         r = connect_redis(self.server.url)
         try:
-            streaming = {"num_fragments": self.args.fragments, "overlap_steps": self.args.overlap_steps} \
+            streaming = {"num_fragments": self.args.fragments, "overlap_steps": self.args.overlap_steps,
+                         "merge_alpha": 0.5} \
                 if self.args.fragments > 1 else {}
             runs.init_run(r, open_store(self.store_url), RUN, {
                 "task": "tiny", "task_options": {"num_samples": self.args.samples}, "seed": self.args.seed,

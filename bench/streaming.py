@@ -194,7 +194,8 @@ def run_quality(task: Task, args: argparse.Namespace, init: runs.InitWeights, na
             cfg = runs.init_run(r, store, RUN, {
                 "task": "gpt", "seed": args.seed, "sync_every": h, "batch_size": args.batch_size,
                 "inner_lr": args.inner_lr, "inner_weight_decay": args.weight_decay,
-                "inner_warmup_steps": args.warmup_steps, "outer_lr": 0.7, "outer_momentum": args.outer_momentum,
+                "inner_warmup_steps": args.warmup_steps, "outer_lr": args.outer_lr,
+                "outer_momentum": args.outer_momentum,
                 "codec": "fp32", "retention_every": 0, "min_workers": args.workers, "round_timeout_s": 600.0,
                 "num_fragments": fragments, "overlap_steps": tau, "merge_alpha": alpha}, init).config
             settings = AggregatorSettings(server.url, store_url, RUN, "agg", block_ms=100)
@@ -266,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="workload,quality")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=0.5, help="merge_alpha of the streaming runs")
+    p.add_argument("--alpha", type=float, default=0.0, help="workload: merge_alpha of the streaming runs")
     p.add_argument("--runs", default="1:20:0,4:20:1,4:20:4,4:40:8",
                    help="workload: the runs, each N:H:tau (num_fragments, sync_every, overlap_steps); the first is "
                         "the reference for bytes")
@@ -279,6 +280,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-steps", type=int, default=384, help="quality: inner steps per worker")
     p.add_argument("--warm-steps", type=int, default=300, help="quality: steps of the shared warm start")
     p.add_argument("--alphas", default="0.5,0", help="quality: merge_alpha of the streaming runs")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="quality: outer_lr of every run")
     p.add_argument("--repeats", type=int, default=2, help="quality: runs of each setting (their mean is judged)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--out", type=Path, help="write the 'Streaming DiLoCo' section of this markdown file")
@@ -319,12 +321,12 @@ def main() -> None:
         sections.append(
             f"**Quality** (the convergence benchmark's gpt task from its warm start, W={args.workers}, "
             f"H={args.quality_h}, {args.quality_steps} inner steps per worker, batch {args.batch_size}, AdamW lr "
-            f"{args.inner_lr:g}, outer lr 0.7 momentum {args.outer_momentum:g}, fp32; "
+            f"{args.inner_lr:g}, outer lr {args.outer_lr:g} momentum {args.outer_momentum:g}, fp32; "
             f"eval loss on {args.eval_samples} held-out samples after every cycle):\n\n{table}\n\n"
             + "\n".join(f"* {v}" for v in verdicts))
     cmd = (f"python bench/streaming.py --parts {args.parts} --workers {args.workers} --runs {args.runs} "
            f"--cycles {args.cycles} --quality-h {args.quality_h} --quality-steps {args.quality_steps} "
-           f"--alphas {args.alphas} --repeats {args.repeats}")
+           f"--alphas {args.alphas} --repeats {args.repeats} --outer-lr {args.outer_lr:g}")
     took = (time.perf_counter() - t0) / 60
     body = (f"`{cmd} --out docs/benchmarks.md` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{took:.1f} min in all; {machine_facts()})\n\n" + "\n\n".join(sections) + "\n")

@@ -42,7 +42,8 @@ _HELP = {"download_codec": "codec of each version's published update (default: -
                           "(default 1: whole-model rounds)",
          "overlap_steps": "streaming: steps trained after a fragment's announcement before merging its result "
                           "(default 0)",
-         "merge_alpha": "streaming: local = alpha * local + (1 - alpha) * global at a merge (default 0.5)"}
+         "merge_alpha": "streaming: local = alpha * local + (1 - alpha) * global at a merge (default 0: take the "
+                        "global fragment)"}
 
 
 def _setting_flags(p: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:

@@ -81,7 +81,8 @@ class RunConfig:
     num_fragments: int = 1      # N: the model is synced in N fragments, one every sync_every / N steps
     fragment_layout: str = "strided"   # which repeated block goes to which fragment (diloco/fragments.py)
     overlap_steps: int = 0      # tau: steps trained after a fragment's announcement before its result is merged
-    merge_alpha: float = 0.5    # local = alpha * local + (1 - alpha) * global at a fragment's merge
+    merge_alpha: float = 0.0    # local = alpha * local + (1 - alpha) * global at a merge (0: the paper's 0.5
+                                # measured 4-10% worse here: docs/benchmarks.md, "Streaming DiLoCo")
     fragment_plan: str = ""     # the plan's fingerprint, filled in by init (part of the model check)
     # Asynchronous DiLoCo (docs/architecture.md, "Asynchronous mode"); the defaults are today's sync rounds.
     mode: str = "sync"          # sync: one version per quorum round; async: a version per delta (or grace window)
