@@ -148,16 +148,26 @@ def _key_patterns() -> dict[str, re.Pattern[str]]:
         key = fn(**{p: PLACEHOLDERS[p] for p in params})
         if not isinstance(key, str) or not key.startswith("diloco:"):
             continue
-        parts = []
-        for seg in key.split(":"):
-            if seg == "{RUN}":
-                parts.append(r"\{[^:{}]+\}")
-            elif seg in PLACEHOLDERS.values():
-                parts.append(f"(?:{SEGMENT})")
-            else:
-                parts.append(re.escape(seg))
-        patterns[name] = re.compile(":".join(parts))
+        patterns[name] = _pattern(key)
+        # a streaming run's fragment (lane `RUN@f7`): `diloco:{r1}:f2:head`, `diloco:{run}:f{i}:head`
+        lane_key = fn(**{p: keys.lane("RUN", 7) if p == "run" else PLACEHOLDERS[p] for p in params})
+        if lane_key != key:
+            patterns[f"{name} (fragment)"] = _pattern(lane_key)
     return patterns
+
+
+def _pattern(key: str) -> re.Pattern[str]:
+    parts = []
+    for seg in key.split(":"):
+        if seg == "{RUN}":
+            parts.append(r"\{[^:{}]+\}")
+        elif seg in PLACEHOLDERS.values():
+            parts.append(f"(?:{SEGMENT})")
+        elif seg == "f7":
+            parts.append(r"f(?:\d+|\{[^:{}]+\})")
+        else:
+            parts.append(re.escape(seg))
+    return re.compile(":".join(parts))
 
 
 KEY_IN_TEXT = re.compile(r"diloco:\{[^}\s`']+\}(?::[A-Za-z0-9_.{}\-*]+)*")
