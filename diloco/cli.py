@@ -474,7 +474,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store.check()
     r = connect_redis(args.redis_url)
     cfg = runs.load_config(r, args.run)
-    doomed = retention.plan(r, store, args.run)
+    doomed = [item for lane in cfg.lanes for item in retention.plan(r, store, lane)]   # each fragment's own
     if args.verbose:
         for item in doomed:
             print(f"{item.key}  ({item.reason})")

@@ -245,6 +245,28 @@ def test_status_shows_each_fragment_the_monitor_renders_them_and_a_late_worker_t
     assert "fragments (the versions above are fragment 0's)" in text and "versions 1, 2" in text
 
 
+def test_gc_applies_retention_to_every_fragment(redis_url, file_url, r):
+    from diloco.cli import main
+
+    harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1, "keep_last": 1, "keep_every": 0,
+                                         "retention_every": 0}, **FAST)
+    store = open_store(file_url)
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    w = harness.worker(redis_url, file_url, "w0", max_rounds=3)   # fragment 1 to version 2, fragment 0 to 1
+    try:
+        assert w.result() == 3
+    finally:
+        for a in aggs:
+            a.stop()
+    f1_v1 = _head_of(r, store, "t@f1", 1).weights
+    assert store.exists(f1_v1)
+    assert main(["gc", "--run", RUN, "--redis-url", redis_url, "--store", file_url]) == 0
+    assert not store.exists(f1_v1), "fragment 1's version 1 is past keep_last 1"
+    for lane, version in (("t@f1", 2), ("t@f0", 1)):
+        head = runs.read_head(r, lane)
+        assert head.version == version and store.exists(head.weights) and store.exists(head.momentum)
+
+
 # --- aggregators in processes ------------------------------------------------------------------------
 
 def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_is_redone_by_the_other(
