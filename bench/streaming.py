@@ -12,8 +12,9 @@ step; bench/sync_task.py traces the steps), and the bytes of each sync event (on
 
 Part `quality` runs the convergence benchmark's task (bench/convergence.py: the gpt task from its warm
 start, batch 16, AdamW lr 3e-3, outer lr 0.7 momentum 0.9, fp32) with W workers and the aggregators
-as threads of this process: plain DiLoCo at H = --quality-h against streaming with N in {2, 4}, tau in
-{1, 5} and alpha in --alphas, the same steps (tokens) each. The model is evaluated after every cycle of H
+as threads of this process: plain DiLoCo against streaming with N in {2, 4}, tau in {1, 5} and alpha
+in --alphas, the same H and steps (tokens) each, at each H of --quality (24, where tau 5 is a fifth of
+a cycle, and 96, nearer the paper's H = 100). The model is evaluated after every cycle of H
 steps (each fragment at that cycle's version, which is every fragment's newest then: fragment 0
 syncs last in a cycle). Judged on the mean of the last quarter of the evaluations, as
 bench/async_speeds.py does.
@@ -281,9 +282,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="workload: cycles not measured")
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--quality-h", type=int, default=24, help="quality: sync_every (default 24: N=4 with tau 5 "
-                   "needs H/N > 5)")
-    p.add_argument("--quality-steps", type=int, default=384, help="quality: inner steps per worker")
+    p.add_argument("--quality", default="24:384,96:768",
+                   help="quality: the settings compared, each H:steps (sync_every, inner steps per worker); H/4 must "
+                        "exceed tau 5")
     p.add_argument("--warm-steps", type=int, default=300, help="quality: steps of the shared warm start")
     p.add_argument("--alphas", default="0.5,0", help="quality: merge_alpha of the streaming runs")
     p.add_argument("--outer-lr", type=float, default=0.7, help="quality: outer_lr of every run")
@@ -302,43 +303,51 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     parts = args.parts.split(",")
-    t0 = time.perf_counter()
-    sections = []
     if "workload" in parts:
+        t0 = time.perf_counter()
         specs = [tuple(int(x) for x in spec.split(":")) for spec in args.runs.split(",")]
         results = [run_workload(args, f"plain DiLoCo, H={h}" if n == 1 else f"streaming N={n}, H={h}, tau={t}", n, h, t)
                    for n, h, t in specs]
         table, verdicts = workload_report(results)
-        sections.append(
-            f"**Time not training and bytes per sync event** (the sync benchmark's workload, W={args.workers}, "
-            f"{args.cycles} cycles of H steps per worker, the first {args.warmup} not measured; "
-            f"alpha {args.alpha:g}; aggregator peak RSS {max(r.agg_rss for r in results) / 2**30:.2f} GiB):\n\n"
-            f"{table}\n\n" + "\n".join(f"* {v}" for v in verdicts))
+        cmd = (f"python bench/streaming.py --parts workload --workers {args.workers} --runs {args.runs} "
+               f"--cycles {args.cycles}")
+        _write(args, "Streaming DiLoCo", cmd, t0,
+               f"The sync benchmark's workload, W={args.workers}, {args.cycles} cycles of H steps per worker, the "
+               f"first {args.warmup} not measured; alpha {args.alpha:g}; aggregator peak RSS "
+               f"{max(r.agg_rss for r in results) / 2**30:.2f} GiB.\n\n{table}\n\n"
+               + "\n".join(f"* {v}" for v in verdicts))
     if "quality" in parts:
+        t0 = time.perf_counter()
         torch.set_num_threads(1)
         task = load_task("gpt", {})
         with tempfile.TemporaryDirectory() as tmp:
             init = runs.read_init_weights(convergence.warm_start(task, conv, Path(tmp) / "warm.safetensors"))
-        specs = [("plain DiLoCo", 1, 0, 0.0)] + [(f"streaming N={n}, tau={t}, alpha={a:g}", n, t, a)
-                                                  for a in map(float, args.alphas.split(",")) for n in (2, 4)
-                                                  for t in (1, 5)]
-        results_q = [[run_quality(task, args, init, *spec) for _ in range(args.repeats)] for spec in specs]
-        table, verdicts = quality_report(results_q)
-        sections.append(
-            f"**Quality** (the convergence benchmark's gpt task from its warm start, W={args.workers}, "
-            f"H={args.quality_h}, {args.quality_steps} inner steps per worker, batch {args.batch_size}, AdamW lr "
-            f"{args.inner_lr:g}, outer lr {args.outer_lr:g} momentum {args.outer_momentum:g}, fp32; "
-            f"eval loss on {args.eval_samples} held-out samples after every cycle):\n\n{table}\n\n"
-            + "\n".join(f"* {v}" for v in verdicts))
-    cmd = (f"python bench/streaming.py --parts {args.parts} --workers {args.workers} --runs {args.runs} "
-           f"--cycles {args.cycles} --quality-h {args.quality_h} --quality-steps {args.quality_steps} "
-           f"--alphas {args.alphas} --repeats {args.repeats} --outer-lr {args.outer_lr:g}")
+        texts = []
+        for setting in args.quality.split(","):
+            args.quality_h, args.quality_steps = (int(x) for x in setting.split(":"))
+            specs = [("plain DiLoCo", 1, 0, 0.0)] + [(f"streaming N={n}, tau={t}, alpha={a:g}", n, t, a)
+                                                      for a in map(float, args.alphas.split(",")) for n in (2, 4)
+                                                      for t in (1, 5)]
+            results_q = [[run_quality(task, args, init, *spec) for _ in range(args.repeats)] for spec in specs]
+            table, verdicts = quality_report(results_q)
+            texts.append(f"**H={args.quality_h}**, {args.quality_steps} inner steps per worker:\n\n{table}\n\n"
+                         + "\n".join(f"* {v}" for v in verdicts))
+        cmd = (f"python bench/streaming.py --parts quality --workers {args.workers} --quality {args.quality} "
+               f"--alphas {args.alphas} --repeats {args.repeats} --outer-lr {args.outer_lr:g}")
+        _write(args, "Streaming DiLoCo: quality", cmd, t0,
+               f"The convergence benchmark's gpt task from its warm start, W={args.workers}, batch "
+               f"{args.batch_size}, AdamW lr {args.inner_lr:g}, outer lr {args.outer_lr:g} momentum "
+               f"{args.outer_momentum:g}, fp32; eval loss on {args.eval_samples} held-out samples after every cycle; "
+               f"{args.repeats} runs of each.\n\n" + "\n\n".join(texts))
+
+
+def _write(args: argparse.Namespace, heading: str, cmd: str, t0: float, text: str) -> None:
     took = (time.perf_counter() - t0) / 60
     body = (f"`{cmd} --out docs/benchmarks.md` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"{took:.1f} min in all; {machine_facts()})\n\n" + "\n\n".join(sections) + "\n")
+            f"{took:.1f} min; {machine_facts()})\n\n{text}\n")
     print(body)
     if args.out:
-        write_section(args.out, "Streaming DiLoCo", body)
+        write_section(args.out, heading, body)
 
 
 if __name__ == "__main__":
