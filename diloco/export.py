@@ -134,18 +134,23 @@ def export(r: redis.Redis, store: ObjectStore, run: str, out: str | os.PathLike,
         raise ConfigError(f"{path} exists; pass --force to replace it")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
-    if cfg.is_streaming:
-        state, meta = _streaming_state(r, store, cfg, version)
-    else:
-        src = locate(r, run, version)
-        state = read_weights(store, cfg, src)
-        meta = {"version": src.version, "committed_ms": src.committed_ms, "source": src.weights,
-                "source_sha256": src.sha256}
+    state, meta = run_weights(r, store, cfg, version)
     meta = {"format": EXPORT_FORMAT, "run": run, "task": cfg.task, "task_options": cfg.task_options,
             "model_hash": cfg.model_hash, "seed": cfg.seed, **meta}
     data = st_save(state, metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
     _write(path, data, force=force)
     return Exported(path, meta["version"], len(data), hashlib.sha256(data).hexdigest(), meta)
+
+
+def run_weights(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
+                version: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The run's state dict at `version` (default: the head; with fragments, each fragment's newest),
+    checked, and what it is (version, committed_ms, source keys and sha256s)."""
+    if cfg.is_streaming:
+        return _streaming_state(r, store, cfg, version)
+    src = locate(r, cfg.run, version)
+    return read_weights(store, cfg, src), {"version": src.version, "committed_ms": src.committed_ms,
+                                           "source": src.weights, "source_sha256": src.sha256}
 
 
 def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,

@@ -17,7 +17,7 @@ import torch
 
 from diloco import runs
 from diloco.errors import ConfigError
-from diloco.export import locate, read_weights
+from diloco.export import run_weights
 from diloco.store import ObjectStore
 from diloco.tasks import Task, load_task
 
@@ -81,7 +81,7 @@ def sample_version(r: redis.Redis, store: ObjectStore, run: str, prompt: str, s:
     cfg = runs.load_config(r, run)
     task = load_task(cfg.task, cfg.task_options)
     check_task(task)  # before any download
-    src = locate(r, run, version)
+    state, meta = run_weights(r, store, cfg, version)
     net = runs.build_model(task, cfg.seed)
-    net.load_state_dict(read_weights(store, cfg, src))
-    return src.version, generate(task, net.to(device), prompt, s, device)
+    net.load_state_dict(state)
+    return meta["version"], generate(task, net.to(device), prompt, s, device)

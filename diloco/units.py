@@ -149,7 +149,7 @@ def report(r: redis.Redis, cfg: RunConfig) -> dict:
     lo, hi, n = int(meta["epoch_lo"]), int(meta["epoch_hi"]), plan.num_units
     now_s, now_us = r.time()
     now_ms = now_s * 1000 + now_us // 1000
-    rate = _units_per_second(r, cfg.run)
+    rate = _units_per_second(r, cfg.lanes)
     epochs = []
     for e in range(lo, hi + 1):
         pipe = r.pipeline(transaction=False)
@@ -166,11 +166,13 @@ def report(r: redis.Redis, cfg: RunConfig) -> dict:
             "num_units": n, "epoch_lo": lo, "epoch_hi": hi, "units_per_s": rate, "epochs": epochs}
 
 
-def _units_per_second(r: redis.Redis, run: str, last: int = 10) -> float | None:
-    """Units committed per second over the last few versions (Redis clock), or None if unknown."""
-    entries = r.xrevrange(keys.versions(run), count=last)
+def _units_per_second(r: redis.Redis, lanes: list[str], last: int = 10) -> float | None:
+    """Units committed per second over the last few versions (of every fragment's, with fragments;
+    Redis clock), or None if unknown."""
+    entries = sorted((f for lane in lanes for _, f in r.xrevrange(keys.versions(lane), count=last)),
+                     key=lambda f: int(f["committed_ms"]), reverse=True)[:last]
     if len(entries) < 2:
         return None
-    done = sum(int(f.get("units", 0)) for _, f in entries[:-1])
-    span_ms = int(entries[0][1]["committed_ms"]) - int(entries[-1][1]["committed_ms"])
+    done = sum(int(f.get("units", 0)) for f in entries[:-1])
+    span_ms = int(entries[0]["committed_ms"]) - int(entries[-1]["committed_ms"])
     return round(done * 1000 / span_ms, 3) if span_ms > 0 else None

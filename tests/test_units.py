@@ -732,13 +732,13 @@ def test_units_per_second_is_measured_over_the_last_ten_versions(r):
     (a version without a `units` field, as old runs have, counted as an error or as 1 unit), 20, 30
     (the wrong end of the window), 36, 45, 46 (no time between the ends: no rate; 1 ms: a rate)."""
     stream = keys.versions("rate")
-    assert _units_per_second(r, "rate") is None
+    assert _units_per_second(r, ["rate"]) is None
     r.xadd(stream, {"version": "1", "units": "5", "committed_ms": "0"})
-    assert _units_per_second(r, "rate") is None, "one version is no rate"
+    assert _units_per_second(r, ["rate"]) is None, "one version is no rate"
     r.xadd(stream, {"version": "2", "units": "5", "committed_ms": "0"})
-    assert _units_per_second(r, "rate") is None, "no time between them is no rate"
+    assert _units_per_second(r, ["rate"]) is None, "no time between them is no rate"
     r.xadd(stream, {"version": "3", "units": "5", "committed_ms": "1"})
-    assert _units_per_second(r, "rate") == round(10 * 1000 / 1, 3)
+    assert _units_per_second(r, ["rate"]) == round(10 * 1000 / 1, 3)
     r.delete(stream)
     # two slow early versions, then ten 1 s apart with 5 units each but v5, which predates units
     r.xadd(stream, {"version": "1", "units": "5", "committed_ms": "0"})
@@ -746,8 +746,8 @@ def test_units_per_second_is_measured_over_the_last_ten_versions(r):
     for v in range(3, 13):
         r.xadd(stream, {"version": str(v), "committed_ms": str(101_000 + 1000 * (v - 3)),
                         **({"units": "5"} if v != 5 else {})})
-    assert _units_per_second(r, "rate") == round(40 * 1000 / 9000, 3)       # v4..v12 over v3..v12
-    assert _units_per_second(r, "rate", last=11) == round(45 * 1000 / 60_000, 3)
+    assert _units_per_second(r, ["rate"]) == round(40 * 1000 / 9000, 3)       # v4..v12 over v3..v12
+    assert _units_per_second(r, ["rate"], last=11) == round(45 * 1000 / 60_000, 3)
 
 
 def test_renew_extends_every_held_lease_in_each_epoch_and_release_gives_them_back(redis_url, file_url, r):
