@@ -143,12 +143,13 @@ class Streaming:
         losses: list[float] = []
         micro_batches, train_s = 0, 0.0
         w.heartbeat.update(state="training")
+        on_step = self._on_step(start)   # one clock for the interval's two pieces
         for lo, hi in ((0, split), (split, self.interval)):
             if lo == split and self.pending is not None and not self._merge():
                 return False
             if hi == lo:
                 continue
-            done = w.inner.train(cycle, ids[lo * per_step:hi * per_step], w._should_stop, self._on_step(start),
+            done = w.inner.train(cycle, ids[lo * per_step:hi * per_step], w._should_stop, on_step,
                                  first_step=into * self.interval + lo)
             if done is None:
                 return False
