@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diloco import fragments, keys, runs, units
+from diloco.connect import Outage
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.messages import Head
 
@@ -109,6 +110,8 @@ class Streaming:
         # fragments in the group's order (see _load_all), and its learning rate follows the run's cycles.
         self.events = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment-sync")
+        # the background thread's own outage clock: the training thread's retries must not reset it
+        self.outage = Outage(w.s.outage_limit_s, w.stop_event)
         self.train_s = 0.0      # inner steps, all intervals
         self.wait_s = 0.0       # blocked on a fragment's result at a merge
         self.send_s = 0.0       # computing the delta and handing it over
@@ -195,8 +198,9 @@ class Streaming:
                   micro_batches: int, claimed: list[units.Unit]) -> Exchange:
         """Background: encode, upload, announce; wait for the fragment's next version; download it."""
         w, lane = self.w, self.lanes[f]
-        io = w.outage.call
-        ann = w._upload(version, delta, loss, train_s, micro_batches, claimed, lane=lane.lane, fragment=f)
+        io = self.outage.call
+        ann = w._upload(version, delta, loss, train_s, micro_batches, claimed, lane=lane.lane, fragment=f,
+                        outage=self.outage)
         entry_id = io("Redis", lambda: w.r.xadd(keys.deltas(lane.lane), ann.to_fields(), maxlen=100_000,
                                                 approximate=True))
         rejected = io("Redis", lambda: w._wait_for_version_after(version, entry_id, lane=lane.lane))

@@ -365,7 +365,7 @@ class Worker:
 
     def _upload(self, version: int, delta: dict[str, torch.Tensor], loss: float, train_s: float,
                 micro_batches: int, claimed: list[units.Unit], *, lane: str | None = None,
-                fragment: int = 0) -> Announcement:
+                fragment: int = 0, outage: Outage | None = None) -> Announcement:
         if lane is None:   # a streaming worker uploads in the background while it trains
             self.heartbeat.update(state="uploading")
         shards, norm = self._encode_with_feedback(delta, version)
@@ -376,7 +376,8 @@ class Worker:
                  for i in range(len(shards))]
         def put(key: str, data: bytes) -> str:
             # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
-            return self.outage.call("the object store", lambda: put_idempotent(self.store, key, data, durable=False))
+            return (outage or self.outage).call("the object store",
+                                                lambda: put_idempotent(self.store, key, data, durable=False))
 
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
             shas = list(pool.map(put, names, shards))
