@@ -41,7 +41,6 @@ class Aggregator:
         self.r = connect_redis(settings.redis_url)
         self.raw = connect_redis(settings.redis_url, decode=False)  # for snapshots: bitmaps are bytes
         self.cfg = runs.load_config(self.r, settings.run)
-        self.fragment = fragment
         self.lane = lane_of(self.cfg, fragment)
         self.store = open_store(settings.store_url, concurrency=settings.concurrency)
         self.store.check()
@@ -268,7 +267,7 @@ class Aggregator:
 
     def _check_budget(self, version: int) -> None:
         tokens = 0
-        if self.cfg.is_streaming:   # the run's version is its least advanced fragment's
+        if self.cfg.is_streaming and self.cfg.max_versions:   # the run's version: its least advanced fragment's
             version = min(h.version for h in runs.read_heads(self.r, self.cfg))
         if self.cfg.max_tokens:  # only then is the versions stream worth reading every round
             # with fragments, each commit counts the tokens trained since the fragment before synced

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from diloco import fragments, keys, model, runs
+from diloco import keys, model, runs
 from diloco.config import RunConfig
 from diloco.errors import BadInput, ConfigError, ObjectMissing
 from diloco.store import ObjectStore
@@ -101,8 +101,7 @@ def _newest_first(r: redis.Redis, stream: str) -> Iterator[dict[str, str]]:
             return
 
 
-def read_weights(store: ObjectStore, cfg: RunConfig, src: Source, *,
-                 check_hash: bool = True) -> dict[str, torch.Tensor]:
+def read_weights(store: ObjectStore, cfg: RunConfig, src: Source) -> dict[str, torch.Tensor]:
     """The version's state dict, checked against its recorded sha256 (or, for v0, the run's model)."""
     try:
         data = store.get(src.weights, sha256=src.sha256)
@@ -117,7 +116,7 @@ def read_weights(store: ObjectStore, cfg: RunConfig, src: Source, *,
     if src.sha256 is None:  # v0 after the head moved on: check what init wrote instead
         _check_init_header(data, cfg.run, what)
     state = model.from_bytes(data, what)
-    if check_hash and model.model_hash(state) != cfg.model_hash:
+    if model.model_hash(state) != cfg.model_hash:
         raise BadInput(f"{what} has model hash {model.model_hash(state)}, but run {cfg.run!r} has "
                        f"{cfg.model_hash}")
     return state
@@ -161,11 +160,7 @@ def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
         raise ConfigError(f"run {cfg.run!r} syncs in {cfg.num_fragments} fragments, each with its own versions: "
                           "export takes each fragment's newest version; leave --version out")
     heads = runs.read_heads(r, cfg)
-    state = {}
-    for head in heads:
-        state.update(read_weights(store, cfg, Source(
-            head.version, head.weights, head.weights_sha256, head.committed_ms), check_hash=False))
-    state = fragments.join(state)
+    state = runs.load_full_weights(store, heads)   # heads: never deleted by retention
     if model.model_hash(state) != cfg.model_hash:
         raise BadInput(f"the fragments' weights join into model hash {model.model_hash(state)}, but run "
                        f"{cfg.run!r} has {cfg.model_hash}")

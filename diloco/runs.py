@@ -94,7 +94,7 @@ def load_full_weights(store: ObjectStore, heads: list[Head]) -> dict[str, torch.
     out: dict[str, torch.Tensor] = {}
     for head in heads:
         out.update(load_weights(store, head))
-    return fragments.join(out) if len(heads) > 1 else out
+    return fragments.join(out)
 
 
 def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:

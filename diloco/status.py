@@ -13,6 +13,7 @@ monitor reads once per refresh; `snapshot` reads until nothing new was learned (
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +124,7 @@ def read(r: redis.Redis, run: str, known: Known = Known(), *, rounds: int = 20,
                   for i, f in reversed(versions)]
     fragments = [_fragment(f, h, *state) for f, (h, state) in enumerate(zip(heads, per_lane, strict=True))]
     if len(lanes) > 1:
-        rejected = {w: str(sum(int(st[0].get(w, 0)) for st in per_lane)) for st in per_lane for w in st[0]}
+        rejected = dict(sum((Counter({w: int(n) for w, n in st[0].items()}) for st in per_lane), Counter()))
         rej_total = sum(int(st[5]) for st in per_lane)
         recent_rej = sorted((x for st in per_lane for x in st[4]), key=lambda x: _stream_order(x[0]),
                             reverse=True)[:rejections]

@@ -136,8 +136,9 @@ class Leases:
             if only is None:
                 held, self.held = self.held, []
             else:
-                held = [u for u in self.held if u in set(only)]
-                self.held = [u for u in self.held if u not in set(only)]
+                gone = set(only)
+                held = [u for u in self.held if u in gone]
+                self.held = [u for u in self.held if u not in gone]
         return sum(self.scripts.release_units(self.run, self.plan.dataset, e, self.worker, bits)
                    for e, bits in by_epoch(held).items())
 

@@ -133,8 +133,8 @@ class Streaming:
         io = w.outage.call
         if not io("Redis", w._wait_while_paused):
             return False
-        claimed = w.outage.call("Redis", lambda: w.leases.claim(
-            units.units_per_round(cfg, self.interval), w.stop_event, keep=True))
+        claimed = io("Redis", lambda: w.leases.claim(units.units_per_round(cfg, self.interval), w.stop_event,
+                                                      keep=True))
         if claimed is None:
             return False
         if any(lane.version is None for lane in self.lanes):
@@ -207,7 +207,7 @@ class Streaming:
         head = io("Redis", lambda: runs.read_head(w.r, lane.lane))
         weights = None
         if head.version != version and not w._should_stop():
-            weights = io("the object store", lambda: self._fetch(lane, head))
+            weights = io("the object store", lambda: w._fetch_weights(head, lane.full, lane.version))
         return Exchange(entry_id, rejected, head, weights)
 
     def _merge(self) -> bool:
@@ -252,26 +252,11 @@ class Streaming:
         heads = runs.read_heads(w.r, w.cfg)
         full: dict[str, torch.Tensor] = {}
         for lane, head in zip(self.lanes, heads, strict=True):
-            weights, nbytes = runs.load_weights_counted(w.store, head)
-            w.bytes_received += nbytes
-            w.full_downloads += 1
+            weights = w._fetch_weights(head, {}, None)   # no base: the full object
             self._adopt(lane, head, weights)
             full.update(weights)
         w.model.load_state_dict(fragments.join(full))
         self.events = sum(h.version for h in heads)
-
-    def _fetch(self, lane: LaneState, head: Head) -> dict[str, torch.Tensor]:
-        """`head`'s weights: from our copy and its published update when we hold the version before,
-        else (or if the update is unusable) the full object."""
-        w = self.w
-        if head.update and lane.version == head.version - 1 and w.download_codec is not None:
-            weights = w._apply_update(head, lane.full, lane.version)
-            if weights is not None:
-                return weights
-        weights, nbytes = runs.load_weights_counted(w.store, head)
-        w.bytes_received += nbytes
-        w.full_downloads += 1
-        return weights
 
     def _adopt(self, lane: LaneState, head: Head, weights: dict[str, torch.Tensor]) -> None:
         w = self.w

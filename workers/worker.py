@@ -276,13 +276,7 @@ class Worker:
         True if it loaded new weights (the other ranks then need them)."""
         if self.version == head.version:
             return False
-        weights = None
-        if head.update and self.global_version == head.version - 1 and self.download_codec is not None:
-            weights = self._apply_update(head, self.global_full, self.global_version)
-        if weights is None:
-            weights, nbytes = runs.load_weights_counted(self.store, head)
-            self.bytes_received += nbytes
-            self.full_downloads += 1
+        weights = self._fetch_weights(head, self.global_full, self.global_version)
         self.model.load_state_dict(weights)
         self.global_full, self.global_version = weights, head.version
         # On a CPU fp32 model these are the same tensors as global_full (no copy).
@@ -293,6 +287,19 @@ class Worker:
                               full_downloads=self.full_downloads, updates_applied=self.updates_applied,
                               update_fallbacks=self.update_fallbacks)
         return True
+
+    def _fetch_weights(self, head, base: dict[str, torch.Tensor], base_version: int | None) -> dict[str, torch.Tensor]:
+        """The weights of `head` (the run's, or a fragment's): `base` (version `base_version`) plus the
+        published update when it is the version before, else (or if the update is unusable) the full
+        object. Counted in the bytes_received and full_downloads stats."""
+        if head.update and base_version == head.version - 1 and self.download_codec is not None:
+            weights = self._apply_update(head, base, base_version)
+            if weights is not None:
+                return weights
+        weights, nbytes = runs.load_weights_counted(self.store, head)
+        self.bytes_received += nbytes
+        self.full_downloads += 1
+        return weights
 
     def _apply_update(self, head, base: dict[str, torch.Tensor], base_version: int) -> dict[str, torch.Tensor] | None:
         """Version `head`'s weights from `base` (version `base_version`, the one before) and its update,
