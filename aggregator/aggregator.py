@@ -204,11 +204,11 @@ class Aggregator:
         w_key, m_key = keys.weights_object(self.lane, version, token), keys.momentum_object(self.lane, version, token)
         # Idempotent: a round redone under the same token (its commit hit an outage) writes the same bytes.
         def write_state(key: str, state: dict) -> str:
-            return put_idempotent(self.store, key, model.to_bytes(state, run=self.s.run, version=str(version)))
+            return put_idempotent(self.store, key, model.to_parts(state, run=self.s.run, version=str(version)))
 
         try:
             new_w, residual, upd = self._publish_update(old, new_w, residual, version, token, download)
-            # weights and momentum serialised and written side by side (both release the GIL)
+            # weights and momentum hashed and written side by side from their own memory (no copy)
             w_future = self.pool.submit(write_state, w_key, new_w)
             m_sha = write_state(m_key, update.join_momentum(new_m, residual))
             w_sha = w_future.result()

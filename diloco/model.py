@@ -62,11 +62,17 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(n for n, t in state.items() if t.is_floating_point())
 
 
-def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytearray:
+def to_parts(tensors: dict[str, torch.Tensor], **metadata: str) -> list[stbytes.Buffer]:
     """Deterministic safetensors bytes (one metadata key, since safetensors orders several keys at
-    random), written with one copy of the data (diloco/stbytes.py)."""
+    random) as pieces that alias the tensors (diloco/stbytes.py): the store writes and hashes them
+    with no copy."""
     meta = json.dumps({"format": WEIGHTS_FORMAT, **metadata}, sort_keys=True, separators=(",", ":"))
-    return stbytes.save(tensors, {"diloco": meta})
+    return stbytes.parts(tensors, {"diloco": meta})
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytearray:
+    """`to_parts` in one buffer."""
+    return stbytes.join(to_parts(tensors, **metadata))
 
 
 def from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:

@@ -3,12 +3,13 @@
 Deltas are added in the order they are given: the aggregator gives them in the order of their
 entries in the deltas stream, which is durable, so a round redone after a crash sums the same
 numbers in the same order and yields bit-identical weights (runs committed before that order
-list their entries sorted by worker id, and replay them so). Each worker's delta is decoded into
-a staging buffer and checked complete before it touches the accumulator: a bad shard rejects
-that worker only; a sparse codec's (topk) delta is staged as the positions and values it sent and
-scatter-added, so its cost per worker is O(sent), not O(model). Memory is O(model): the
-accumulator, one staging buffer, and the next worker's shards downloading concurrently while the
-current one is decoded.
+list their entries sorted by worker id, and replay them so). Each worker's delta is decoded and
+checked complete before it touches the accumulator: a bad shard rejects that worker only. The
+decoded delta is its shards' pieces (diloco/shards.py `DeltaBuffer`): an fp32 piece is a view of
+the bytes fetched, so no staging copy is made; a sparse codec's (topk) delta is the positions and
+values it sent, scatter-added, so its cost per worker is O(sent), not O(model). Memory is O(model):
+the accumulator, one delta's shard bytes (and decoded pieces for a lossy codec), and the next
+worker's shards downloading concurrently while the current one is checked.
 
 `Reducer` takes one delta at a time, so the aggregator reduces each as soon as it is announced,
 while the other workers still train (the pipelined reduce): once the round closes only the last
@@ -75,7 +76,7 @@ class Reducer:
         crash_point("during_download")
         buf = DeltaBuffer(self.like)
         try:
-            while futures:  # each shard's bytes are dropped once decoded, not kept until the delta is done
+            while futures:
                 buf.add_shard(futures.pop(0).result(), self.codec)
             buf.check_complete()
             norm = buf.norm()

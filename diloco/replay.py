@@ -9,7 +9,6 @@ tests check exactly that.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from diloco.codecs import get_codec
 from diloco.messages import Announcement
 from diloco.outer import outer_step
 from diloco.reduce import reduce_round
-from diloco.store import ObjectStore
+from diloco.store import ObjectStore, sha256_of
 
 
 @dataclass
@@ -68,8 +67,8 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
             else:  # what the aggregator published: the base plus the decoded update
                 shards, residual = update.encode(weights, stepped, residual, download, cfg.shard_bytes)
                 weights = update.apply(weights, update.decode(shards, weights, download))
-            data = model.to_bytes(weights, run=cfg.run, version=entry["version"])
-            matches = factors_ok and not red.rejected and _sha(data) == entry["weights_sha256"]
+            data = model.to_parts(weights, run=cfg.run, version=entry["version"])
+            matches = factors_ok and not red.rejected and sha256_of(data) == entry["weights_sha256"]
             yield Recomputed(entry, weights, momentum, matches)
 
 
@@ -93,10 +92,6 @@ def _factors(entry: dict[str, str], anns: list[Announcement]) -> tuple[list[tupl
     ok = (entry["delta_weights"] == ",".join(repr(w) for w, _ in pairs)
           and entry["delta_scales"] == ",".join(repr(s) for _, s in pairs))
     return pairs, ok
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def announcement(r: redis.Redis, run: str, entry_id: str, archive: dict[str, dict[str, str]] | None = None

@@ -19,8 +19,6 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 from diloco import stbytes
 from diloco.codecs import Codec
@@ -39,16 +37,50 @@ def max_shard_object_bytes(shard_bytes: int) -> int:
     return shard_bytes + _HEADER_SLACK
 
 
+def flat_delta(base: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`base - local` in fp32 for each tensor of `base`, as views of one fresh CPU buffer laid out as
+    the shards read it (sorted names, end to end): an fp32 shard's slice is then a view, not a copy."""
+    out = unflatten(torch.empty(sum(t.numel() for t in base.values()), dtype=torch.float32), base)
+    for name, view in out.items():
+        g, mine = base[name].to(torch.float32), local[name].to(torch.float32)
+        if g.device.type == mine.device.type == "cpu":
+            torch.sub(g, mine, out=view)
+        else:
+            view.copy_(g - mine)
+    return out
+
+
 def encode_delta(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int) -> list[bytes]:
     """Encode fp32 tensors into shards; names in sorted order so the output is deterministic."""
+    return [bytes(stbytes.join(parts)) for parts in encode_delta_parts(delta, codec, shard_bytes)]
+
+
+def encode_delta_parts(delta: dict[str, torch.Tensor], codec: Codec, shard_bytes: int) -> list[list[stbytes.Buffer]]:
+    """`encode_delta`'s shards as pieces (diloco/stbytes.py) that may alias `delta`: for fp32 and a
+    `flat_delta`, each shard is its header and a view of the delta, written out with no copy."""
     flats = {name: delta[name].detach().reshape(-1) for name in sorted(delta)}
 
     def slice_of(segments: list[list]) -> torch.Tensor:
-        pieces = [flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments]
-        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()
+        return _end_to_end([flats[name][start:start + numel].to(torch.float32) for name, start, numel in segments])
 
     numels = {n: f.numel() for n, f in flats.items()}
     return [shard for shard, _, _ in _encode_slices(numels, slice_of, codec, shard_bytes)]
+
+
+def _end_to_end(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces as one contiguous tensor: a view when they already lie end to end in one storage
+    (a `flat_delta`'s), else a copy."""
+    full = [p for p in pieces if p.numel()]   # an empty view's data pointer is 0, wherever it is
+    if not full:
+        return pieces[0].contiguous()
+    first = full[0]
+    end = first.data_ptr()
+    for p in full:
+        if not (p.is_contiguous() and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                and p.data_ptr() == end):
+            return torch.cat(pieces) if len(pieces) > 1 else first.contiguous()
+        end += p.numel() * p.element_size()
+    return first.as_strided((sum(p.numel() for p in full),), (1,))
 
 
 def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, torch.Tensor], codec: Codec,
@@ -79,7 +111,7 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
 
     shards, sent, offset = [], [], 0  # each shard's slice follows the previous one's in `target`
     for shard, parts, numel in _encode_slices(numels, slice_of, codec, shard_bytes):
-        shards.append(shard)
+        shards.append(bytes(stbytes.join(shard)))  # a copy: `target` changes below, and pieces may alias it
         if codec.sparse:  # what was sent, as the aggregator scatter-adds it
             positions, values = codec.decode_sparse(parts, numel)
             target.index_add_(0, positions + offset, values, alpha=-1)
@@ -92,15 +124,14 @@ def encode_with_feedback(delta: dict[str, torch.Tensor], residual: dict[str, tor
 
 
 def _encode_slices(numels: dict[str, int], slice_of: Callable[[list[list]], torch.Tensor], codec: Codec,
-                   shard_bytes: int) -> Iterator[tuple[bytes, dict[str, torch.Tensor], int]]:
-    """(shard, the codec's parts in it, elements in its slice) for each shard of the tensors `numels`
+                   shard_bytes: int) -> Iterator[tuple[list[stbytes.Buffer], dict[str, torch.Tensor], int]]:
+    """(shard as pieces, the codec's parts in it, elements in its slice) for each shard of the tensors `numels`
     (in sorted name order), `slice_of(segments)` giving each shard's slice as 1-D contiguous fp32."""
     for segments in plan_segments(numels, codec, shard_bytes):
         x = slice_of(segments)
         parts = codec.encode(x)
         meta = json.dumps({"format": FORMAT, "codec": codec.name, "segments": segments}, separators=(",", ":"))
-        shard = bytes(stbytes.save(parts, {"diloco": meta}))  # bytes: safetensors reads only those
-        yield shard, parts, x.numel()
+        yield stbytes.parts(parts, {"diloco": meta}), parts, x.numel()
 
 
 def plan_segments(numels: dict[str, int], codec: Codec, shard_bytes: int) -> list[list[list]]:
@@ -185,10 +216,10 @@ def _parse_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[lis
                                                                              dict[str, torch.Tensor], int]:
     """(checked segments, the codec's parts, elements in the slice) of one shard."""
     try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
+        tensors, header_meta = stbytes.views(data)   # no copy: an fp32 part is a view of `data`
+    except stbytes.FormatError as e:
         raise BadShard(f"not a safetensors object: {e}") from None
-    meta = _metadata(data)
+    meta = _metadata(header_meta)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise BadShard(f"shard format is {found!r}, expected {FORMAT!r}")
@@ -238,11 +269,9 @@ def _check_segment(segment: object, numels: dict[str, int]) -> tuple[str, int, i
     return name, start, numel
 
 
-def _metadata(data: bytes) -> object:
-    # safetensors: 8-byte little-endian header length, then the JSON header holding __metadata__.
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    if not isinstance(meta, dict) or "diloco" not in meta:
+def _metadata(meta: dict[str, str]) -> object:
+    """The shard's own metadata: the JSON under the safetensors metadata key `diloco`."""
+    if "diloco" not in meta:
         return None
     try:
         return json.loads(meta["diloco"])
@@ -253,41 +282,50 @@ def _metadata(data: bytes) -> object:
 class DeltaBuffer:
     """One worker's decoded delta, checked to cover every float tensor exactly once.
 
-    `buffer` holds the tensors end to end in sorted name order, the order shards are written in, so
-    a shard's slice usually lands with one copy; `flat` maps each name to its view of `buffer`. A
-    sparse codec's shards are kept as the positions in `buffer` and the values there instead: `add_to`
-    scatter-adds them and `norm` measures them, so the aggregator never writes, adds or reads the
-    dense buffer (O(sent) instead of O(model) per delta); it is filled only if `buffer` is read.
+    The delta is kept as the pieces its shards decoded to, each at its place in `buffer` (the
+    tensors end to end in sorted name order, the order shards are written in): an fp32 shard's
+    piece is a view of the bytes fetched (diloco/stbytes.py `views`), so checking a delta and adding
+    it to the accumulator copies nothing, and no model-sized staging buffer is allocated per delta.
+    A sparse codec's (topk) pieces are the positions in `buffer` and the values there: `add_to`
+    scatter-adds them and `norm` measures them, O(sent) instead of O(model) per delta. The dense
+    `buffer` (and `flat`, each name's view of it) is built only if it is read.
     """
 
     def __init__(self, like: dict[str, torch.Tensor]) -> None:
         self.numels = {name: like[name].numel() for name in sorted(like)}
         self.offsets = _offsets(self.numels)
-        # Uninitialised: check_complete proves every element was written before it is read.
-        self._buffer = torch.empty(sum(self.numels.values()), dtype=torch.float32)
-        self._views = dict(zip(self.numels, self._buffer.split(list(self.numels.values())), strict=True))
         self.covered: dict[str, list[tuple[int, int]]] = {name: [] for name in like}
         self._sparse = False
+        self._dense: list[tuple[list[tuple[str, int, int]], torch.Tensor]] = []   # (segments, values)
         self._positions: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._filled = 0  # sparse pieces written into _buffer
+        self._buffer: torch.Tensor | None = None
+        self._filled = -1   # pieces in _buffer, if built
 
     @property
     def buffer(self) -> torch.Tensor:
-        self._fill()
+        pieces = len(self._positions) if self._sparse else len(self._dense)
+        if self._buffer is None or self._filled != pieces:
+            self._buffer = self._build()
+            self._filled = pieces
         return self._buffer
+
+    def _build(self) -> torch.Tensor:
+        total = sum(self.numels.values())
+        if self._sparse:   # what was not sent is zero
+            out = torch.zeros(total, dtype=torch.float32)
+            if self._positions:
+                out[torch.cat(self._positions)] = torch.cat(self._values)
+            return out
+        out = torch.empty(total, dtype=torch.float32)   # check_complete proves every element is written
+        for segments, values in self._dense:
+            for at, pos, numel in self._places(segments):
+                out[at:at + numel] = values[pos:pos + numel]
+        return out
 
     @property
     def flat(self) -> dict[str, torch.Tensor]:
-        self._fill()
-        return self._views
-
-    def _fill(self) -> None:
-        """Write a sparse delta's pieces into the dense buffer (again if more arrived since)."""
-        if self._sparse and self._filled != len(self._positions):
-            self._buffer.zero_()
-            self._buffer[torch.cat(self._positions)] = torch.cat(self._values)
-            self._filled = len(self._positions)
+        return dict(zip(self.numels, self.buffer.split(list(self.numels.values())), strict=True))
 
     def add_shard(self, data: bytes, codec: Codec) -> None:
         if codec.sparse:
@@ -297,19 +335,32 @@ class DeltaBuffer:
             self._values.append(values)
         else:
             segments, values = decode_slice(data, codec, self.numels)
-            self._write(segments, values)
+            self._dense.append((segments, values))
         for name, start, numel in segments:
             self.covered[name].append((start, numel))
 
     def add_to(self, acc: torch.Tensor, alpha: float = 1.0) -> None:
-        """acc += alpha * this delta (acc laid out as `buffer`)."""
+        """acc += alpha * this delta (acc laid out as `buffer`), piece by piece: the same bits as one
+        add of the whole buffer (elementwise; tests/test_shards.py checks it)."""
         if self._sparse:
             acc.index_add_(0, torch.cat(self._positions), torch.cat(self._values), alpha=alpha)
-        else:
-            acc.add_(self._buffer, alpha=alpha)
+            return
+        for segments, values in self._dense:
+            for at, pos, numel in self._places(segments):
+                acc[at:at + numel].add_(values[pos:pos + numel], alpha=alpha)
+
+    def _places(self, segments: list[tuple[str, int, int]]) -> list[tuple[int, int, int]]:
+        """(where in `buffer`, where in the slice, elements) of a shard's slice: one run when its
+        segments lie end to end in `buffer`, as encode_delta writes them."""
+        begin = self._begin(segments)
+        if begin is not None:
+            return [(begin, 0, sum(numel for _, _, numel in segments))]
+        at = itertools.accumulate((numel for _, _, numel in segments), initial=0)
+        return [(self.offsets[name] + start, pos, numel)
+                for (name, start, numel), pos in zip(segments, at, strict=False)]
 
     def norm(self) -> float:
-        return l2_norm(self._values if self._sparse else [self._buffer])
+        return l2_norm(self._values if self._sparse else [v for _, v in self._dense])
 
     def _begin(self, segments: list[tuple[str, int, int]]) -> int | None:
         """Where the slice starts in `buffer` if its segments lie end to end there (as encode_delta
@@ -321,16 +372,6 @@ class DeltaBuffer:
                 return None
             pos += numel
         return begin
-
-    def _write(self, segments: list[tuple[str, int, int]], values: torch.Tensor) -> None:
-        begin = self._begin(segments)
-        if begin is not None:
-            self._buffer[begin:begin + values.numel()] = values
-            return
-        pos = 0
-        for name, start, numel in segments:
-            self._views[name][start:start + numel] = values[pos:pos + numel]
-            pos += numel
 
     def _buffer_positions(self, segments: list[tuple[str, int, int]], positions: torch.Tensor) -> torch.Tensor:
         """Positions in the slice to positions in `buffer`."""

@@ -1,10 +1,16 @@
-"""safetensors bytes with one copy of the data: the same bytes as `safetensors.torch.save`.
+"""safetensors bytes without extra copies: the same bytes as `safetensors.torch.save`.
 
 `safetensors.torch.save` copies every tensor into a Python `bytes` and then all of them into the
 result: two model-sized copies at once, which were most of the aggregator's peak memory (it
-serialises the weights and the momentum side by side) and of a worker's encode time. This writer
-lays the header and each tensor's bytes straight into one buffer. tests/test_stbytes.py checks it
-against `safetensors.torch.save` byte for byte; reading stays with the safetensors library.
+serialises the weights and the momentum side by side) and of a worker's encode time. `parts` gives
+the header and then each tensor's own memory (no copy for a contiguous CPU tensor), which the object
+store hashes and writes piece by piece; `save` joins them into one buffer (one copy).
+tests/test_stbytes.py checks both against `safetensors.torch.save` byte for byte.
+
+`views` reads an object without copying it: each tensor is a read-only view of the bytes, after
+the checks safetensors itself makes (a header that parses, known dtypes, offsets that match the
+shapes and tile the data exactly). The reduce reads a delta shard's values straight from the bytes
+it fetched (docs/architecture.md, "The sync path").
 
 The format: an 8-byte little-endian header length, the JSON header (`__metadata__` first, then
 each tensor's dtype, shape and data offsets, compact, padded with spaces to a multiple of 8), then
@@ -15,7 +21,10 @@ kinds first (its Rust enum order, descending), then by name.
 from __future__ import annotations
 
 import json
+import math
 import struct
+import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -27,11 +36,20 @@ _DTYPES = (
     (torch.float64, "F64"), (torch.int64, "I64"), (torch.uint64, "U64"),
 )
 _NAME = {dtype: name for dtype, name in _DTYPES}
+_DTYPE = {name: dtype for dtype, name in _DTYPES}
 _RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
 
+Buffer = bytes | bytearray | memoryview
 
-def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
-    """The safetensors serialisation of `tensors` (on any device; copied to the CPU one at a time)."""
+
+class FormatError(ValueError):
+    """The bytes are not a safetensors object."""
+
+
+def parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list[Buffer]:
+    """The safetensors serialisation of `tensors` as pieces: the header, then each tensor's bytes
+    (its own memory if it is a contiguous CPU tensor, else a contiguous CPU copy). The pieces
+    alias the tensors: write them out before changing the tensors."""
     for name, t in tensors.items():
         if t.dtype not in _NAME:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors does not store")
@@ -45,16 +63,93 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
         offset += nbytes
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)
-    out = bytearray(8 + len(head) + offset)
-    out[:8] = struct.pack("<Q", len(head))
-    out[8:8 + len(head)] = head
-    view = memoryview(out)
-    pos = 8 + len(head)
+    out: list[Buffer] = [struct.pack("<Q", len(head)) + head]
     for name in order:
         t = tensors[name].detach()
         if t.numel():
-            flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            dest = torch.frombuffer(view[pos:pos + flat.numel()], dtype=torch.uint8)
-            dest.copy_(flat)
-            pos += flat.numel()
+            out.append(_memory(t))
     return out
+
+
+def _memory(t: torch.Tensor) -> memoryview:
+    flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())   # the array keeps the tensor (and its storage) alive
+
+
+def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
+    """The safetensors serialisation of `tensors` (on any device) in one buffer."""
+    return join(parts(tensors, metadata))
+
+
+def join(pieces: Buffer | Sequence[Buffer]) -> bytearray:
+    """Pieces (as `parts` gives them) laid end to end in one buffer: one copy."""
+    if isinstance(pieces, bytes | bytearray | memoryview):
+        return bytearray(pieces)
+    return bytearray().join(pieces)
+
+
+def views(data: Buffer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors object, each tensor a read-only view of `data`.
+
+    FormatError for anything safetensors would refuse to load. The views must not be written to."""
+    header, base = _header(data)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError("__metadata__ is not a map of strings")
+    size = len(data) - base
+    spans, out = [], {}
+    for name, info in header.items():
+        dtype, shape, (begin, end) = _entry(name, info)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= begin <= end <= size or end - begin != math.prod(shape) * itemsize:
+            raise FormatError(f"tensor {name!r}: data_offsets {[begin, end]} do not fit shape {shape} "
+                              f"of {_NAME[dtype]} in {size} bytes")
+        if (base + begin) % itemsize:   # safetensors' own layout never is: refuse, not read unaligned
+            raise FormatError(f"tensor {name!r}: its data is not aligned to its {itemsize}-byte elements")
+        spans.append((begin, end))
+        out[name] = _view(data, dtype, base + begin, math.prod(shape)).view(shape)
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise FormatError(f"tensor data overlaps or leaves a gap at byte {pos}")
+        pos = end
+    if pos != size:
+        raise FormatError(f"the tensors hold {pos} bytes, the object {size} after its header")
+    return out, meta
+
+
+def _header(data: Buffer) -> tuple[dict, int]:
+    if len(data) < 8:
+        raise FormatError(f"{len(data)} bytes: shorter than the 8-byte header length")
+    n = struct.unpack_from("<Q", data)[0]
+    if n > len(data) - 8:
+        raise FormatError(f"header length {n} exceeds the {len(data) - 8} bytes that follow")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError("header is not a JSON object")
+    return header, 8 + n
+
+
+def _entry(name: str, info: object) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    if not isinstance(info, dict):
+        raise FormatError(f"tensor {name!r}: entry is not an object")
+    dtype = _DTYPE.get(info.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if dtype is None:
+        raise FormatError(f"tensor {name!r}: unknown dtype {str(info.get('dtype'))[:20]!r}")
+    ints = lambda xs, n=None: (isinstance(xs, list) and (n is None or len(xs) == n)  # noqa: E731
+                               and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in xs))
+    if not ints(shape) or not ints(offsets, 2):
+        raise FormatError(f"tensor {name!r}: malformed shape or data_offsets")
+    return dtype, shape, (offsets[0], offsets[1])
+
+
+def _view(data: Buffer, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():  # bytes are read-only: so are the views (never written to)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype, count=count, offset=offset)

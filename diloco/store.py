@@ -17,6 +17,7 @@ import os
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -60,6 +61,27 @@ def _validate_prefix(prefix: str) -> str:
     return prefix
 
 
+Buffer = bytes | bytearray | memoryview
+# An object's bytes, whole or as pieces laid end to end (diloco.stbytes.parts: a tensor's own memory),
+# so a writer need not join a model-sized object into one buffer first.
+Payload = Buffer | Sequence[Buffer]
+
+
+def pieces(data: Payload) -> list[Buffer]:
+    return [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+
+
+def payload_size(data: Payload) -> int:
+    return sum(memoryview(p).nbytes for p in pieces(data))
+
+
+def sha256_of(data: Payload) -> str:
+    h = hashlib.sha256()
+    for p in pieces(data):
+        h.update(p)
+    return h.hexdigest()
+
+
 def _verify(key: str, data: bytes, sha256: str | None) -> bytes:
     if sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
@@ -79,8 +101,9 @@ class ObjectStore(ABC):
     url: str  # as opened; never carries secrets (credentials come from the environment)
 
     @abstractmethod
-    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:
-        """Create `key` with `data`; return its sha256 hex. ObjectExists if the key is taken.
+    def put(self, key: str, data: Payload, *, durable: bool = True) -> str:
+        """Create `key` with `data` (bytes, or pieces laid end to end); return its sha256 hex.
+        ObjectExists if the key is taken.
 
         `durable=False` may skip making the object survive a machine crash (a file store's fsync):
         for objects always read with their sha256 checked and never needed after a crash (delta
@@ -129,7 +152,7 @@ class FileStore(ObjectStore):
     def _unreachable(self, why: object) -> Unreachable:
         return Unreachable(f"object store {self.url} cannot be reached: {why}")
 
-    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:
+    def put(self, key: str, data: Payload, *, durable: bool = True) -> str:
         try:
             return self._put(key, data, durable)
         except (ObjectExists, ConfigError):
@@ -137,16 +160,18 @@ class FileStore(ObjectStore):
         except OSError as e:  # the directory is gone, unmounted, full or read-only: an outage
             raise self._unreachable(e) from None
 
-    def _put(self, key: str, data: bytes, durable: bool) -> str:
+    def _put(self, key: str, data: Payload, durable: bool) -> str:
         path = self._path(key)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
         self._mkdirs(path.parent)
         tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                for piece in pieces(data):
+                    view = memoryview(piece).cast("B")
+                    while view:   # an unbuffered write may take less than it is given
+                        view = view[f.write(view):]
                 if durable:
                     os.fsync(f.fileno())  # the link below must never publish unwritten blocks
             try:
@@ -312,11 +337,12 @@ class S3Store(ObjectStore):
                                "check the AWS credentials")
         return e
 
-    def put(self, key: str, data: bytes, *, durable: bool = True) -> str:  # S3 objects are always durable
+    def put(self, key: str, data: Payload, *, durable: bool = True) -> str:  # S3 objects are always durable
         full = self._key(key)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
+        body = data if isinstance(data, bytes | bytearray) else b"".join(pieces(data))  # botocore: one body
         try:
-            self._client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
                                     Metadata={"sha256": digest})
         except Exception as e:
             raise self._translate(e, key) from e
@@ -430,7 +456,7 @@ def open_store(url: str, *, concurrency: int = 16) -> ObjectStore:
     raise ConfigError(f"object store URL {url!r} is not supported; use {ACCEPTED_FORMS}")
 
 
-def put_idempotent(store: ObjectStore, key: str, data: bytes, *, durable: bool = True) -> str:
+def put_idempotent(store: ObjectStore, key: str, data: Payload, *, durable: bool = True) -> str:
     """Create-only write that accepts an identical object already there (a retried write landed).
 
     ObjectExists only if the existing object differs: immutable objects are never replaced.
@@ -438,7 +464,7 @@ def put_idempotent(store: ObjectStore, key: str, data: bytes, *, durable: bool =
     try:
         return store.put(key, data, durable=durable)
     except ObjectExists:
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_of(data)
         if hashlib.sha256(store.get(key)).hexdigest() != sha:
             raise
         return sha

@@ -18,7 +18,9 @@ from diloco.shards import (
     DeltaBuffer,
     decode_shard,
     encode_delta,
+    encode_delta_parts,
     encode_with_feedback,
+    flat_delta,
     max_shard_object_bytes,
     plan_segments,
 )
@@ -70,6 +72,29 @@ GOOD_SEGMENTS = [["a", 0, 4], ["b", 0, 2]]
 
 
 # --- round trip --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", [FP32, BF16, get_codec("int8"), get_codec("topk")])
+@pytest.mark.parametrize("shard_bytes", [40, 1000, 1 << 20])
+def test_a_flat_delta_encodes_to_the_bytes_of_a_delta_of_separate_tensors(codec, shard_bytes):
+    base, local = _delta(1), _delta(2)
+    separate = {n: base[n] - local[n] for n in base}
+    flat = flat_delta(base, local)
+    assert all(torch.equal(flat[n], separate[n]) and flat[n].shape == separate[n].shape for n in base)
+    expected = encode_delta(separate, codec, shard_bytes)
+    assert [b"".join(p) for p in encode_delta_parts(flat, codec, shard_bytes)] == expected
+    assert encode_delta(flat, codec, shard_bytes) == expected
+
+
+def test_an_fp32_shard_of_a_flat_delta_is_a_view_of_it_not_a_copy():
+    """Its slice spans several tensors, yet the shard's data is the delta's own memory."""
+    flat = flat_delta(_delta(1), _delta(2))
+    (header, body), = encode_delta_parts(flat, FP32, 1 << 20)
+    before = bytes(body)
+    for t in flat.values():
+        t.add_(1.0)
+    assert bytes(body) != before
+    assert b"".join([header, body]) == encode_delta(flat, FP32, 1 << 20)[0]
+
 
 def test_fp32_round_trip_is_exact():
     delta = _delta()
@@ -678,3 +703,31 @@ def test_l2_norm_agrees_with_float64_on_a_large_delta_and_does_not_overflow():
     assert l2_norm(parts) == pytest.approx(exact, rel=1e-8)
     huge = torch.full((3000,), 1e20)
     assert l2_norm([huge]) == pytest.approx(float(torch.linalg.vector_norm(huge.double())), rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.37, 1 / 3])
+def test_adding_a_delta_piece_by_piece_gives_the_bits_of_one_add_of_the_whole(alpha):
+    """The reduce adds each shard's piece where it lies; runs committed before summed the delta as
+    one buffer: the same bits, or a replay of those runs would not match."""
+    g = torch.Generator().manual_seed(3)
+    like = {"a": torch.zeros(100_003), "b": torch.zeros(77, 13), "c": torch.zeros(5)}
+    delta = {n: torch.randn(t.shape, generator=g) for n, t in like.items()}
+    buf = DeltaBuffer(like)
+    for shard in encode_delta(delta, FP32, 40_000):
+        buf.add_shard(shard, FP32)
+    buf.check_complete()
+    acc = torch.randn(sum(t.numel() for t in like.values()), generator=g)
+    whole = acc.clone().add_(torch.cat([delta[n].reshape(-1) for n in sorted(delta)]), alpha=alpha)
+    buf.add_to(acc, alpha)
+    assert torch.equal(acc, whole)
+
+
+def test_an_fp32_delta_is_read_from_the_shard_bytes_without_a_staging_copy():
+    delta = {"a": torch.arange(6, dtype=torch.float32)}
+    shard = bytearray(encode_delta(delta, FP32, 1 << 20)[0])
+    buf = DeltaBuffer(delta)
+    buf.add_shard(shard, FP32)
+    shard[-4:] = torch.tensor([50.0]).numpy().tobytes()   # the piece is the fetched bytes themselves
+    acc = torch.zeros(6)
+    buf.add_to(acc)
+    assert acc.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 50.0]

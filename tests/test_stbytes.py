@@ -57,3 +57,63 @@ def test_a_view_and_a_non_contiguous_tensor_are_written_as_their_values():
 def test_a_dtype_safetensors_cannot_store_is_refused_by_name():
     with pytest.raises(TypeError, match=r"tensor 'c' has dtype torch\.complex64"):
         stbytes.save({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+@settings(max_examples=200, deadline=None)
+@given(state_dicts())
+def test_parts_are_the_same_bytes_and_views_read_them_back(tensors):
+    pieces = stbytes.parts(tensors, {"diloco": "x"})
+    data = bytes(stbytes.join(pieces))
+    assert data == st_save(tensors, metadata={"diloco": "x"})
+    back, meta = stbytes.views(data)
+    assert meta == {"diloco": "x"}
+    assert set(back) == set(tensors)
+    assert all(back[n].dtype == t.dtype and torch.equal(back[n], t) for n, t in tensors.items())
+
+
+def test_parts_alias_a_contiguous_tensor_instead_of_copying_it():
+    t = torch.zeros(1000)
+    _head, body = stbytes.parts({"t": t})
+    t += 1   # the piece is the tensor's memory, not a snapshot of it
+    assert bytes(body) == torch.ones(1000).numpy().tobytes()
+
+
+def test_views_share_the_bytes_they_read():
+    data = bytearray(stbytes.save({"t": torch.arange(4, dtype=torch.float32)}))
+    back, _ = stbytes.views(data)
+    data[-4:] = torch.tensor([9.0]).numpy().tobytes()
+    assert back["t"].tolist() == [0.0, 1.0, 2.0, 9.0]
+
+
+def _object(header: dict, body: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + body
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b"\x01\x02", r"shorter than the 8-byte header length"),
+    ((500).to_bytes(8, "little") + b"{}", r"header length 500 exceeds the 2 bytes"),
+    ((2).to_bytes(8, "little") + b"{x", r"header is not JSON"),
+    (_object([1], b""), r"header is not a JSON object"),
+    (_object({"t": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), r"unknown dtype 'Q9'"),
+    (_object({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), r"malformed shape"),
+    (_object({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), r"do not fit shape \[2\]"),
+    (_object({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), r"hold 4 bytes, the object 8"),
+    (_object({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), r"overlaps or leaves a gap"),
+    (_object({"__metadata__": {"k": 1}}, b""), r"__metadata__ is not a map of strings"),
+])
+def test_views_refuse_what_safetensors_refuses_with_the_reason(data, match):
+    with pytest.raises(stbytes.FormatError, match=match):
+        stbytes.views(data)
+    with pytest.raises(Exception):  # noqa: B017 (safetensors' own errors vary by version)
+        st_load(data)
+
+
+def test_views_refuse_misaligned_data():
+    head = json.dumps({"t": {"dtype": "F32", "shape": [1], "data_offsets": [1, 5]},
+                       "u": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    head += b" " * (-len(head) % 8)
+    with pytest.raises(stbytes.FormatError, match=r"not aligned"):
+        stbytes.views(len(head).to_bytes(8, "little") + head + b"\0" * 5)

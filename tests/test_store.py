@@ -43,6 +43,16 @@ def test_put_get_round_trip_returns_sha256(store):
     assert store.get(KEY, sha256=digest, max_bytes=len(data)) == data
 
 
+def test_an_object_put_as_pieces_is_the_pieces_end_to_end(store):
+    import numpy as np
+    data = bytes(range(256)) * 400
+    array = np.frombuffer(data, dtype=np.float32)   # a piece that is some array's memory, as stbytes.parts gives
+    pieces = [data[:8], memoryview(array)[2:5000], bytearray(data[20000:20100]), memoryview(data)[20100:]]
+    digest = store.put(KEY, pieces, durable=False)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert store.get(KEY, sha256=digest) == data
+
+
 def test_put_is_create_only(store):
     store.put(KEY, b"first")
     with pytest.raises(ObjectExists):

@@ -30,6 +30,7 @@ from diloco import fragments, keys, runs, units
 from diloco.connect import Outage
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.messages import Head
+from diloco.shards import flat_delta
 
 if TYPE_CHECKING:
     from workers.worker import Worker
@@ -179,7 +180,7 @@ class Streaming:
         w, lane = self.w, self.lanes[f]
         t = time.perf_counter()
         local = fragments.part(w.model.state_dict(), lane.names)
-        delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in lane.state.items()}
+        delta = flat_delta(lane.state, local)
         loss = sum(losses) / len(losses)
         if w.observer is not None:
             from workers.worker import RoundInfo

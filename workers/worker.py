@@ -34,8 +34,8 @@ from diloco.config import RunConfig, WorkerSettings
 from diloco.connect import Outage, connect_redis
 from diloco.errors import BadInput, BadShard, ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
-from diloco.shards import encode_delta, encode_with_feedback, l2_norm
-from diloco.store import open_store, put_idempotent
+from diloco.shards import encode_delta_parts, encode_with_feedback, flat_delta, l2_norm
+from diloco.store import Payload, open_store, payload_size, put_idempotent, sha256_of
 from workers.checkpoint import Checkpoint
 from workers.heartbeat import Heartbeat
 from workers.inner import InnerLoop
@@ -308,8 +308,7 @@ class Worker:
         try:
             shards = update.fetch(self.store, head.update, head.update_sha256, self.cfg.shard_bytes)
             weights = update.apply(base, update.decode(shards, base, self.download_codec))
-            data = model.to_bytes(weights, run=self.s.run, version=str(head.version))
-            if hashlib.sha256(data).hexdigest() != head.weights_sha256:
+            if sha256_of(model.to_parts(weights, run=self.s.run, version=str(head.version))) != head.weights_sha256:
                 raise BadShard(f"applied to version {base_version}, it does not give the bytes of "
                                f"{head.weights}")
         except BadInput as e:  # missing, corrupt, truncated or not ours: the full weights are the truth
@@ -363,7 +362,7 @@ class Worker:
         if done.train_s > 0:
             self.steps_per_s = done.micro_batches / self.cfg.grad_accum / done.train_s
         local = self.model.state_dict()
-        delta = {n: (g - local[n].to(torch.float32)).cpu() for n, g in self.global_state.items()}
+        delta = flat_delta(self.global_state, local)
         mean_loss = sum(done.losses) / len(done.losses)
         if self.observer is not None:
             self.observer(RoundInfo(version, model.state_to_cpu(self.model), delta, self.optimizer,
@@ -381,14 +380,14 @@ class Worker:
         upload = f"{self.nonce}-{uuid.uuid4().hex[:8]}"
         names = [keys.delta_shard(lane or self.s.run, version, self.s.worker_id, upload, i)
                  for i in range(len(shards))]
-        def put(key: str, data: bytes) -> str:
+        def put(key: str, data: Payload) -> str:
             # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
             return (outage or self.outage).call("the object store",
                                                 lambda: put_idempotent(self.store, key, data, durable=False))
 
         with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
             shas = list(pool.map(put, names, shards))
-        sizes = tuple(len(s) for s in shards)
+        sizes = tuple(payload_size(s) for s in shards)
         self.bytes_sent += sum(sizes)
         self.heartbeat.update(bytes_sent=self.bytes_sent)
         samples = micro_batches * self.cfg.batch_size
@@ -400,14 +399,14 @@ class Worker:
             norm=norm, fragment=fragment,
         )
 
-    def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[bytes], float]:
+    def _encode_with_feedback(self, delta: dict[str, torch.Tensor], version: int) -> tuple[list[Payload], float]:
         """Encode delta + decay * residual; keep as the new residual what the aggregator will not see.
 
         decay is the codec's feedback_decay times the run's cooldown factor at `version`, the round's base.
         Returns the shards and the L2 norm of what they decode to (announced, checked by the aggregator).
         """
         if self.codec.name == "fp32":
-            return encode_delta(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
+            return encode_delta_parts(delta, self.codec, self.cfg.shard_bytes), l2_norm(delta.values())
         decay = self.codec.feedback_decay * schedule.cooldown(self.cfg, version)
         shards, residual, norm = encode_with_feedback(delta, self.residual, self.codec, decay, self.cfg.shard_bytes)
         self.residual = {**self.residual, **residual}   # streaming: one fragment's delta keeps the others' residuals
