@@ -397,13 +397,13 @@ AGG_ROWS = [
     ("diloco/runs.py", "load_momentum", "read + decode the head's momentum"),
     ("diloco/reduce.py", "add", "fetch+decode+reduce, each delta as it is accepted (inside collect)"),
     ("_base.py", "result", "  waiting on shard downloads (threads)"),
-    ("diloco/shards.py", "add_shard", "  decode shards into the staging buffer"),
+    ("diloco/shards.py", "add_shard", "  parse + check shards (fp32: views of the bytes)"),
     ("diloco/shards.py", "norm", "  norm check"),
     ("diloco/shards.py", "add_to", "  add to the accumulator"),
     ("diloco/shards.py", "unflatten", "  unflatten the mean"),
     ("aggregator/aggregator.py", "_step_and_commit", "step + write + commit + snapshot + retention"),
-    ("diloco/outer.py", "outer_step", "  outer Nesterov step"),
-    ("diloco/model.py", "to_bytes", "  serialize weights + momentum"),
+    ("diloco/outer.py", "outer_step_", "  outer Nesterov step (in place)"),
+    ("diloco/model.py", "to_parts", "  serialize weights + momentum (header + views)"),
     ("diloco/store.py", "put_idempotent", "  write weights + momentum"),
     ("diloco/scripts.py", "commit", "  commit script"),
     ("aggregator/aggregator.py", "_snapshot", "  snapshot"),
@@ -414,12 +414,13 @@ WORKER_ROWS = [
     ("workers/worker.py", "_train_round", "train H steps + delta + encode + upload"),
     ("torch/optim/optimizer.py", "wrapper", "  AdamW steps"),
     ("workers/worker.py", "_upload", "  encode + upload"),
-    ("diloco/shards.py", "encode_delta", "    encode"),
+    ("diloco/shards.py", "flat_delta", "  delta = global - local"),
+    ("diloco/shards.py", "encode_delta_parts", "    encode"),
     ("diloco/shards.py", "l2_norm", "    norm"),
     ("workers/worker.py", "_wait_for_version_after", "wait for the next version"),
     ("workers/worker.py", "_claim", "claim work units"),
     ("workers/worker.py", "_sync_to", "download + decode + load"),
-    ("diloco/runs.py", "load_weights", "  read + decode the weights"),
+    ("diloco/runs.py", "load_weights_counted", "  read + decode the weights"),
     ("bench/sync_task.py", "load_state_dict", "  load_state_dict"),
 ]
 
@@ -562,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"{profile_table(pdir / 'agg.prof', AGG_ROWS, args.profile_rounds)}\n\n"
                    f"Worker w0 under cProfile, same run:\n\n"
                    f"{profile_table(pdir / 'worker.prof', WORKER_ROWS, args.profile_rounds)}")
-        shutil.rmtree(pdir, ignore_errors=True)
+        if args.keep:
+            print(f"profiles kept in {pdir}", flush=True)
+        else:
+            shutil.rmtree(pdir, ignore_errors=True)
     print(table)
     print("\n" + extra)
     for t in stage_tables:

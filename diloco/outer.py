@@ -27,31 +27,55 @@ def outer_step_(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tens
                 mean_delta: dict[str, torch.Tensor], *, lr: float, mu: float, nesterov: bool = True) -> None:
     """Step `weights` and `momentum` in place (fp32 tensors are updated where they are; others are
     replaced in the dicts by their stepped value); `mean_delta` is only read."""
-    params = sorted(n for n in momentum if not n.startswith(DN))
-    # fp32 tensors become the parameters themselves (no copy); other dtypes step in an fp32 copy.
-    tensors = [torch.nn.Parameter(weights[n] if weights[n].dtype == torch.float32 else weights[n].to(torch.float32))
-               for n in params]
-    for p, n in zip(tensors, params, strict=True):
-        p.grad = mean_delta[n].reshape(p.shape).to(torch.float32)
-    opt = torch.optim.SGD(tensors, lr=lr, momentum=mu, nesterov=nesterov and mu > 0)
-    if mu > 0:
-        for p, n in zip(tensors, params, strict=True):
+    for n in sorted(n for n in momentum if not n.startswith(DN)):
+        # fp32 tensors step where they are (no copy); other dtypes step in an fp32 copy.
+        w = weights[n] if weights[n].dtype == torch.float32 else weights[n].to(torch.float32)
+        grad = mean_delta[n].reshape(w.shape).to(torch.float32)
+        if mu > 0:
             momentum[n] = momentum[n].to(torch.float32)
-            opt.state[p]["momentum_buffer"] = momentum[n]   # SGD updates it in place
-    with torch.no_grad():
-        opt.step()
-    for p, n in zip(tensors, params, strict=True):
+            sgd_step_(w, momentum[n], grad, lr=lr, mu=mu, nesterov=nesterov)
+        else:
+            w.add_(grad, alpha=-lr)
+            # SGD keeps no buffer at mu = 0; b = 0*b + d = d keeps the formula true for a later mu.
+            momentum[n] = grad.clone()
         if weights[n].dtype != torch.float32:
-            weights[n] = p.detach().to(weights[n].dtype)
-        # With mu = 0 SGD keeps no buffer; b = 0*b + d = d keeps the formula true for a later mu.
-        if mu == 0:
-            momentum[n] = p.grad.clone()
+            weights[n] = w.to(weights[n].dtype)
     for n, t in list(weights.items()):
         if n not in momentum and t.is_floating_point():
             if t.dtype == torch.float32:
                 t.sub_(mean_delta[n].reshape(t.shape))
             else:
                 weights[n] = (t.to(torch.float32) - mean_delta[n].reshape(t.shape)).to(t.dtype)
+
+
+_STEP_CHUNK = 1 << 16   # elements: the chunk of each tensor stays in the cache across the step's passes
+
+
+def sgd_step_(param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, mu: float,
+              nesterov: bool) -> None:
+    """`torch.optim.SGD`'s step with momentum `mu` > 0 (no dampening or weight decay), in place, bit
+    for bit: `buf = mu*buf + grad; param -= lr*(grad + mu*buf)` (or `lr*buf` without Nesterov).
+
+    The same elementwise operations as SGD's, run a cache-sized chunk at a time instead of each over
+    the whole tensor: SGD's four passes over memory and a model-sized temporary took 0.085 s for the
+    sync benchmark's 25M parameters, this 0.037 s (tests/test_outer.py checks the bits)."""
+    if not (param.is_contiguous() and buf.is_contiguous()):   # no flat views: the whole tensors at once
+        _sgd_pass(param, buf, grad, None, lr=lr, mu=mu, nesterov=nesterov)
+        return
+    p, b, g = param.view(-1), buf.view(-1), grad.reshape(-1)
+    tmp = torch.empty(min(_STEP_CHUNK, p.numel()), dtype=torch.float32, device=p.device) if nesterov else None
+    for at in range(0, p.numel(), _STEP_CHUNK):
+        end = min(at + _STEP_CHUNK, p.numel())
+        out = tmp[:end - at] if tmp is not None else None
+        _sgd_pass(p[at:end], b[at:end], g[at:end], out, lr=lr, mu=mu, nesterov=nesterov)
+
+
+def _sgd_pass(p: torch.Tensor, b: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, *, lr: float, mu: float,
+              nesterov: bool) -> None:
+    """torch/optim/sgd.py `_single_tensor_sgd`'s operations, in its order (`out`: room for the Nesterov term)."""
+    b.mul_(mu).add_(g)
+    step = (torch.add(g, b, alpha=mu, out=out) if out is not None else g.add(b, alpha=mu)) if nesterov else b
+    p.add_(step, alpha=-lr)
 
 
 def outer_step(weights: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],

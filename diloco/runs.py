@@ -73,11 +73,11 @@ def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
     return load_weights_counted(store, head)[0]
 
 
-def load_weights_counted(store: ObjectStore, head: Head) -> tuple[dict[str, torch.Tensor], int]:
+def load_weights_counted(store: ObjectStore, head: Head, *, views: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """(the weights of `head`, the bytes read): a worker counts what it downloads without asking the
-    store for the object's size (one more request)."""
+    store for the object's size (one more request). `views`: read-only (model.from_bytes)."""
     data = store.get(head.weights, sha256=head.weights_sha256)
-    return model.from_bytes(data, f"weights {head.weights}"), len(data)
+    return model.from_bytes(data, f"weights {head.weights}", views=views), len(data)
 
 
 def read_heads(r: redis.Redis, cfg: RunConfig) -> list[Head]:

@@ -198,3 +198,33 @@ def test_the_in_place_step_defaults_to_nesterov_and_steps_fp32_tensors_where_the
     torch.testing.assert_close(w["p"].to(F64), want_theta, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m["p"].to(F64), want_b, rtol=1e-6, atol=1e-6)
     assert w["p"] is kept_w and m["p"] is kept_m, "fp32 weights and momentum are stepped in place"
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("shape", [(3,), (70_001,), (300, 700), (5, 0)])
+def test_the_in_place_step_gives_the_bits_of_torch_sgd(nesterov, shape):
+    """diloco.outer.sgd_step_ runs SGD's operations a chunk at a time; committed runs were stepped by
+    torch.optim.SGD itself, and a replay of them must give the same bits."""
+    from diloco.outer import outer_step_
+
+    theta, b, d = _randn(*shape, seed=4), _randn(*shape, seed=5), _randn(*shape, seed=6)
+    p = torch.nn.Parameter(theta.clone())
+    p.grad = d.clone()
+    opt = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=nesterov)
+    opt.state[p]["momentum_buffer"] = b.clone()
+    with torch.no_grad():
+        opt.step()
+    w, m = {"p": theta.clone()}, {"p": b.clone()}
+    outer_step_(w, m, {"p": d}, lr=0.7, mu=0.9, nesterov=nesterov)
+    assert torch.equal(w["p"], p.detach()) and torch.equal(m["p"], opt.state[p]["momentum_buffer"])
+
+
+def test_a_non_contiguous_parameter_is_stepped_where_it_is():
+    from diloco.outer import outer_step_
+
+    theta, b, d = _randn(40, 30, seed=7), _randn(40, 30, seed=8), _randn(30, 40, seed=9)
+    w, m = {"p": theta.clone().t()}, {"p": b.clone().t()}
+    kept = w["p"]
+    want_w, want_m = outer_step({"p": theta.t()}, {"p": b.t()}, {"p": d}, lr=0.7, mu=0.9)
+    outer_step_(w, m, {"p": d}, lr=0.7, mu=0.9)
+    assert w["p"] is kept and torch.equal(kept, want_w["p"]) and torch.equal(m["p"], want_m["p"])

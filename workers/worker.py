@@ -296,7 +296,7 @@ class Worker:
             weights = self._apply_update(head, base, base_version)
             if weights is not None:
                 return weights
-        weights, nbytes = runs.load_weights_counted(self.store, head)
+        weights, nbytes = runs.load_weights_counted(self.store, head, views=True)   # only read
         self.bytes_received += nbytes
         self.full_downloads += 1
         return weights
