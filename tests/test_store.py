@@ -243,3 +243,30 @@ def test_a_file_store_syncs_durable_objects_and_skips_the_fsync_for_the_others(f
     synced.clear()
     assert store.put("a/fast", b"y", durable=False) == hashlib.sha256(b"y").hexdigest()
     assert synced == [] and store.get("a/fast") == b"y"
+
+
+def test_a_durable_file_object_is_flushed_chunk_by_chunk_and_a_failed_flush_fails_the_put(file_url, monkeypatch):
+    """Each 8 MiB is flushed while the next is written; a flush that fails (a disk error) is an
+    outage, and neither the object nor its temp file is left behind."""
+    import errno
+
+    import diloco.store as store_module
+
+    store = open_store(file_url)
+    store.check()
+    flushed, real = [], store_module.os.fdatasync
+    monkeypatch.setattr(store_module.os, "fdatasync", lambda fd: flushed.append(fd) or real(fd))
+    data = bytes(range(256)) * (20 << 12)   # 20 MiB: three chunks
+    assert store.put("a/big", data) == hashlib.sha256(data).hexdigest()
+    assert len(flushed) == 3 and store.get("a/big") == data
+    flushed.clear()
+    store.put("a/fast", data, durable=False)
+    assert flushed == []
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_module.os, "fdatasync", broken)
+    with pytest.raises(Unreachable, match="Input/output error"):
+        store.put("a/lost", data)
+    assert sorted(p.name for p in (store.root / "a").iterdir()) == ["big", "fast"]   # no temp file either
