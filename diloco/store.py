@@ -10,9 +10,12 @@ come from other, untrusted processes.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
+import io
+import itertools
 import os
 import re
 import threading
@@ -187,6 +190,42 @@ class _Flush(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+class _PiecesReader(io.RawIOBase):
+    """A seekable file over pieces laid end to end, for botocore to send as one body without joining
+    a model-sized object into one buffer first (it reads a block at a time, and seeks to retry)."""
+
+    def __init__(self, parts: list[Buffer]) -> None:
+        self._views = [memoryview(p).cast("B") for p in parts]
+        self._starts = list(itertools.accumulate((len(v) for v in self._views), initial=0))
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        out, done = memoryview(buffer).cast("B"), 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        while done < len(out) and i < len(self._views):
+            view = self._views[i][self._pos - self._starts[i]:][:len(out) - done]
+            out[done:done + len(view)] = view
+            done, self._pos, i = done + len(view), self._pos + len(view), i + 1
+        return done
 
 
 class FileStore(ObjectStore):
@@ -391,7 +430,7 @@ class S3Store(ObjectStore):
     def put(self, key: str, data: Payload, *, durable: bool = True) -> str:  # S3 objects are always durable
         full = self._key(key)
         digest = sha256_of(data)
-        body = data if isinstance(data, bytes | bytearray) else b"".join(pieces(data))  # botocore: one body
+        body = data if isinstance(data, bytes | bytearray) else _PiecesReader(pieces(data))
         try:
             self._client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
                                     Metadata={"sha256": digest})

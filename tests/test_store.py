@@ -270,3 +270,25 @@ def test_a_durable_file_object_is_flushed_chunk_by_chunk_and_a_failed_flush_fail
     with pytest.raises(Unreachable, match="Input/output error"):
         store.put("a/lost", data)
     assert sorted(p.name for p in (store.root / "a").iterdir()) == ["big", "fast"]   # no temp file either
+
+
+def test_the_s3_body_over_pieces_reads_and_seeks_as_their_bytes_end_to_end():
+    """botocore reads the body a block at a time and seeks back to retry a request."""
+    import io
+    import os
+
+    from diloco.store import _PiecesReader
+
+    data = os.urandom(100_003)
+    body = _PiecesReader([data[:10], memoryview(data)[10:5000], bytearray(), data[5000:]])
+    assert len(body) == len(data)
+    out = b""
+    while chunk := body.read(777):
+        out += chunk
+    assert out == data
+    body.seek(4990)
+    assert body.read(20) == data[4990:5010]
+    body.seek(-3, io.SEEK_END)
+    assert body.read() == data[-3:] and body.read(5) == b""
+    body.seek(0)
+    assert body.read() == data
