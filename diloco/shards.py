@@ -382,12 +382,12 @@ class DeltaBuffer:
 
     def _buffer_positions(self, segments: list[tuple[str, int, int]], positions: torch.Tensor) -> torch.Tensor:
         """Positions in the slice to positions in `buffer`."""
-        begin = self._begin(segments)
-        if begin is not None:
-            return positions + begin
-        at = list(itertools.accumulate((numel for _, _, numel in segments), initial=0))  # segment starts in the slice
-        shift = torch.tensor([self.offsets[n] + start - a for (n, start, _), a in zip(segments, at, strict=False)])
-        return positions + shift[torch.searchsorted(torch.tensor(at[1:]), positions, right=True)]
+        places = self._places(segments)
+        if len(places) == 1:
+            return positions + places[0][0]
+        shift = torch.tensor([at - pos for at, pos, _ in places])
+        starts = torch.tensor([pos for _, pos, _ in places[1:]])   # of each segment after the first, in the slice
+        return positions + shift[torch.searchsorted(starts, positions, right=True)]
 
     def check_complete(self) -> None:
         for name, spans in self.covered.items():

@@ -24,9 +24,10 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Sequence
 
 import torch
+
+from diloco.store import Buffer, Payload, pieces
 
 # safetensors' dtype names, in the order of its Rust `Dtype` enum (the file lists the last first).
 _DTYPES = (
@@ -38,8 +39,6 @@ _DTYPES = (
 _NAME = {dtype: name for dtype, name in _DTYPES}
 _DTYPE = {name: dtype for dtype, name in _DTYPES}
 _RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
-
-Buffer = bytes | bytearray | memoryview
 
 
 class FormatError(ValueError):
@@ -81,11 +80,9 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
     return join(parts(tensors, metadata))
 
 
-def join(pieces: Buffer | Sequence[Buffer]) -> bytearray:
+def join(data: Payload) -> bytearray:
     """Pieces (as `parts` gives them) laid end to end in one buffer: one copy."""
-    if isinstance(pieces, bytes | bytearray | memoryview):
-        return bytearray(pieces)
-    return bytearray().join(pieces)
+    return bytearray().join(pieces(data))
 
 
 def views(data: Buffer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,7 +97,7 @@ def views(data: Buffer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     spans, out = [], {}
     for name, info in header.items():
         dtype, shape, (begin, end) = _entry(name, info)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if not 0 <= begin <= end <= size or end - begin != math.prod(shape) * itemsize:
             raise FormatError(f"tensor {name!r}: data_offsets {[begin, end]} do not fit shape {shape} "
                               f"of {_NAME[dtype]} in {size} bytes")
