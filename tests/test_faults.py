@@ -29,6 +29,7 @@ import redis
 from safetensors.torch import load_file
 
 import aggregator.aggregator as aggregator_module
+import workers.worker as worker_module
 from diloco import keys, runs, units
 from diloco.audit import audit
 from diloco.cli import main as cli_main
@@ -370,6 +371,9 @@ def test_redis_restart_loses_no_commit_and_services_carry_on(redis_server, redis
     services = {"agg": procs.aggregator("agg"), "w0": procs.worker("w0"), "w1": procs.worker("w1")}
     try:
         harness.wait_for_version(r, "t", 3)
+        # Both workers past their start (a busy machine can take longer than 3 versions to import torch):
+        # a service that cannot reach Redis on its first PING exits (a wrong URL), which is not this test.
+        wait_until(lambda: all(r.exists(keys.worker_alive("t", w)) for w in ("w0", "w1")), 60, "both workers up")
         before, head_before = committed(r)
         redis_server.kill()
         # Down until every service has noticed (past redis-py's own retries) and says what it waits for.
@@ -444,6 +448,45 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
             t.join(30)
         if redis_server.proc is None or redis_server.proc.poll() is not None:
             redis_server.start()
+
+
+def test_a_worker_waits_out_an_outage_that_starts_while_it_builds_its_model(redis_server, redis_url, file_url, r,
+                                                                           monkeypatch):
+    """Redis answered the worker's first PING, then went down while it built its model (seconds on a busy
+    machine): an outage like one mid-run, waited out, not a crash at start."""
+    harness.init(redis_url, file_url, **FAST)
+    said: list[str] = []
+    waits = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for Redis" in record.getMessage():
+                said.append(record.getMessage())
+                waits.set()
+
+    real_inner = worker_module.InnerLoop
+
+    def inner_then_redis_dies(*args, **kw):
+        built = real_inner(*args, **kw)
+        redis_server.kill()
+        threading.Thread(target=lambda: (waits.wait(60), redis_server.start()), daemon=True).start()
+        return built
+
+    seen = Seen()
+    logging.getLogger("diloco.connect").addHandler(seen)
+    monkeypatch.setattr(worker_module, "InnerLoop", inner_then_redis_dies)
+    try:
+        w = harness.worker(redis_url, file_url, "w0", max_rounds=1)
+    finally:
+        logging.getLogger("diloco.connect").removeHandler(seen)
+        waits.set()
+    assert said and said[0].startswith("waiting for Redis (the dataset's registration)"), said
+    agg = harness.aggregator(redis_url, file_url)
+    try:
+        assert w.result() == 1, "the worker trains once Redis is back"
+    finally:
+        agg.service.stop()
+    assert versions(r) == [1]
 
 
 class ThreadLog(logging.Handler):

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -41,6 +42,8 @@ from workers.heartbeat import Heartbeat
 from workers.inner import InnerLoop
 from workers.ranks import Ranks, RoundCommand
 from workers.streaming import Streaming
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,11 @@ class Worker:
         self.observer = observer
         self.stop_event = threading.Event()
         self.nonce = uuid.uuid4().hex[:12]
-        self.r = connect_redis(settings.redis_url)
+        self.r = connect_redis(settings.redis_url)  # unreachable now: a wrong URL, so fail at once
         self.store = open_store(settings.store_url)
-        self.cfg: RunConfig = runs.load_config(self.r, settings.run)
+        # Redis answered: from here an outage is a restart, waited out like one in the round loop.
+        self.outage = Outage(settings.outage_limit_s, self.stop_event)
+        self.cfg: RunConfig = self._starting("the run's config", lambda: runs.load_config(self.r, settings.run))
         settings.check_against(self.cfg)
         self.store.check()
         self.codec = self._make_codec()
@@ -81,14 +86,13 @@ class Worker:
         self.task, self.model, self.optimizer = self.inner.task, self.inner.model, self.inner.optimizer
         self._check_model()
         self.train = self.inner.train_data
-        self._check_dataset()
-        self.plan = units.plan_for(self.r, self.cfg)
+        self._starting("the dataset's registration", self._check_dataset)
+        self.plan = self._starting("the run's work units", lambda: units.plan_for(self.r, self.cfg))
         self.leases = units.Leases(self.r, settings.run, self.plan, settings.worker_id,
                                    lease_ms=int(self.cfg.heartbeat_timeout_s * 1000))
         self.heartbeat = Heartbeat(self.r, settings.run, settings.worker_id, self.nonce,
                                    timeout_s=self.cfg.heartbeat_timeout_s,
                                    interval_s=settings.heartbeat_interval_s, on_beat=self.leases.renew)
-        self.outage = Outage(settings.outage_limit_s, self.stop_event)
         self.checkpoint = Checkpoint(settings.checkpoint_dir, settings.worker_id) if settings.checkpoint_dir else None
         self.version: int | None = None       # the version whose weights the model was reset to
         self.global_state: dict[str, torch.Tensor] = {}
@@ -114,6 +118,9 @@ class Worker:
     @steps_done.setter
     def steps_done(self, value: int) -> None:  # a checkpoint restores it
         self.inner.steps_done = value
+
+    def _starting(self, what: str, read: Callable[[], T]) -> T:
+        return self.outage.call(f"Redis ({what})", read)
 
     def _make_codec(self):
         options = dict(self.cfg.codec_options)
@@ -155,9 +162,9 @@ class Worker:
         """Train rounds until stopped (or `max_rounds` announced); returns rounds announced."""
         if self.checkpoint is not None:
             self.checkpoint.load(self)
-        self.heartbeat.register()
+        self._starting("registering the worker", self.heartbeat.register)
         self.heartbeat.update(state="idle", version=-1, step=0, loss="", bytes_sent=0, bytes_received=0)
-        self.heartbeat.start()
+        self._starting("the first heartbeat", self.heartbeat.start)
         rounds, state = 0, "stopped"
         try:
             while not self._should_stop() and (max_rounds is None or rounds < max_rounds):
