@@ -494,13 +494,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    import threading
+
     from diloco.monitor import watch
 
-    def leave(signum: int) -> None:  # unwind like Ctrl-C, so the terminal leaves the full-screen mode
-        raise stopping.Interrupted(signum)
-
-    with stopping.GracefulStop(leave, grace_s=_grace(args)).installed():
-        return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once)
+    # A flag the loop reads between frames, not an exception: raised in the middle of rich's drawing, an
+    # exception can leave its output buffered for good, and the terminal never leaves the full screen.
+    stop = threading.Event()
+    with stopping.GracefulStop(lambda _signum: stop.set(), grace_s=_grace(args)).installed():
+        return watch(args.redis_url, args.run, refresh_s=args.refresh_s, once=args.once, stop=stop)
 
 
 COMMANDS = {"run": cmd_run, "monitor": cmd_monitor,

@@ -176,8 +176,9 @@ class Dashboard:
 # --- the loop ------------------------------------------------------------------------------------
 
 def watch(redis_url: str, run: str, *, refresh_s: float = 1.0, once: bool = False,
-          console: Console | None = None) -> int:
-    """Full-screen dashboard until Ctrl-C (exit 0); `once`: print one frame, exit 1 if it has no fresh data."""
+          console: Console | None = None, stop: threading.Event | None = None) -> int:
+    """Full-screen dashboard until `stop` is set or Ctrl-C (exit 0); `once`: print one frame, exit 1 if it
+    has no fresh data."""
     if not refresh_s > 0:
         raise ConfigError(f"--refresh-s must be a positive number of seconds, got {refresh_s}")
     console = console or Console()
@@ -186,15 +187,26 @@ def watch(redis_url: str, run: str, *, refresh_s: float = 1.0, once: bool = Fals
     if once:
         console.print(Dashboard(state, fit=False))
         return 0 if state.error is None else 1
+    stop = stop or threading.Event()
     try:
         with Live(Dashboard(state), console=console, screen=True, auto_refresh=False) as live:
-            last = time.monotonic()
-            while True:
-                time.sleep(max(0.0, refresh_s - (time.monotonic() - last)))
-                last = time.monotonic()
+            while _pause(stop, refresh_s):
                 live.update(Dashboard(mon.refresh()), refresh=True)
     except KeyboardInterrupt:
         return 0
+    return 0
+
+
+def _pause(stop: threading.Event, seconds: float) -> bool:
+    """Sleep `seconds` in short slices; False as soon as `stop` is set. Only is_set() here: a signal
+    handler may set() the event at any moment, and must never find its lock held by this thread."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.05))
+    return False
 
 
 @contextlib.contextmanager
