@@ -130,6 +130,11 @@ class Leases:
         for epoch, bits in by_epoch(held).items():
             self.scripts.renew_units(self.run, self.plan.dataset, epoch, self.worker, bits, self.lease_ms)
 
+    def forget(self) -> None:
+        """Drop every held unit without telling Redis: their leases died with it (a wipe)."""
+        with self._lock:
+            self.held = []
+
     def release(self, only: list[Unit] | None = None) -> int:
         """Give back every held unit (or those of `only`) that is not done (done ones are simply forgotten)."""
         with self._lock:

@@ -218,7 +218,11 @@ class Streaming:
         t = time.perf_counter()
         if not p.future.done():
             w.heartbeat.update(state="waiting", waiting_for=f"fragment {p.fragment} version {p.version + 1}")
-        got = p.future.result()   # its exceptions (an outage past the limit, a wipe) are the worker's
+        try:
+            got = p.future.result()   # its exceptions (an outage past the limit, a wipe) are the worker's
+        except BaseException:
+            self._start_over()
+            raise
         self.wait_s += time.perf_counter() - t
         self.pending = None
         w.heartbeat.update(state="training", waiting_for="")
@@ -228,12 +232,32 @@ class Streaming:
             log.warning("the aggregator rejected our delta for fragment %d version %d (%s)", p.fragment,
                         p.version, got.rejected)
             w.heartbeat.update(last_rejection=f"f{p.fragment} v{p.version}: {got.rejected}"[:300])
+        if got.head.version < p.version:
+            # Redis was recovered to an older version: take up the group's order from the heads again.
+            log.warning("fragment %d went back to version %d (a recovered Redis); reloading every fragment",
+                        p.fragment, got.head.version)
+            self._start_over()
+            return True
         if got.weights is not None:
             self._merge_weights(p.fragment, got.head, got.weights)
+        elif got.head.version == p.version:
+            # The fragment's round is still open and counts on this worker (its delta was rejected, or
+            # vanished with a wipe): sync the same fragment again at the end of this interval, or every
+            # other worker would wait at its merge until the round's deadline, round after round.
+            self.events -= 1
         if released := w.outage.call("Redis", lambda: w.leases.release(only=p.claimed)):
             log.warning("%d work units of fragment %d version %d were not committed; released", released,
                         p.fragment, p.version)
         return True
+
+    def _start_over(self) -> None:
+        """After a failed exchange (a wipe, most likely): the next interval reloads every fragment's head, as
+        `diloco recover` left it, and claims its units afresh (the leases died with Redis). Without this the
+        worker would raise the same error at every interval and claim ever more units."""
+        self.pending = None
+        for lane in self.lanes:
+            lane.version = None
+        self.w.leases.forget()
 
     def _merge_weights(self, f: int, head: Head, weights: dict[str, torch.Tensor]) -> None:
         w, lane = self.w, self.lanes[f]
