@@ -121,7 +121,7 @@ class Chaos:
         self.t0 = time.monotonic()
         # the run's lanes (diloco.keys.lane): the run, or with --fragments each fragment, its own versions and lock
         self.lanes = [RUN] if args.fragments == 1 else [keys.lane(RUN, f) for f in range(args.fragments)]
-        self.kinds_all = KINDS if args.fragments == 1 else tuple(k for k in KINDS if k != "wipe")
+        self.kinds_all = KINDS
         common = ["--run", RUN, "--redis-url", self.server.url, "--store", self.store_url]
         self.aggregators = [Service(f"agg{i}", ["aggregator", *common, "--id", f"agg{i}", "--lock-ttl-s", "2"],
                                     self.data / "logs" / f"agg{i}.log") for i in range(2)]
@@ -283,28 +283,35 @@ class Chaos:
         ds = runs.load_config(r, RUN).dataset_id
         lo, hi = (int(x) for x in r.hmget(keys.units_meta(RUN, ds), "epoch_lo", "epoch_hi"))
         pipe = r.pipeline(transaction=True)  # what the wipe takes, read in the same transaction
-        pipe.xrange(keys.deltas(RUN))
-        pipe.xrange(keys.versions(RUN))
+        for lane in self.lanes:
+            pipe.xrange(keys.deltas(lane))
+            pipe.xrange(keys.versions(lane))
         for e in range(lo, hi + 2):
             pipe.zcard(keys.units_leases(RUN, ds, e))
         pipe.flushall()
-        deltas, versions, *leased, _ = pipe.execute()
-        self.archive.update(dict(deltas))
-        self.leased_at_wipes += sum(leased)
+        out = pipe.execute()
+        streams = {lane: (out[2 * i], out[2 * i + 1]) for i, lane in enumerate(self.lanes)}
+        for deltas, _ in streams.values():
+            self.archive.update(dict(deltas))
+        self.leased_at_wipes += sum(out[2 * len(self.lanes):-1])
         down = self.rng.uniform(0.5, 3.0)
-        self.say(f"FLUSHALL at version {int(versions[-1][1]['version']) if versions else 0}; recover in {down:.1f}s")
+        at = ", ".join(str(int(v[-1][1]["version"]) if v else 0) for _, v in streams.values())
+        self.say(f"FLUSHALL at version{'s' if len(self.lanes) > 1 else ''} {at}; recover in {down:.1f}s")
         time.sleep(down)
-        out = subprocess.run([sys.executable, "-m", "diloco", "recover", "--run", RUN, "--redis-url",
-                              self.server.url, "--store", self.store_url], env=self.env, capture_output=True,
-                             text=True, timeout=120, stdin=subprocess.DEVNULL)
-        if out.returncode != 0:
-            self.violations.append(f"diloco recover failed with {out.returncode}: {out.stderr[-2000:]}")
+        done = subprocess.run([sys.executable, "-m", "diloco", "recover", "--run", RUN, "--redis-url",
+                               self.server.url, "--store", self.store_url], env=self.env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            self.violations.append(f"diloco recover failed with {done.returncode}: {done.stderr[-2000:]}")
             return
-        recovered = runs.read_head(r, RUN).version
-        lost = [f for _, f in versions if int(f["version"]) > recovered]  # committed, but after the snapshot
+        recovered = {lane: runs.read_head(r, lane).version for lane in self.lanes}
+        # committed, but after the snapshot
+        lost = [f for lane, (_, versions) in streams.items() for _, f in versions
+                if int(f["version"]) > recovered[lane]]
         self.units_of_lost_commits += sum(
             len(self.archive[e]["units"].split(",")) for f in lost for e in filter(None, f["entries"].split(",")))
-        self.say(f"recovered at version {recovered}; {len(lost)} later commits lost with the wipe")
+        self.say(f"recovered at version{'s' if len(self.lanes) > 1 else ''} "
+                 f"{', '.join(map(str, recovered.values()))}; {len(lost)} later commits lost with the wipe")
 
     def stop_all(self) -> bool:
         for s in self.services:
@@ -408,11 +415,12 @@ The chaos run (section [Chaos](#chaos) describes it) on a streaming run: `num_fr
 {a.fragments}, `overlap_steps` {a.overlap_steps}, `merge_alpha` 0.5, `sync_every` {a.sync_every}, units of
 {a.unit_samples} samples, two aggregator processes (each serving every fragment: one thread per
 fragment holds its lock or stands by for it), {a.workers} workers. The faults are worker, aggregator
-(the holder of a random fragment's lock) and redis-server kills; no wipes (`diloco recover` restores
-runs without fragments only). The checks are per fragment: every fragment's versions committed exactly
-once and equal to a fault-free replay; and for the run: no work unit lost or committed twice (each
-unit is committed by the fragment that synced after it was trained), the done bitmaps equal the
-commits, no unit stuck, no unexpected exit, a clean stop. `--versions` counts fragment 0's.
+(the holder of a random fragment's lock) and redis-server kills, and wipes followed by `diloco recover`
+(which restores one consistent cut of every fragment). The checks are per fragment: every
+fragment's versions committed exactly once and equal to a fault-free replay; and for the run: no
+work unit lost or committed twice (each unit is committed by the fragment that synced after it was
+trained), the done bitmaps equal the commits, no unit stuck, no unexpected exit, a clean stop.
+`--versions` counts fragment 0's.
 
     {command}
 
@@ -469,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=80_000, help="tiny task samples (100 units): epochs finish")
     ap.add_argument("--codec", default="bf16")
     ap.add_argument("--fragments", type=int, default=1,
-                    help="streaming: num_fragments (each fragment its own versions and lock; no wipe faults, which "
-                         "`recover` does not restore for streaming runs)")
+                    help="streaming: num_fragments (each fragment its own versions and lock)")
     ap.add_argument("--overlap-steps", type=int, default=1, help="streaming: overlap_steps (with --fragments > 1)")
     ap.add_argument("--stall-s", type=float, default=120.0,
                     help="a violation (and the end of the run) if no version commits for this long")

@@ -6,6 +6,12 @@ counter and the latest version entries. A wiped Redis is rebuilt from the newest
 weights are intact; units that were leased but not committed are simply free again, so no
 committed unit is lost or repeated. A commit whose snapshot was never written is lost with the
 wipe, consistently: its weights are not restored and its units are trained again.
+
+With streaming fragments a fragment's commit writes `runs/{run}/f{i}/state/v{n}.msgpack`, and it
+holds every fragment's head, versions and token (`lanes`), read in the same transaction as the
+run-wide bitmaps: one consistent cut of the whole run. Restoring each fragment from its own newest
+snapshot instead would keep done the units of another fragment's commit that no restored snapshot
+holds. Recover takes the usable cut with the most fragment versions in all.
 """
 
 from __future__ import annotations
@@ -39,21 +45,27 @@ def take(raw: redis.Redis, run: str) -> dict[str, Any]:
     so a wipe (or a commit) in between can never yield a snapshot that mixes two states. If the
     open epochs moved past what the first read covered, it reads again.
     """
+    lanes = _lanes(raw, run)
     for _ in range(5):
         ranges = _epoch_ranges(raw, run)
         pipe = raw.pipeline(transaction=True)
         pipe.hgetall(keys.config(run))
-        pipe.hgetall(keys.head(run))
         pipe.hgetall(keys.datasets(run))
-        pipe.get(keys.lock_token(run))
-        pipe.xrevrange(keys.versions(run), count=MAX_VERSION_ENTRIES)
+        for lane in lanes:
+            pipe.hgetall(keys.head(lane))
+            pipe.get(keys.lock_token(lane))
+            pipe.xrevrange(keys.versions(lane), count=MAX_VERSION_ENTRIES)
         for ds, epochs in ranges.items():
             pipe.hgetall(keys.units_meta(run, ds))
             for e in epochs:
                 pipe.get(keys.units_done(run, ds, e))
-        config, head, datasets, token, recent, *rest = pipe.execute()
-        config, head, datasets = _text(config), _text(head), _text(datasets)
-        if not config or not head:
+        config, datasets, *rest = pipe.execute()
+        config, datasets = _text(config), _text(datasets)
+        states = {lane: {"head": _text(rest[3 * i]), "lock_token": int(rest[3 * i + 1] or 0),
+                         "versions": [[eid.decode(), _text(f)] for eid, f in reversed(rest[3 * i + 2])]}
+                  for i, lane in enumerate(lanes)}
+        rest = rest[3 * len(lanes):]
+        if not config or not all(st["head"] for st in states.values()):
             raise RunNotFound(f"run {run!r} is gone from Redis; no snapshot taken")
         if set(datasets) != set(ranges):  # registered or wiped between the two reads: read again
             continue
@@ -66,10 +78,24 @@ def take(raw: redis.Redis, run: str) -> dict[str, Any]:
             covered &= set(range(int(meta["epoch_lo"]), int(meta["epoch_hi"]) + 1)) <= set(epochs)
             units[ds] = {"meta": meta, "done": {e: b for e, b in done.items() if e >= int(meta["epoch_lo"])}}
         if covered:
-            versions = [[i.decode(), _text(f)] for i, f in reversed(recent)]
-            return {"format": FORMAT, "run": run, "version": int(head["version"]), "config": config, "head": head,
-                    "datasets": datasets, "units": units, "lock_token": int(token or 0), "versions": versions}
+            own = states[run]
+            snap = {"format": FORMAT, "run": run, "version": int(own["head"]["version"]), "config": config,
+                    "datasets": datasets, "units": units, **own}
+            if len(lanes) > 1:
+                snap["lanes"] = states
+            return snap
     raise RunNotFound(f"run {run!r}: its open epochs kept moving while the snapshot was read; no snapshot taken")
+
+
+def _lanes(raw: redis.Redis, lane: str) -> list[str]:
+    """The lanes a snapshot of `lane` holds: `lane` itself first, then the run's other fragments."""
+    run, fragment = keys.split_lane(lane)
+    if fragment is None:
+        return [lane]
+    n = int(raw.hget(keys.config(run), "num_fragments") or 0)
+    if n < 1:
+        raise RunNotFound(f"run {run!r} is gone from Redis; no snapshot taken")
+    return [lane] + [keys.lane(run, f) for f in range(n) if f != fragment]
 
 
 def _epoch_ranges(raw: redis.Redis, run: str) -> dict[str, list[int]]:
@@ -99,18 +125,62 @@ def load(store: ObjectStore, key: str) -> dict[str, Any]:
     return snap
 
 
+def _lanes_of(snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """lane -> its head, lock_token and versions: every fragment's in a streaming snapshot, else the run's."""
+    return snap.get("lanes") or {snap["run"]: snap}
+
+
+def _check_objects(store: ObjectStore, snap: dict[str, Any]) -> None:
+    """Every lane's weights and momentum exist with the recorded checksums (ObjectMissing, BadInput)."""
+    for state in _lanes_of(snap).values():
+        head = state["head"]
+        store.get(head["weights"], sha256=head["weights_sha256"])
+        store.get(head["momentum"], sha256=head["momentum_sha256"])
+
+
 def newest_usable(store: ObjectStore, run: str) -> dict[str, Any]:
     """The newest snapshot whose weights and momentum exist with the recorded checksums."""
     for key in reversed(store.list(keys.snapshot_prefix(run))):
         try:
             snap = load(store, key)
-            head = snap["head"]
-            store.get(head["weights"], sha256=head["weights_sha256"])
-            store.get(head["momentum"], sha256=head["momentum_sha256"])
+            _check_objects(store, snap)
             return snap
         except (BadInput, ObjectMissing, KeyError) as e:
             log.warning("skipping snapshot %s: %s", key, e)
     raise RunNotFound(f"no usable snapshot of run {run!r} under {store.url}/{keys.snapshot_prefix(run)}")
+
+
+def newest_cut(store: ObjectStore, run: str) -> dict[str, Any]:
+    """A streaming run's usable snapshot (every fragment's objects intact) with the most fragment
+    versions in all. Reads every snapshot of every fragment: recover is rare, and retention keeps few."""
+    num_fragments = _num_fragments(store, run)
+    ranked = []
+    for f in range(num_fragments):
+        for key in store.list(keys.snapshot_prefix(keys.lane(run, f))):
+            try:
+                snap = load(store, key)
+                if set(snap["lanes"]) != {keys.lane(run, g) for g in range(num_fragments)}:
+                    raise BadInput("it does not hold every fragment (written by an older diloco?)")
+                ranked.append((sum(int(st["head"]["version"]) for st in snap["lanes"].values()), key, snap))
+            except (BadInput, KeyError, ValueError, TypeError) as e:
+                log.warning("skipping snapshot %s: %s", key, e)
+    for _, key, snap in sorted(ranked, key=lambda t: t[:2], reverse=True):
+        try:
+            _check_objects(store, snap)
+            return snap
+        except (BadInput, ObjectMissing, KeyError) as e:
+            log.warning("skipping snapshot %s: %s", key, e)
+    raise RunNotFound(f"no usable snapshot of streaming run {run!r} under {store.url}/{keys.run_prefix(run)}"
+                      "f*/state/ that holds every fragment")
+
+
+def _num_fragments(store: ObjectStore, run: str) -> int:
+    for key in reversed(store.list(keys.snapshot_prefix(keys.lane(run, 0)))):
+        try:
+            return int(load(store, key)["config"]["num_fragments"])
+        except (BadInput, KeyError, ValueError) as e:
+            log.warning("skipping snapshot %s: %s", key, e)
+    raise RunNotFound(f"no readable snapshot of run {run!r}'s fragment 0 under {store.url}")
 
 
 def _max_token(store: ObjectStore, run: str) -> int:
@@ -120,24 +190,21 @@ def _max_token(store: ObjectStore, run: str) -> int:
 
 
 def recover(r: redis.Redis, store: ObjectStore, run: str, *, force: bool = False) -> int:
-    """Rebuild run `run` in Redis from its newest usable snapshot; returns the restored version."""
+    """Rebuild run `run` in Redis from its newest usable snapshot; returns the restored version (with
+    fragments, the least advanced fragment's)."""
     if r.exists(keys.config(run)) and not force:
         raise ConfigError(
             f"run {run!r} exists in this Redis; recover rebuilds a wiped Redis. Pass --force to replace "
             "the run's keys with the snapshot"
         )
-    if store.list(keys.snapshot_prefix(keys.lane(run, 0))):
-        raise ConfigError(f"run {run!r} syncs in fragments (its snapshots are under "
-                          f"{store.url}/{keys.run_prefix(keys.lane(run, 0))}...): recover restores runs without "
-                          "fragments only, so a streaming run lost with Redis cannot be resumed yet; its fragments' "
-                          "weights objects stay in the store")
-    snap = newest_usable(store, run)
+    streaming = bool(store.list(keys.snapshot_prefix(keys.lane(run, 0))))
+    snap = newest_cut(store, run) if streaming else newest_usable(store, run)
+    lanes = _lanes_of(snap)
     run_keys = list(r.scan_iter(match=f"diloco:{{{run}}}:*", count=1000))
     pipe = r.pipeline(transaction=True)
     if run_keys:
         pipe.delete(*run_keys)
     pipe.hset(keys.config(run), mapping=snap["config"])
-    pipe.hset(keys.head(run), mapping={**snap["head"], "deltas_since": "0-0"})
     if snap["datasets"]:
         pipe.hset(keys.datasets(run), mapping=snap["datasets"])
     for ds, u in snap["units"].items():
@@ -147,9 +214,13 @@ def recover(r: redis.Redis, store: ObjectStore, run: str, *, force: bool = False
                 # Leases died with Redis: only done units stay claimed, the rest are issued again.
                 pipe.set(keys.units_done(run, ds, int(epoch)), bitmap)
                 pipe.set(keys.units_claimed(run, ds, int(epoch)), bitmap)
-    for entry_id, fields in snap["versions"]:
-        pipe.xadd(keys.versions(run), fields, id=entry_id)
-    pipe.set(keys.lock_token(run), max(snap["lock_token"], _max_token(store, run)))
+    for lane, state in lanes.items():
+        pipe.hset(keys.head(lane), mapping={**state["head"], "deltas_since": "0-0"})
+        for entry_id, fields in state["versions"]:
+            pipe.xadd(keys.versions(lane), fields, id=entry_id)
+        pipe.set(keys.lock_token(lane), max(state["lock_token"], _max_token(store, lane)))
     pipe.execute()
-    log.info("recovered run %s at version %d", run, snap["version"])
-    return int(snap["version"])
+    versions = {lane: int(state["head"]["version"]) for lane, state in lanes.items()}
+    log.info("recovered run %s at version%s %s", run, "s" if len(versions) > 1 else "",
+             ", ".join(f"{lane} {v}" for lane, v in versions.items()))
+    return min(versions.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import redis
 import torch
 
 from aggregator.collect import Round, check
@@ -208,9 +209,14 @@ def test_export_joins_every_fragment_at_its_newest_version(redis_url, file_url, 
     with pytest.raises(ConfigError, match="leave --version out"):
         export.export(r, store, RUN, tmp_path / "v.safetensors", version=1)
     assert store.list(keys.snapshot_prefix("t@f1")), "each fragment's commits write its own snapshots"
+    before = {lane: (r.hgetall(keys.head(lane)), r.xrange(keys.versions(lane))) for lane in cfg.lanes}
+    units_before = r.hgetall(keys.units_meta(RUN, cfg.dataset_id))
     r.flushdb()
-    with pytest.raises(ConfigError, match="recover restores runs without fragments only"):
-        snapshot.recover(r, store, RUN)
+    assert snapshot.recover(r, store, RUN) == 1, "the run's version: its least advanced fragment's"
+    for lane, (head, versions) in before.items():
+        assert r.hgetall(keys.head(lane)) == {**head, "deltas_since": "0-0"}
+        assert r.xrange(keys.versions(lane)) == versions
+    assert r.hgetall(keys.units_meta(RUN, cfg.dataset_id)) == units_before
 
 
 
@@ -292,3 +298,109 @@ def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_i
     orphan = keys.weights_object("t@f1", 1, 1)
     assert hashlib.sha256(store.get(orphan)).hexdigest() == entries["t@f1"][0]["weights_sha256"]
     _check_units_exactly_once(r, cfg, entries, expected_units=2 * 4 * 2)
+
+
+# --- a wipe under a running streaming run, then recover -----------------------------------------------
+
+def _bits(bitmap: bytes) -> set[int]:
+    return {i * 8 + j for i, byte in enumerate(bitmap) for j in range(8) if byte & (0x80 >> j)}
+
+
+def _units_by_version(versions: list, deltas: list, since: int) -> dict[int, list[tuple[int, int]]]:
+    """Units of each version after `since` of a lane's versions stream, from the announcements its entries
+    name (a recovered version's announcements went with the wipe)."""
+    by_id = dict(deltas)
+    return {int(v["version"]): [tuple(u) for e in filter(None, v.get("entries", "").split(","))
+                                for u in Announcement.from_fields(by_id[e]).units]
+            for _, v in versions if int(v["version"]) > since}
+
+
+def _text_stream(entries: list) -> list:
+    return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries]
+
+
+def _read_all(raw, cfg: RunConfig, since: dict[str, int], *, flush: bool = False,
+              archive: dict | None = None) -> tuple[dict, set]:
+    """Each lane's units per version and the done units, in one transaction (then FLUSHALL if `flush`);
+    `raw` does not decode answers: bitmaps are bytes."""
+    meta = raw.hgetall(keys.units_meta(RUN, cfg.dataset_id))
+    epochs = range(int(meta[b"epoch_lo"]), int(meta[b"epoch_hi"]) + 2)
+    pipe = raw.pipeline(transaction=True)
+    for lane in cfg.lanes:
+        pipe.xrange(keys.versions(lane))
+        pipe.xrange(keys.deltas(lane))
+    for e in epochs:
+        pipe.get(keys.units_done(RUN, cfg.dataset_id, e))
+    if flush:
+        pipe.flushall()
+    out = pipe.execute()
+    units = {lane: _units_by_version(_text_stream(out[2 * i]), _text_stream(out[2 * i + 1]), since[lane])
+             for i, lane in enumerate(cfg.lanes)}
+    if archive is not None:   # the announcements, for a replay of the versions a wipe takes them from
+        archive.update(kv for i in range(len(cfg.lanes)) for kv in _text_stream(out[2 * i + 1]))
+    bitmaps = out[2 * len(cfg.lanes):2 * len(cfg.lanes) + len(epochs)]
+    done = {(e, b) for e, bitmap in zip(epochs, bitmaps, strict=True) for b in _bits(bitmap or b"")}
+    return units, done
+
+
+def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cut_and_carries_on(
+        redis_url, file_url, r):
+    cfg = harness.init(redis_url, file_url, **{**STREAM, "merge_alpha": 0.0}, **FAST)
+    store, raw = open_store(file_url), redis.Redis.from_url(redis_url)
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(2)]
+    try:
+        for lane in cfg.lanes:
+            harness.wait_for_version(r, lane, 2)
+        archive: dict[str, dict[str, str]] = {}
+        before, _ = _read_all(raw, cfg, dict.fromkeys(cfg.lanes, 0), flush=True, archive=archive)
+        recovered = snapshot.recover(r, store, RUN)
+        restored = {lane: int(r.xrange(keys.versions(lane))[-1][1]["version"]) for lane in cfg.lanes}
+        assert recovered == min(restored.values()) >= 1
+        assert all(restored[lane] <= max(before[lane]) for lane in cfg.lanes), "only versions committed before"
+        # Nobody is restarted: each fragment's aggregator takes its lock again and its versions go on.
+        for lane in cfg.lanes:
+            entries = harness.wait_for_version(r, lane, restored[lane] + 2, timeout_s=90)
+            assert [int(e["version"]) for e in entries] == list(range(1, restored[lane] + 3))
+        assert all(s.is_alive() for s in (*ws, *aggs))
+    finally:
+        for s in (*ws, *aggs):
+            s.service.stop()
+    after, done = _read_all(raw, cfg, restored)
+    # One consistent cut: the units done are exactly those of the restored versions (as committed before
+    # the wipe) and of the versions committed since, each once.
+    kept = [u for lane in cfg.lanes for v, us in before[lane].items() if v <= restored[lane] for u in us]
+    new = [u for lane in cfg.lanes for us in after[lane].values() for u in us]
+    assert len(set(kept + new)) == len(kept + new), "no unit committed twice across the wipe"
+    assert set(kept + new) == done, "the done units are those of the committed versions, no more, no fewer"
+    assert all(replay(r, store, lane, archive).mismatched == [] for lane in cfg.lanes)
+
+
+def test_a_rejected_fragment_delta_is_sent_again_for_the_same_fragment_and_its_round_closes(
+        redis_url, file_url, r, monkeypatch):
+    """The fragment's round still counts on a worker whose delta it rejected (here an outlier): the worker
+    syncs that fragment again instead of moving on, or every worker would wait until the deadline."""
+    import workers.worker as worker_module
+
+    cfg = harness.init(redis_url, file_url, **{**STREAM, "min_workers": 3, "merge_alpha": 0.0}, **FAST)
+    real, blown = worker_module.Worker._encode_with_feedback, []
+
+    def blow_up_once(self, delta, version):
+        if self.s.worker_id == "w2" and not blown:   # w2's first delta (fragment 1, version 0) is 1000x too large
+            blown.append(version)
+            delta = {n: t * 1000 for n, t in delta.items()}
+        return real(self, delta, version)
+
+    monkeypatch.setattr(worker_module.Worker, "_encode_with_feedback", blow_up_once)
+    aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
+    ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(3)]
+    try:
+        entries = {lane: harness.wait_for_version(r, lane, 2, timeout_s=60) for lane in cfg.lanes}
+    finally:
+        for s in (*ws, *aggs):
+            s.service.stop()
+    ((_, rej),) = r.xrange(keys.rejections("t@f1"))
+    assert rej["worker"] == "w2" and rej["reason"].startswith("outlier"), rej
+    w2 = [(f["fragment"], f["version"]) for _, f in r.xrange(keys.deltas("t@f1")) if f["worker"] == "w2"]
+    assert w2[:2] == [("1", "0"), ("1", "0")], "w2 sent fragment 1's delta for version 0 again"
+    assert entries["t@f1"][0]["participants"] == "w0,w1,w2", "and the round counted the second one"
