@@ -5,6 +5,7 @@ aggregator redone by another process; announcements for a fragment that does not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
@@ -20,7 +21,7 @@ from diloco.messages import Announcement
 from diloco.replay import replay
 from diloco.store import open_store
 from tests import harness
-from tests.test_faults import FAST, procs_for  # noqa: F401  (procs_for: a fixture)
+from tests.test_faults import FAST, ThreadLog, procs_for  # noqa: F401  (procs_for: a fixture)
 from workers.streaming import MergeInfo, merge_
 from workers.worker import RoundInfo
 
@@ -343,8 +344,11 @@ def _read_all(raw, cfg: RunConfig, since: dict[str, int], *, flush: bool = False
     return units, done
 
 
+@pytest.mark.parametrize("snapshots_lost", [False, True], ids=["all-snapshots", "newest-snapshots-lost"])
 def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cut_and_carries_on(
-        redis_url, file_url, r):
+        redis_url, file_url, r, snapshots_lost):
+    """With `snapshots_lost` only each fragment's first snapshot is left for the recovery (as if the wipe
+    came between the commits and their snapshots): fragments go back, and the workers follow."""
     cfg = harness.init(redis_url, file_url, **{**STREAM, "merge_alpha": 0.0}, **FAST)
     store, raw = open_store(file_url), redis.Redis.from_url(redis_url)
     aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
@@ -353,11 +357,22 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
         for lane in cfg.lanes:
             harness.wait_for_version(r, lane, 2)
         archive: dict[str, dict[str, str]] = {}
-        before, _ = _read_all(raw, cfg, dict.fromkeys(cfg.lanes, 0), flush=True, archive=archive)
+        with contextlib.ExitStack() as stack:
+            noticed = [stack.enter_context(ThreadLog("diloco.connect", "waiting for the run to reappear",
+                                                     lambda a=a: a.ident)) for a in aggs]
+            before, _ = _read_all(raw, cfg, dict.fromkeys(cfg.lanes, 0), flush=True, archive=archive)
+            for seen in noticed:   # so each aggregator is past its last commit and that commit's snapshot
+                seen.wait_for(1)
+        if snapshots_lost:   # every snapshot but each fragment's first
+            for lane in cfg.lanes:
+                for key in store.list(keys.snapshot_prefix(lane))[1:]:
+                    store.delete(key)
         recovered = snapshot.recover(r, store, RUN)
         restored = {lane: int(r.xrange(keys.versions(lane))[-1][1]["version"]) for lane in cfg.lanes}
         assert recovered == min(restored.values()) >= 1
         assert all(restored[lane] <= max(before[lane]) for lane in cfg.lanes), "only versions committed before"
+        if snapshots_lost:
+            assert any(restored[lane] < max(before[lane]) for lane in cfg.lanes), "a fragment went back"
         # Nobody is restarted: each fragment's aggregator takes its lock again and its versions go on.
         for lane in cfg.lanes:
             entries = harness.wait_for_version(r, lane, restored[lane] + 2, timeout_s=90)

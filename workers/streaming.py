@@ -233,12 +233,12 @@ class Streaming:
                         p.version, got.rejected)
             w.heartbeat.update(last_rejection=f"f{p.fragment} v{p.version}: {got.rejected}"[:300])
         if got.head.version < p.version:
-            # Redis was recovered to an older version: take up the group's order from the heads again.
+            # Redis was recovered to an older version: every fragment as the heads now say, and the group's
+            # order taken up from their versions again.
             log.warning("fragment %d went back to version %d (a recovered Redis); reloading every fragment",
                         p.fragment, got.head.version)
-            self._start_over()
-            return True
-        if got.weights is not None:
+            w.outage.call("the object store", self._load_all)
+        elif got.weights is not None:
             self._merge_weights(p.fragment, got.head, got.weights)
         elif got.head.version == p.version:
             # The fragment's round is still open and counts on this worker (its delta was rejected, or
