@@ -9,11 +9,11 @@ import contextlib
 import hashlib
 
 import pytest
-import redis
 import torch
 
 from aggregator.collect import Round, check
 from diloco import export, fragments, keys, model, runs, snapshot
+from diloco.audit import audit
 from diloco.config import ENV_CRASH_AT, RunConfig
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.faults import CRASH_EXIT_CODE
@@ -303,45 +303,18 @@ def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_i
 
 # --- a wipe under a running streaming run, then recover -----------------------------------------------
 
-def _bits(bitmap: bytes) -> set[int]:
-    return {i * 8 + j for i, byte in enumerate(bitmap) for j in range(8) if byte & (0x80 >> j)}
-
-
-def _units_by_version(versions: list, deltas: list, since: int) -> dict[int, list[tuple[int, int]]]:
-    """Units of each version after `since` of a lane's versions stream, from the announcements its entries
-    name (a recovered version's announcements went with the wipe)."""
-    by_id = dict(deltas)
-    return {int(v["version"]): [tuple(u) for e in filter(None, v.get("entries", "").split(","))
-                                for u in Announcement.from_fields(by_id[e]).units]
-            for _, v in versions if int(v["version"]) > since}
-
-
-def _text_stream(entries: list) -> list:
-    return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries]
-
-
-def _read_all(raw, cfg: RunConfig, since: dict[str, int], *, flush: bool = False,
-              archive: dict | None = None) -> tuple[dict, set]:
-    """Each lane's units per version and the done units, in one transaction (then FLUSHALL if `flush`);
-    `raw` does not decode answers: bitmaps are bytes."""
-    meta = raw.hgetall(keys.units_meta(RUN, cfg.dataset_id))
-    epochs = range(int(meta[b"epoch_lo"]), int(meta[b"epoch_hi"]) + 2)
-    pipe = raw.pipeline(transaction=True)
+def _newest_then_wipe(r, cfg: RunConfig, archive: dict[str, dict[str, str]]) -> dict[str, int]:
+    """FLUSHALL, with each fragment's newest committed version and its announcements (into `archive`:
+    diloco.audit and the replay find the wiped ones there) read in the same transaction."""
+    pipe = r.pipeline(transaction=True)
     for lane in cfg.lanes:
-        pipe.xrange(keys.versions(lane))
+        pipe.xrevrange(keys.versions(lane), count=1)
         pipe.xrange(keys.deltas(lane))
-    for e in epochs:
-        pipe.get(keys.units_done(RUN, cfg.dataset_id, e))
-    if flush:
-        pipe.flushall()
+    pipe.flushall()
     out = pipe.execute()
-    units = {lane: _units_by_version(_text_stream(out[2 * i]), _text_stream(out[2 * i + 1]), since[lane])
-             for i, lane in enumerate(cfg.lanes)}
-    if archive is not None:   # the announcements, for a replay of the versions a wipe takes them from
-        archive.update(kv for i in range(len(cfg.lanes)) for kv in _text_stream(out[2 * i + 1]))
-    bitmaps = out[2 * len(cfg.lanes):2 * len(cfg.lanes) + len(epochs)]
-    done = {(e, b) for e, bitmap in zip(epochs, bitmaps, strict=True) for b in _bits(bitmap or b"")}
-    return units, done
+    for deltas in out[1:-1:2]:
+        archive.update(deltas)
+    return {lane: int(newest[0][1]["version"]) for lane, newest in zip(cfg.lanes, out[0:-1:2], strict=True)}
 
 
 @pytest.mark.parametrize("snapshots_lost", [False, True], ids=["all-snapshots", "newest-snapshots-lost"])
@@ -350,7 +323,7 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
     """With `snapshots_lost` only each fragment's first snapshot is left for the recovery (as if the wipe
     came between the commits and their snapshots): fragments go back, and the workers follow."""
     cfg = harness.init(redis_url, file_url, **{**STREAM, "merge_alpha": 0.0}, **FAST)
-    store, raw = open_store(file_url), redis.Redis.from_url(redis_url)
+    store = open_store(file_url)
     aggs = [harness.aggregator(redis_url, file_url, f"agg{f}", fragment=f) for f in range(2)]
     ws = [harness.worker(redis_url, file_url, f"w{i}") for i in range(2)]
     try:
@@ -360,7 +333,7 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
         with contextlib.ExitStack() as stack:
             noticed = [stack.enter_context(ThreadLog("diloco.connect", "waiting for the run to reappear",
                                                      lambda a=a: a.ident)) for a in aggs]
-            before, _ = _read_all(raw, cfg, dict.fromkeys(cfg.lanes, 0), flush=True, archive=archive)
+            before = _newest_then_wipe(r, cfg, archive)
             for seen in noticed:   # so each aggregator is past its last commit and that commit's snapshot
                 seen.wait_for(1)
         if snapshots_lost:   # every snapshot but each fragment's first
@@ -370,9 +343,9 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
         recovered = snapshot.recover(r, store, RUN)
         restored = {lane: int(r.xrange(keys.versions(lane))[-1][1]["version"]) for lane in cfg.lanes}
         assert recovered == min(restored.values()) >= 1
-        assert all(restored[lane] <= max(before[lane]) for lane in cfg.lanes), "only versions committed before"
+        assert all(restored[lane] <= before[lane] for lane in cfg.lanes), "only versions committed before"
         if snapshots_lost:
-            assert any(restored[lane] < max(before[lane]) for lane in cfg.lanes), "a fragment went back"
+            assert any(restored[lane] < before[lane] for lane in cfg.lanes), "a fragment went back"
         # Nobody is restarted: each fragment's aggregator takes its lock again and its versions go on.
         for lane in cfg.lanes:
             entries = harness.wait_for_version(r, lane, restored[lane] + 2, timeout_s=90)
@@ -381,13 +354,12 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
     finally:
         for s in (*ws, *aggs):
             s.service.stop()
-    after, done = _read_all(raw, cfg, restored)
     # One consistent cut: the units done are exactly those of the restored versions (as committed before
     # the wipe) and of the versions committed since, each once.
-    kept = [u for lane in cfg.lanes for v, us in before[lane].items() if v <= restored[lane] for u in us]
-    new = [u for lane in cfg.lanes for us in after[lane].values() for u in us]
-    assert len(set(kept + new)) == len(kept + new), "no unit committed twice across the wipe"
-    assert set(kept + new) == done, "the done units are those of the committed versions, no more, no fewer"
+    a = audit(r, cfg, archive)
+    assert a.unresolved == []
+    assert a.twice == [], "no unit committed twice across the wipe"
+    assert a.mismatched == [], "the done units are those of the committed versions, no more, no fewer"
     assert all(replay(r, store, lane, archive).mismatched == [] for lane in cfg.lanes)
 
 
