@@ -16,6 +16,7 @@ holds. Recover takes the usable cut with the most fragment versions in all.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 from typing import Any
@@ -152,24 +153,38 @@ def newest_usable(store: ObjectStore, run: str) -> dict[str, Any]:
 
 def newest_cut(store: ObjectStore, run: str) -> dict[str, Any]:
     """A streaming run's usable snapshot (every fragment's objects intact) with the most fragment
-    versions in all. Reads every snapshot of every fragment: recover is rare, and retention keeps few."""
-    num_fragments = _num_fragments(store, run)
-    ranked = []
-    for f in range(num_fragments):
-        for key in store.list(keys.snapshot_prefix(keys.lane(run, f))):
+    versions in all. A later cut holds at least every fragment version an earlier one does, so the
+    fragments' snapshot lists, newest first, are merged by that sum, and a snapshot is read only when
+    its turn comes: the newest few, not every one retention kept."""
+    lanes = [keys.lane(run, f) for f in range(_num_fragments(store, run))]
+    queues = [store.list(keys.snapshot_prefix(lane)) for lane in lanes]   # oldest first
+    heap: list[tuple[int, str, int, dict[str, Any]]] = []
+
+    def push(i: int) -> None:
+        """The newest snapshot of fragment i not tried yet that holds every fragment, onto the heap."""
+        while queues[i]:
+            key = queues[i].pop()
             try:
                 snap = load(store, key)
-                if set(snap["lanes"]) != {keys.lane(run, g) for g in range(num_fragments)}:
+                if set(snap["lanes"]) != set(lanes):
                     raise BadInput("it does not hold every fragment (written by an older diloco?)")
-                ranked.append((sum(int(st["head"]["version"]) for st in snap["lanes"].values()), key, snap))
+                total = sum(int(st["head"]["version"]) for st in snap["lanes"].values())
             except (BadInput, KeyError, ValueError, TypeError) as e:
                 log.warning("skipping snapshot %s: %s", key, e)
-    for _, key, snap in sorted(ranked, key=lambda t: t[:2], reverse=True):
+                continue
+            heapq.heappush(heap, (-total, key, i, snap))
+            return
+
+    for i in range(len(lanes)):
+        push(i)
+    while heap:
+        _, key, i, snap = heapq.heappop(heap)
         try:
             _check_objects(store, snap)
             return snap
         except (BadInput, ObjectMissing, KeyError) as e:
             log.warning("skipping snapshot %s: %s", key, e)
+            push(i)
     raise RunNotFound(f"no usable snapshot of streaming run {run!r} under {store.url}/{keys.run_prefix(run)}"
                       "f*/state/ that holds every fragment")
 
