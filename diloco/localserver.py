@@ -61,6 +61,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
+        """Start the server and wait until it answers; a no-op while its process runs (a second one would
+        only fail to bind the port, and leave the first running with nothing left to kill it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),

@@ -66,3 +66,17 @@ def test_joining_a_live_service_fails_when_another_dies_and_a_normal_end_is_no_e
     assert time.monotonic() - t0 < 5, "the join did not notice the dead service before its deadline"
     assert waiting.is_alive()
     assert waiting.stop(10) == 0
+
+
+def test_starting_a_running_redis_server_again_keeps_the_one_process(tmp_path):
+    """A fault test restarts Redis in a `finally`, killed or not: a second process would fail to bind the
+    port and leave the first one running with nothing left to stop it."""
+    from diloco.localserver import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        first = server.proc
+        assert server.start().proc is first and first.poll() is None
+    finally:
+        server.kill()
+    assert first.poll() is not None, "kill() stops the one process there is"
