@@ -305,11 +305,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
         err = RankFailed(f"rank {ranks.rank}: another rank of this worker is gone "
                          f"({str(e).splitlines()[0][:200]}); stopping the whole worker")
         print(f"diloco worker: error: {err}", file=sys.stderr)
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(EXIT_FAILURE)
+        _exit_now(EXIT_FAILURE)
     ranks.close()  # every rank got here: a clean teardown, together
+    if ranks.distributed:
+        # Past the group's clean teardown nothing is left to do; the interpreter's own teardown of torch's
+        # distributed objects can abort a rank ("terminate called without an active exception"), which
+        # torchrun reports as the whole worker failing.
+        _exit_now(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Flush what was logged and printed, then leave without the interpreter's teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
