@@ -69,6 +69,8 @@ class Aggregator:
                     self._touch()
                     if not self.lock.held and not self._acquire():
                         continue
+                    if self.stop_event.is_set():  # told to stop while taking the lock: start no round
+                        break
                     if self._round():
                         committed += 1
                     outage.ok()

@@ -157,12 +157,16 @@ def test_two_aggregators_commit_each_version_once(redis_url, file_url, r, monkey
     for w in ws:
         assert w.result() == 4
     entries = harness.wait_for_version(r, "t", 4)
-    committed_by = [agg.stop() for agg in aggs]
-    assert sorted(committed_by) == [0, 4], "one aggregator commits, the other stays standby"
-    assert [int(e["version"]) for e in r.xrange(keys.versions("t")) for e in [e[1]]] == [1, 2, 3, 4]
     assert len({e["aggregator"] for e in entries}) == 1
+    leader = entries[0]["aggregator"]
+    standby = next(f"agg{i}" for i in range(2) if f"agg{i}" != leader)
+    # The standby stops first: stopped after the leader, it could take the released lock and (rightly)
+    # start a round before its own stop arrived.
+    by_id = {a.service.s.aggregator_id: a for a in aggs}
+    committed_by = {standby: by_id[standby].stop(), leader: by_id[leader].stop()}
+    assert committed_by == {leader: 4, standby: 0}, "one aggregator commits, the other stays standby"
+    assert [int(e["version"]) for e in r.xrange(keys.versions("t")) for e in [e[1]]] == [1, 2, 3, 4]
     assert r.get(keys.lock("t")) is None, "a stopped aggregator releases the lock"
-    standby = f"agg{committed_by.index(0)}"
     assert rounds[standby] == 0, f"the standby started {rounds[standby]} rounds without the lock"
 
 
