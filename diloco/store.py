@@ -16,15 +16,17 @@ import errno
 import hashlib
 import io
 import itertools
+import logging
 import os
 import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from diloco import directio
 from diloco.errors import (
     ChecksumMismatch,
     ConfigError,
@@ -40,6 +42,10 @@ ACCEPTED_FORMS = "file:///absolute/dir or s3://bucket[/prefix]"
 TMP_MARK = ".diloco-tmp-"
 MAX_KEY_BYTES = 1024  # S3's limit; enforced on both backends so they accept the same keys
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+# "0" turns the file store's direct I/O off (diloco/directio.py says why it is on).
+DIRECT_IO_ENV = "DILOCO_DIRECT_IO"
+
+log = logging.getLogger(__name__)
 
 
 def validate_key(key: str, *, what: str = "key") -> str:
@@ -66,6 +72,8 @@ def _validate_prefix(prefix: str) -> str:
 
 
 Buffer = bytes | bytearray | memoryview
+# An object's bytes as read: a bytearray where the file store read it with direct I/O.
+Blob = bytes | bytearray
 # An object's bytes, whole or as pieces laid end to end (diloco.stbytes.parts: a tensor's own memory),
 # so a writer need not join a model-sized object into one buffer first.
 Payload = Buffer | Sequence[Buffer]
@@ -86,7 +94,7 @@ def sha256_of(data: Payload) -> str:
     return h.hexdigest()
 
 
-def _verify(key: str, data: bytes, sha256: str | None) -> bytes:
+def _verify(key: str, data: Blob, sha256: str | None) -> Blob:
     if sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256.lower():
@@ -114,7 +122,7 @@ class ObjectStore(ABC):
         shards, published updates), where a torn object is rejected and the data sent again."""
 
     @abstractmethod
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
         """The object's bytes; ObjectMissing, ObjectTooLarge or ChecksumMismatch when they fail."""
 
     @abstractmethod
@@ -231,9 +239,13 @@ class _PiecesReader(io.RawIOBase):
 class FileStore(ObjectStore):
     """Objects as files under a directory; create-only through link(2), which fails on EEXIST."""
 
-    def __init__(self, url: str, root: Path) -> None:
+    def __init__(self, url: str, root: Path, *, direct: bool | None = None) -> None:
         self.url = url
         self.root = root
+        if direct is None:
+            direct = os.environ.get(DIRECT_IO_ENV, "1") != "0"
+        # Large objects move with O_DIRECT until the file system refuses it once (then buffered).
+        self.direct = direct and directio.FLAG != 0
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
@@ -256,14 +268,8 @@ class FileStore(ObjectStore):
         path = self._path(key)
         self._mkdirs(path.parent)
         tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            try:
-                digest = _write_hashed(fd, data, durable)
-                if durable:
-                    os.fsync(fd)  # the link below must never publish unwritten blocks
-            finally:
-                os.close(fd)
+            digest = self._write_tmp(tmp, data, durable)
             try:
                 os.link(tmp, path)  # atomic and create-only: readers see all of it or nothing
             except FileExistsError:
@@ -279,6 +285,33 @@ class FileStore(ObjectStore):
             self._fsync_dir(path.parent)
         return digest
 
+    def _write_tmp(self, tmp: Path, data: Payload, durable: bool) -> str:
+        """Write `data` to the new file `tmp`; its sha256. Durable: synced before the caller links it."""
+        if self.direct and payload_size(data) >= directio.MIN_BYTES:
+            views = (memoryview(p).cast("B") for p in pieces(data))
+            try:
+                return self._write_fd(directio.open_for_write(tmp), durable, lambda fd: directio.write(fd, views))
+            except directio.Unsupported as e:
+                self._no_direct(e)
+                tmp.unlink(missing_ok=True)
+        return self._write_fd(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), durable,
+                              lambda fd: _write_hashed(fd, data, durable))
+
+    @staticmethod
+    def _write_fd(fd: int, durable: bool, write: Callable[[int], str]) -> str:
+        try:
+            digest = write(fd)
+            if durable:
+                os.fsync(fd)  # the link that follows must never publish unwritten blocks
+            return digest
+        finally:
+            os.close(fd)
+
+    def _no_direct(self, why: OSError) -> None:
+        if self.direct:
+            log.info("object store %s: the file system refuses direct I/O (%s); using buffered I/O", self.url, why)
+        self.direct = False
+
     @staticmethod
     def _fsync_dir(path: Path) -> None:
         # Makes the new directory entry durable; some file systems refuse fsync on directories.
@@ -293,14 +326,16 @@ class FileStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if max_bytes is not None and size > max_bytes:
                     raise _too_large(key, size, max_bytes)
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                data = self._read_direct(path, size)
+                if data is None:
+                    data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             if self._root_gone():  # no store at all is an outage, not a missing object
                 raise self._unreachable(e) from None
@@ -310,6 +345,16 @@ class FileStore(ObjectStore):
         if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
             raise _too_large(key, len(data), max_bytes)
         return _verify(key, data, sha256)
+
+    def _read_direct(self, path: Path, size: int) -> bytearray | None:
+        """The file's bytes read with O_DIRECT, or None where it is not used (small, or refused)."""
+        if not self.direct or size < directio.MIN_BYTES:
+            return None
+        try:
+            return directio.read(path, size)
+        except directio.Unsupported as e:
+            self._no_direct(e)
+            return None
 
     def size(self, key: str) -> int:
         path = self._path(key)
@@ -438,7 +483,7 @@ class S3Store(ObjectStore):
             raise self._translate(e, key) from e
         return digest
 
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
+    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
         full = self._key(key)
         try:
             resp = self._client.get_object(Bucket=self.bucket, Key=full)
