@@ -94,9 +94,10 @@ def sha256_of(data: Payload) -> str:
     return h.hexdigest()
 
 
-def _verify(key: str, data: Blob, sha256: str | None) -> Blob:
+def _verify(key: str, data: Blob, sha256: str | None, actual: str | None = None) -> Blob:
+    """`data` if its sha256 (`actual`, when the read already hashed it) is the expected one."""
     if sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
+        actual = actual or hashlib.sha256(data).hexdigest()
         if actual != sha256.lower():
             raise ChecksumMismatch(f"object {key!r} has sha256 {actual} ({len(data)} bytes), "
                                    f"expected {sha256}")
@@ -333,7 +334,7 @@ class FileStore(ObjectStore):
                 size = os.fstat(f.fileno()).st_size
                 if max_bytes is not None and size > max_bytes:
                     raise _too_large(key, size, max_bytes)
-                data = self._read_direct(path, size)
+                data, digest = self._read_direct(path, size)
                 if data is None:
                     data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
@@ -344,17 +345,18 @@ class FileStore(ObjectStore):
             raise self._unreachable(e) from None
         if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
             raise _too_large(key, len(data), max_bytes)
-        return _verify(key, data, sha256)
+        return _verify(key, data, sha256, digest)
 
-    def _read_direct(self, path: Path, size: int) -> bytearray | None:
-        """The file's bytes read with O_DIRECT, or None where it is not used (small, or refused)."""
+    def _read_direct(self, path: Path, size: int) -> tuple[bytearray | None, str | None]:
+        """The file's bytes read with O_DIRECT and their sha256, or Nones where it is not used (small,
+        or refused)."""
         if not self.direct or size < directio.MIN_BYTES:
-            return None
+            return None, None
         try:
             return directio.read(path, size)
         except directio.Unsupported as e:
             self._no_direct(e)
-            return None
+            return None, None
 
     def size(self, key: str) -> int:
         path = self._path(key)

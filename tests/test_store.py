@@ -274,10 +274,10 @@ def test_a_durable_file_object_is_flushed_chunk_by_chunk_and_a_failed_flush_fail
     assert sorted(p.name for p in (store.root / "a").iterdir()) == ["big", "fast"]   # no temp file either
 
 
-# Sizes around the direct path's edges: below its threshold, one block short of and exactly a staging
-# chunk, a chunk and a byte, several chunks and a ragged tail.
-DIRECT_SIZES = [directio.MIN_BYTES - 1, directio.CHUNK - 1, directio.CHUNK, directio.CHUNK + 1,
-                3 * directio.CHUNK + 4097]
+# Sizes around the direct path's edges: below its threshold, a chunk and a block, exactly both staging
+# buffers, one byte more (a buffer reused), several chunks with a ragged tail.
+DIRECT_SIZES = [directio.MIN_BYTES - 1, directio.CHUNK + directio.ALIGN, 2 * directio.CHUNK,
+                2 * directio.CHUNK + 1, 5 * directio.CHUNK + 4097]
 
 
 @pytest.mark.parametrize("size", DIRECT_SIZES)
