@@ -75,16 +75,19 @@ def to_bytes(tensors: dict[str, torch.Tensor], **metadata: str) -> bytearray:
     return stbytes.join(to_parts(tensors, **metadata))
 
 
-def from_bytes(data: bytes, what: str, *, views: bool = False) -> dict[str, torch.Tensor]:
+def from_bytes(data: bytes | bytearray, what: str, *, views: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors object; `views`: read-only views of `data` instead of copies (for
     weights that are only read: a worker loads them into its model and keeps them as the base of
     its next delta), one model-sized copy less on the round's critical path."""
-    if views:
+    if views or not isinstance(data, bytes):
+        # A bytearray (a direct read of the file store) would need a bytes copy for safetensors: a
+        # copy of each view is one model-sized copy instead of two.
         try:
-            return stbytes.views(data)[0]
+            tensors = stbytes.views(data)[0]
         except stbytes.FormatError as e:
             raise BadInput(f"{what} is not a valid safetensors object: {e}") from None
+        return tensors if views else {name: t.clone() for name, t in tensors.items()}
     try:
-        return st_load(data if isinstance(data, bytes) else bytes(data))
+        return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise BadInput(f"{what} is not a valid safetensors object: {e}") from None

@@ -117,3 +117,27 @@ def test_views_refuse_misaligned_data():
     head += b" " * (-len(head) % 8)
     with pytest.raises(stbytes.FormatError, match=r"not aligned"):
         stbytes.views(len(head).to_bytes(8, "little") + head + b"\0" * 5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(state_dicts())
+def test_from_bytes_of_a_bytearray_is_safetensors_load_in_memory_of_its_own(tensors):
+    """The file store's direct reads return a bytearray: loaded through views and one copy, the same
+    tensors as safetensors' own load of the bytes, none of them aliasing the buffer (which is freed)."""
+    from diloco import model
+
+    data = bytearray(stbytes.save(tensors, None))
+    got, want = model.from_bytes(data, "w"), st_load(bytes(data))
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    data[:] = bytes(len(data))
+    assert all(torch.equal(got[n], t) for n, t in want.items()), "a tensor still reads the buffer"
+
+
+def test_from_bytes_of_a_bytearray_refuses_garbage_as_bad_input():
+    from diloco import model
+    from diloco.errors import BadInput
+
+    with pytest.raises(BadInput, match="w is not a valid safetensors object"):
+        model.from_bytes(bytearray(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"), "w")
