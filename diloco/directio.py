@@ -23,7 +23,7 @@ import hashlib
 import mmap
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 ALIGN = 4096
@@ -48,6 +48,39 @@ def _staging() -> tuple[memoryview, memoryview]:
     return bufs
 
 
+class _Relay:
+    """This thread's two staging buffers and one helper thread: the helper works on one buffer (writes
+    it to the disk, or copies and hashes it) while the caller fills the other."""
+
+    def __init__(self, name: str) -> None:
+        self.bufs, self.i = _staging(), 0
+        self.jobs: list[Future | None] = [None, None]
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def next(self) -> memoryview:
+        """The buffer to fill now, once the helper is done with it (its error is raised here)."""
+        if (job := self.jobs[self.i]) is not None:
+            job.result()
+        return self.bufs[self.i]
+
+    def hand_off(self, work: Callable[..., None], *args: object) -> None:
+        """Give the buffer just filled to the helper: `work(buffer, *args)`."""
+        self.jobs[self.i] = self.helper.submit(work, self.bufs[self.i], *args)
+        self.i ^= 1
+
+    def __enter__(self) -> _Relay:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        try:
+            if exc_type is None:
+                for job in self.jobs:
+                    if job is not None:
+                        job.result()
+        finally:
+            self.helper.shutdown(wait=True)   # never leave the helper on a buffer or descriptor
+
+
 def _refused(e: OSError) -> bool:
     return e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
@@ -67,83 +100,71 @@ def open_for_write(path: os.PathLike | str) -> int:
 def write(fd: int, pieces: Iterable[memoryview]) -> str:
     """Write the pieces end to end to `fd` (opened with O_DIRECT) and return their sha256 hex.
 
-    Each staging chunk is hashed while in the cache and handed to a helper thread to write, while
-    the next chunk fills the other buffer; the last is padded to `ALIGN` and the file cut back."""
-    h, bufs = hashlib.sha256(), _staging()
-    writing: list[Future | None] = [None, None]
-    i = fill = total = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="direct-write") as disk:
-        def flush(n: int) -> None:
-            h.update(bufs[i][:n])
-            padded = -(-n // ALIGN) * ALIGN
-            bufs[i][n:padded] = bytes(padded - n)
-            writing[i] = disk.submit(_write_all, fd, bufs[i][:padded])
-
+    Each staging chunk is hashed while in the cache and handed to the helper to write, while the next
+    chunk fills the other buffer; the last is padded to `ALIGN` and the file cut back."""
+    h = hashlib.sha256()
+    fill = total = 0
+    with _Relay("direct-write") as relay:
+        buf = relay.next()
         for view in pieces:
             at = 0
             while at < len(view):
-                if fill == 0 and writing[i] is not None:
-                    writing[i].result()   # the disk is done with this buffer (or its error is raised)
                 take = min(len(view) - at, CHUNK - fill)
-                bufs[i][fill:fill + take] = view[at:at + take]
+                buf[fill:fill + take] = view[at:at + take]
                 fill, at, total = fill + take, at + take, total + take
                 if fill == CHUNK:
-                    flush(fill)
-                    i, fill = i ^ 1, 0
+                    h.update(buf)
+                    relay.hand_off(_write_all, fd, CHUNK)
+                    buf, fill = relay.next(), 0
         if fill:
-            flush(fill)
-        for job in writing:
-            if job is not None:
-                job.result()
+            h.update(buf[:fill])
+            padded = -(-fill // ALIGN) * ALIGN
+            buf[fill:padded] = bytes(padded - fill)
+            relay.hand_off(_write_all, fd, padded)
     if total % ALIGN:
         os.ftruncate(fd, total)
     return h.hexdigest()
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(buf: memoryview, fd: int, n: int) -> None:
     done = 0
     try:
-        while done < len(data):
-            done += os.write(fd, data[done:])
+        while done < n:
+            done += os.write(fd, buf[done:n])
     except OSError as e:
         raise _unsupported(e, "write") from None
 
 
 def read(path: os.PathLike | str, size: int) -> tuple[bytearray, str]:
     """The first `size` bytes of `path`, read with O_DIRECT, and their sha256 hex; Unsupported where
-    refused. A helper thread copies and hashes each chunk while the disk reads the next.
+    refused. The helper copies and hashes each chunk while the disk reads the next.
 
     A short file (cut while read) returns what it holds; the caller's size and checksum checks judge it."""
     try:
         fd = os.open(path, os.O_RDONLY | FLAG)
     except OSError as e:
         raise _unsupported(e, "open") from None
-    out, h, bufs = bytearray(size), hashlib.sha256(), _staging()
+    out, h = bytearray(size), hashlib.sha256()
     whole = memoryview(out)
-    taking: list[Future | None] = [None, None]
 
     def take(buf: memoryview, at: int, got: int) -> None:
         whole[at:at + got] = buf[:got]
         h.update(whole[at:at + got])
 
-    i = at = 0
+    at = 0
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="direct-read") as helper:
+        with _Relay("direct-read") as relay:
             while at < size:
-                if taking[i] is not None:
-                    taking[i].result()   # the helper is done with this buffer
+                buf = relay.next()
                 want = min(CHUNK, -(-(size - at) // ALIGN) * ALIGN)
                 try:
-                    got = min(os.preadv(fd, [bufs[i][:want]], at), size - at)
+                    got = min(os.preadv(fd, [buf[:want]], at), size - at)
                 except OSError as e:
                     raise _unsupported(e, "read") from None
                 if got <= 0:
                     break
-                taking[i] = helper.submit(take, bufs[i], at, got)
-                at, i = at + got, i ^ 1
-            for job in taking:
-                if job is not None:
-                    job.result()
+                relay.hand_off(take, at, got)
+                at += got
     finally:
         whole.release()
         os.close(fd)
