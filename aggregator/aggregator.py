@@ -48,7 +48,7 @@ class Aggregator:
         self.scripts = Scripts(self.r)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="fetch")
         self.progress_at = time.monotonic()   # the round loop's last sign of life (see _watch)
-        # (version, weights sha256, momentum sha256, weights, momentum, download residual)
+        # (version, weights digest, momentum digest, weights, momentum, download residual)
         self._cache: tuple | None = None
 
     def stop(self) -> None:
@@ -175,7 +175,7 @@ class Aggregator:
         checksums match the head's (the holder usually committed it), else read from the store."""
         if self._cache is not None:
             version, w_sha, m_sha, *state = self._cache
-            if (version, w_sha, m_sha) == (head.version, head.weights_sha256, head.momentum_sha256):
+            if (version, w_sha, m_sha) == (head.version, head.weights_digest, head.momentum_digest):
                 return tuple(state)
         self._cache = None  # stale (another holder committed since): free it before loading
         return runs.load_weights(self.store, head), *runs.load_outer_state(self.store, head)
@@ -257,13 +257,13 @@ class Aggregator:
         """Encode and write the update from `weights` to the outer step's result `stepped`.
 
         Returns the version's weights (the base plus the decoded update, bit for bit what a worker
-        applying it holds), the new residual, and the update's (shard keys, sha256s). Without a
+        applying it holds), the new residual, and the update's (shard keys, digests). Without a
         download codec: `stepped` itself, the residual unchanged (empty) and no update."""
         if codec is None:
             return stepped, residual, ((), ())
         shards, residual = update.encode(weights, stepped, residual, codec, self.cfg.shard_bytes)
         names = tuple(keys.update_shard(self.lane, version, token, i) for i in range(len(shards)))
-        # Not durable: read with sha256 checked, and a worker that finds one torn reads the full weights.
+        # Not durable: read with its digest checked, and a worker that finds one torn reads the full weights.
         shas = tuple(self.pool.map(lambda k, d: put_idempotent(self.store, k, d, durable=False), names, shards))
         return update.apply(weights, update.decode(shards, weights, codec)), residual, (names, shas)
 

@@ -10,7 +10,7 @@ of the model's size, all new files, so buffered writes were a third of the round
 O_DIRECT wants the memory address, the file offset and the length of every transfer aligned to the
 device's logical block; `ALIGN` (4096) covers every common device. Bytes therefore move through two
 aligned staging buffers per thread, reused for the process' life (so their pages stay resident): the
-disk works on one while the other is copied and hashed, so hashing (sha256 runs at 1.1 GB/s here)
+disk works on one while the other is copied and hashed, so hashing (diloco/digest.py)
 overlaps the transfer. A file's last partial block is padded and then cut back with ftruncate. A file
 system that refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE and network mounts) raises EINVAL:
 callers fall back to buffered I/O (`Unsupported`).
@@ -19,12 +19,13 @@ callers fall back to buffered I/O (`Unsupported`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from diloco.digest import Hasher
 
 ALIGN = 4096
 CHUNK = 1 << 20          # one staging buffer: as fast as larger ones, and in the cache while hashed
@@ -98,11 +99,11 @@ def open_for_write(path: os.PathLike | str) -> int:
 
 
 def write(fd: int, pieces: Iterable[memoryview]) -> str:
-    """Write the pieces end to end to `fd` (opened with O_DIRECT) and return their sha256 hex.
+    """Write the pieces end to end to `fd` (opened with O_DIRECT) and return their digest.
 
     Each staging chunk is hashed while in the cache and handed to the helper to write, while the next
     chunk fills the other buffer; the last is padded to `ALIGN` and the file cut back."""
-    h = hashlib.sha256()
+    h = Hasher()
     fill = total = 0
     with _Relay("direct-write") as relay:
         buf = relay.next()
@@ -123,7 +124,7 @@ def write(fd: int, pieces: Iterable[memoryview]) -> str:
             relay.hand_off(_write_all, fd, padded)
     if total % ALIGN:
         os.ftruncate(fd, total)
-    return h.hexdigest()
+    return h.value()
 
 
 def _write_all(buf: memoryview, fd: int, n: int) -> None:
@@ -135,16 +136,17 @@ def _write_all(buf: memoryview, fd: int, n: int) -> None:
         raise _unsupported(e, "write") from None
 
 
-def read(path: os.PathLike | str, size: int) -> tuple[bytearray, str]:
-    """The first `size` bytes of `path`, read with O_DIRECT, and their sha256 hex; Unsupported where
-    refused. The helper copies and hashes each chunk while the disk reads the next.
+def read(path: os.PathLike | str, size: int, like: str | None = None) -> tuple[bytearray, str]:
+    """The first `size` bytes of `path`, read with O_DIRECT, and their digest in the form of `like` (a
+    recorded digest; BLAKE3 when None); Unsupported where refused. The helper copies and hashes each
+    chunk while the disk reads the next.
 
     A short file (cut while read) returns what it holds; the caller's size and checksum checks judge it."""
     try:
         fd = os.open(path, os.O_RDONLY | FLAG)
     except OSError as e:
         raise _unsupported(e, "open") from None
-    out, h = bytearray(size), hashlib.sha256()
+    out, h = bytearray(size), Hasher(like)
     whole = memoryview(out)
 
     def take(buf: memoryview, at: int, got: int) -> None:
@@ -170,4 +172,4 @@ def read(path: os.PathLike | str, size: int) -> tuple[bytearray, str]:
         os.close(fd)
     if at < size:
         del out[at:]
-    return out, h.hexdigest()
+    return out, h.value()

@@ -63,7 +63,7 @@ class ObjectExists(DilocoError):
 
 
 class ChecksumMismatch(BadInput):
-    """An object's sha256 differs from the one recorded for it."""
+    """An object's digest differs from the one recorded for it."""
 
 
 class ObjectTooLarge(BadInput):

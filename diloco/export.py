@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from diloco import keys, model, runs
 from diloco.config import RunConfig
 from diloco.errors import BadInput, ConfigError, ObjectMissing
+from diloco.messages import recorded_digest
 from diloco.store import ObjectStore
 from diloco.tasks import load_task
 
@@ -50,7 +51,7 @@ class Source:
 
     version: int
     weights: str
-    sha256: str | None
+    digest: str | None
     committed_ms: int | None
 
 
@@ -67,7 +68,7 @@ def locate(r: redis.Redis, run: str, version: int | None = None) -> Source:
     """The weights object of `version` (default: the head) of `run`; ConfigError if there is none."""
     head = runs.read_head(r, run)
     if version is None or version == head.version:
-        return Source(head.version, head.weights, head.weights_sha256, head.committed_ms)
+        return Source(head.version, head.weights, head.weights_digest, head.committed_ms)
     if version < 0 or version > head.version:
         raise ConfigError(f"run {run!r} has no version {version}: its versions are 0 to {head.version}")
     if version == 0:
@@ -82,7 +83,7 @@ def locate(r: redis.Redis, run: str, version: int | None = None) -> Source:
             break
         oldest = v
         if v == version:
-            return Source(v, fields["weights"], fields["weights_sha256"], int(fields["committed_ms"]))
+            return Source(v, fields["weights"], recorded_digest(fields, "weights"), int(fields["committed_ms"]))
     held = f"it holds versions {oldest} to {head.version}" if oldest is not None else "it holds none"
     raise ConfigError(f"version {version} of run {run!r} is not in the versions stream ({held}, "
                       "e.g. after `diloco recover`), so its weights cannot be found and verified")
@@ -102,9 +103,9 @@ def _newest_first(r: redis.Redis, stream: str) -> Iterator[dict[str, str]]:
 
 
 def read_weights(store: ObjectStore, cfg: RunConfig, src: Source) -> dict[str, torch.Tensor]:
-    """The version's state dict, checked against its recorded sha256 (or, for v0, the run's model)."""
+    """The version's state dict, checked against its recorded digest (or, for v0, the run's model)."""
     try:
-        data = store.get(src.weights, sha256=src.sha256)
+        data = store.get(src.weights, digest=src.digest)
     except ObjectMissing:
         have = _versions_with_weights(store, cfg.run)
         raise ConfigError(
@@ -113,7 +114,7 @@ def read_weights(store: ObjectStore, cfg: RunConfig, src: Source) -> dict[str, t
             f"{cfg.keep_every}, see `diloco gc`). Versions with weights: {_ranges(have) or 'none'}"
         ) from None
     what = f"weights {src.weights}"
-    if src.sha256 is None:  # v0 after the head moved on: check what init wrote instead
+    if src.digest is None:  # v0 after the head moved on: check what init wrote instead
         _check_init_header(data, cfg.run, what)
     state = model.from_bytes(data, what)
     if model.model_hash(state) != cfg.model_hash:
@@ -144,12 +145,12 @@ def export(r: redis.Redis, store: ObjectStore, run: str, out: str | os.PathLike,
 def run_weights(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
                 version: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The run's state dict at `version` (default: the head; with fragments, each fragment's newest),
-    checked, and what it is (version, committed_ms, source keys and sha256s)."""
+    checked, and what it is (version, committed_ms, source keys and digests)."""
     if cfg.is_streaming:
         return _streaming_state(r, store, cfg, version)
     src = locate(r, cfg.run, version)
     return read_weights(store, cfg, src), {"version": src.version, "committed_ms": src.committed_ms,
-                                           "source": src.weights, "source_sha256": src.sha256}
+                                           "source": src.weights, "source_digest": src.digest}
 
 
 def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
@@ -166,7 +167,7 @@ def _streaming_state(r: redis.Redis, store: ObjectStore, cfg: RunConfig,
                        f"{cfg.run!r} has {cfg.model_hash}")
     return state, {"version": min(h.version for h in heads), "fragment_versions": [h.version for h in heads],
                    "committed_ms": max(h.committed_ms for h in heads), "source": [h.weights for h in heads],
-                   "source_sha256": [h.weights_sha256 for h in heads]}
+                   "source_digest": [h.weights_digest for h in heads]}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,14 +7,12 @@ parsing trusts nothing: a missing or ill-typed field raises `BadMessage` naming 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from diloco import keys
+from diloco import digest, keys
 from diloco.errors import BadMessage
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHARDS = 4096
 
 
@@ -82,7 +80,7 @@ class Announcement:
     codec: str
     shards: tuple[str, ...]
     sizes: tuple[int, ...]
-    sha256: tuple[str, ...]
+    digest: tuple[str, ...]     # each shard's (diloco/digest.py)
     samples: int
     tokens: int
     inner_steps: int
@@ -102,7 +100,7 @@ class Announcement:
             "kind": self.kind.value, "run": self.run, "worker": self.worker, "nonce": self.nonce,
             "version": str(self.version), "fragment": str(self.fragment), "codec": self.codec,
             "shards": ",".join(self.shards), "sizes": ",".join(map(str, self.sizes)),
-            "sha256": ",".join(self.sha256), "samples": str(self.samples), "tokens": str(self.tokens),
+            "digest": ",".join(self.digest), "samples": str(self.samples), "tokens": str(self.tokens),
             "inner_steps": str(self.inner_steps), "loss": repr(self.loss),
             "train_s": f"{self.train_s:.3f}", "norm": repr(self.norm),
             "units": ",".join(f"{e}:{b}" for e, b in self.units),
@@ -119,25 +117,26 @@ class Announcement:
             nonce = keys.check_name("nonce", _get(fields, "nonce"))
         except ValueError as e:
             raise BadMessage(str(e)) from None
-        shards, sizes, sha = _list(fields, "shards"), _list(fields, "sizes"), _list(fields, "sha256")
+        shards, sizes = _list(fields, "shards"), _list(fields, "sizes")
+        sums = _list(fields, legacy_name(fields, "digest", "sha256"))
         if not shards:
             raise BadMessage("announcement lists no shards")
         if len(shards) > MAX_SHARDS:
             raise BadMessage(f"announcement lists {len(shards)} shards, more than {MAX_SHARDS}")
-        if not len(shards) == len(sizes) == len(sha):
-            raise BadMessage("shards, sizes and sha256 have different lengths")
+        if not len(shards) == len(sizes) == len(sums):
+            raise BadMessage("shards, sizes and digest have different lengths")
         try:
             size_values = tuple(int(s) for s in sizes)
         except ValueError:
             raise BadMessage("field 'sizes' holds a non-integer") from None
         if any(s < 0 for s in size_values):
             raise BadMessage("field 'sizes' holds a negative size")
-        if not all(_SHA256.fullmatch(h) for h in sha):
-            raise BadMessage("field 'sha256' holds a value that is not 64 lowercase hex digits")
+        if not all(digest.valid(h) for h in sums):
+            raise BadMessage("field 'digest' holds a value that is not 'blake3:' and 64 lowercase hex digits")
         units = _units(fields)
         return cls(
             run=run, worker=worker, nonce=nonce, version=_int(fields, "version"),
-            codec=_get(fields, "codec"), shards=tuple(shards), sizes=size_values, sha256=tuple(sha),
+            codec=_get(fields, "codec"), shards=tuple(shards), sizes=size_values, digest=tuple(sums),
             samples=_int(fields, "samples"), tokens=_int(fields, "tokens"),
             inner_steps=_int(fields, "inner_steps", lo=1), loss=_float(fields, "loss"),
             train_s=_float(fields, "train_s") if "train_s" in fields else 0.0,
@@ -152,26 +151,38 @@ class Head:
 
     version: int
     weights: str
-    weights_sha256: str
+    weights_digest: str
     momentum: str
-    momentum_sha256: str
+    momentum_digest: str
     token: int
     committed_ms: int
     deltas_since: str
-    # The encoded update from the version before (diloco/update.py): its shards and their sha256;
+    # The encoded update from the version before (diloco/update.py): its shards and their digests;
     # empty when the run downloads full weights only, and at version 0.
     update: tuple[str, ...] = ()
-    update_sha256: tuple[str, ...] = ()
+    update_digest: tuple[str, ...] = ()
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Head:
-        update, update_sha = (tuple(_list(fields, f)) if fields.get(f) else () for f in ("update", "update_sha256"))
-        if len(update) != len(update_sha):
-            raise BadMessage(f"head lists {len(update)} update shards but {len(update_sha)} sha256")
+        names = ("update", legacy_name(fields, "update_digest", "update_sha256"))
+        update, update_sums = (tuple(_list(fields, f)) if fields.get(f) else () for f in names)
+        if len(update) != len(update_sums):
+            raise BadMessage(f"head lists {len(update)} update shards but {len(update_sums)} digests")
         return cls(
             version=_int(fields, "version"), weights=_get(fields, "weights"),
-            weights_sha256=_get(fields, "weights_sha256"), momentum=_get(fields, "momentum"),
-            momentum_sha256=_get(fields, "momentum_sha256"), token=_int(fields, "token"),
+            weights_digest=recorded_digest(fields, "weights"), momentum=_get(fields, "momentum"),
+            momentum_digest=recorded_digest(fields, "momentum"), token=_int(fields, "token"),
             committed_ms=_int(fields, "committed_ms"), deltas_since=_get(fields, "deltas_since"),
-            update=update, update_sha256=update_sha,
+            update=update, update_digest=update_sums,
         )
+
+
+def legacy_name(fields: dict[str, str], name: str, legacy: str) -> str:
+    """`name`, or `legacy` where a record written before BLAKE3 digests (diloco/digest.py) has only that."""
+    return legacy if name not in fields and legacy in fields else name
+
+
+def recorded_digest(fields: dict[str, str], obj: str) -> str:
+    """The digest a head or versions entry records for its object `obj` ("weights", "momentum"):
+    field `<obj>_digest`, or `<obj>_sha256` in a record written before BLAKE3 digests."""
+    return _get(fields, legacy_name(fields, f"{obj}_digest", f"{obj}_sha256"))

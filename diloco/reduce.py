@@ -63,8 +63,8 @@ class Reducer:
         self.closed = False   # result() divided the sum in place
 
     def fetch(self, ann: Announcement) -> list[Future]:
-        pairs = zip(ann.shards, ann.sha256, strict=True)
-        return [self.pool.submit(self.store.get, k, sha256=h, max_bytes=self.limit) for k, h in pairs]
+        pairs = zip(ann.shards, ann.digest, strict=True)
+        return [self.pool.submit(self.store.get, k, digest=h, max_bytes=self.limit) for k, h in pairs]
 
     def add(self, entry_id: str, ann: Announcement, futures: list[Future] | None = None,
             factors: tuple[float, float] = (1.0, 1.0)) -> str | None:

@@ -18,10 +18,10 @@ import torch
 
 from diloco import keys, model, runs, update, weighting
 from diloco.codecs import get_codec
-from diloco.messages import Announcement
+from diloco.messages import Announcement, recorded_digest
 from diloco.outer import outer_step
 from diloco.reduce import reduce_round
-from diloco.store import ObjectStore, sha256_of
+from diloco.store import ObjectStore, digest_of
 
 
 @dataclass
@@ -68,7 +68,8 @@ def recompute(r: redis.Redis, store: ObjectStore, run: str,
                 shards, residual = update.encode(weights, stepped, residual, download, cfg.shard_bytes)
                 weights = update.apply(weights, update.decode(shards, weights, download))
             data = model.to_parts(weights, run=cfg.run, version=entry["version"])
-            matches = factors_ok and not red.rejected and sha256_of(data) == entry["weights_sha256"]
+            want = recorded_digest(entry, "weights")
+            matches = factors_ok and not red.rejected and digest_of(data, like=want) == want
             yield Recomputed(entry, weights, momentum, matches)
 
 

@@ -76,7 +76,7 @@ def load_weights(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
 def load_weights_counted(store: ObjectStore, head: Head, *, views: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """(the weights of `head`, the bytes read): a worker counts what it downloads without asking the
     store for the object's size (one more request). `views`: read-only (model.from_bytes)."""
-    data = store.get(head.weights, sha256=head.weights_sha256)
+    data = store.get(head.weights, digest=head.weights_digest)
     return model.from_bytes(data, f"weights {head.weights}", views=views), len(data)
 
 
@@ -103,7 +103,7 @@ def load_momentum(store: ObjectStore, head: Head) -> dict[str, torch.Tensor]:
 
 def load_outer_state(store: ObjectStore, head: Head) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(momentum, the download's error-feedback residual) of `head`: one object holds both (diloco/update.py)."""
-    data = store.get(head.momentum, sha256=head.momentum_sha256)
+    data = store.get(head.momentum, digest=head.momentum_digest)
     return split_momentum(model.from_bytes(data, f"momentum {head.momentum}"))
 
 
@@ -221,8 +221,8 @@ def _write_version_zero(r: redis.Redis, store: ObjectStore, lane: str, state: di
     run = keys.split_lane(lane)[0]
     w_sha = _put_idempotent(store, w_key, model.to_bytes(state, run=run, version="0"))
     m_sha = _put_idempotent(store, m_key, model.to_bytes(momentum, run=run, version="0"))
-    return {"version": "0", "token": "0", "weights": w_key, "weights_sha256": w_sha,
-            "momentum": m_key, "momentum_sha256": m_sha,
+    return {"version": "0", "token": "0", "weights": w_key, "weights_digest": w_sha,
+            "momentum": m_key, "momentum_digest": m_sha,
             "committed_ms": str(server_time_ms(r)), "deltas_since": "0-0"}
 
 

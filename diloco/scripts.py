@@ -67,10 +67,10 @@ COMMIT = """
 -- KEYS[1] lock, KEYS[2] head hash, KEYS[3] versions stream,
 -- KEYS[4..] for each epoch whose units the round trained on: done bitmap, leases, owners, claimed.
 -- ARGV[1] lock value '<token>:<aggregator>', ARGV[2] base version, ARGV[3] fencing token,
--- ARGV[4] weights key, ARGV[5] weights sha256, ARGV[6] momentum key, ARGV[7] momentum sha256,
+-- ARGV[4] weights key, ARGV[5] weights digest, ARGV[6] momentum key, ARGV[7] momentum digest,
 -- ARGV[8] the id of the last deltas-stream entry the round read (the next round reads after it,
 -- so an announcement that landed during the reduce is read, and rejected as late, not skipped),
--- ARGV[9] the encoded update's shard keys and ARGV[10] their sha256, comma-joined ('' for none:
+-- ARGV[9] the encoded update's shard keys and ARGV[10] their digests, comma-joined ('' for none:
 -- set every commit, so a head never keeps the update of an older version),
 -- ARGV[11] m, then m round-stat field/value pairs for the versions stream,
 -- then k (epochs), then for each epoch: c, then c (unit bit, worker id) pairs.
@@ -112,11 +112,13 @@ local new = tostring(tonumber(ARGV[2]) + 1)
 local t = redis.call('TIME')
 local ms = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('HSET', KEYS[2], 'version', new, 'token', ARGV[3], 'weights', ARGV[4],
-           'weights_sha256', ARGV[5], 'momentum', ARGV[6], 'momentum_sha256', ARGV[7],
-           'committed_ms', ms, 'deltas_since', ARGV[8], 'update', ARGV[9], 'update_sha256', ARGV[10])
-local entry = {'version', new, 'token', ARGV[3], 'weights', ARGV[4], 'weights_sha256', ARGV[5],
-               'update', ARGV[9], 'update_sha256', ARGV[10],
-               'momentum', ARGV[6], 'momentum_sha256', ARGV[7], 'committed_ms', ms}
+           'weights_digest', ARGV[5], 'momentum', ARGV[6], 'momentum_digest', ARGV[7],
+           'committed_ms', ms, 'deltas_since', ARGV[8], 'update', ARGV[9], 'update_digest', ARGV[10])
+-- a head first written before BLAKE3 digests (diloco/digest.py) drops its sha256 fields
+redis.call('HDEL', KEYS[2], 'weights_sha256', 'momentum_sha256', 'update_sha256')
+local entry = {'version', new, 'token', ARGV[3], 'weights', ARGV[4], 'weights_digest', ARGV[5],
+               'update', ARGV[9], 'update_digest', ARGV[10],
+               'momentum', ARGV[6], 'momentum_digest', ARGV[7], 'committed_ms', ms}
 for j = 12, 11 + 2 * m do entry[#entry + 1] = ARGV[j] end
 redis.call('XADD', KEYS[3], '*', unpack(entry))
 return tonumber(new)
@@ -280,7 +282,7 @@ class Scripts:
         """Advance the version pointer and mark the round's units done.
 
         `units` maps epoch -> [(unit bit, worker id)]; `update` is the encoded update's (shard keys,
-        sha256s), written into the head. Raises LockLost if our lock or base version
+        digests), written into the head. Raises LockLost if our lock or base version
         is gone, UnitConflict (naming the worker) if a unit is not that worker's to commit.
         """
         args: list[str | int] = [lock_value, base_version, token, *weights, *momentum, deltas_read,

@@ -26,6 +26,7 @@ import redis
 
 from diloco import keys
 from diloco.errors import BadInput, ConfigError, ObjectMissing, RunNotFound
+from diloco.messages import recorded_digest
 from diloco.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def _check_objects(store: ObjectStore, snap: dict[str, Any]) -> None:
     """Every lane's weights and momentum exist with the recorded checksums (ObjectMissing, BadInput)."""
     for state in _lanes_of(snap).values():
         head = state["head"]
-        store.get(head["weights"], sha256=head["weights_sha256"])
-        store.get(head["momentum"], sha256=head["momentum_sha256"])
+        store.get(head["weights"], digest=recorded_digest(head, "weights"))
+        store.get(head["momentum"], digest=recorded_digest(head, "momentum"))
 
 
 def newest_usable(store: ObjectStore, run: str) -> dict[str, Any]:

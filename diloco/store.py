@@ -3,9 +3,9 @@
 `open_store(url)` returns a `FileStore` for ``file:///abs/dir`` (a shared or local file system)
 or an `S3Store` for ``s3://bucket/optional/prefix`` (AWS, MinIO, R2, moto, ...). Every write is
 create-only: an object, once written, is never replaced, so a reader that holds a key and its
-sha256 always gets the bytes that were committed (Redis, not the store, is the commit point).
-Readers bound what they accept with ``max_bytes`` and ``sha256``, because keys and checksums may
-come from other, untrusted processes.
+digest (diloco/digest.py) always gets the bytes that were committed (Redis, not the store, is the
+commit point). Readers bound what they accept with ``max_bytes`` and ``digest``, because keys and
+checksums may come from other, untrusted processes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import hashlib
 import io
 import itertools
 import logging
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from diloco import digest as digests
 from diloco import directio
 from diloco.errors import (
     ChecksumMismatch,
@@ -87,20 +87,20 @@ def payload_size(data: Payload) -> int:
     return sum(memoryview(p).nbytes for p in pieces(data))
 
 
-def sha256_of(data: Payload) -> str:
-    h = hashlib.sha256()
-    for p in pieces(data):
-        h.update(p)
-    return h.hexdigest()
+def digest_of(data: Payload, like: str | None = None) -> str:
+    """`data`'s digest (diloco/digest.py), in the form of the recorded digest `like` if given."""
+    return digests.of(pieces(data), like)
 
 
-def _verify(key: str, data: Blob, sha256: str | None, actual: str | None = None) -> Blob:
-    """`data` if its sha256 (`actual`, when the read already hashed it) is the expected one."""
-    if sha256 is not None:
-        actual = actual or hashlib.sha256(data).hexdigest()
-        if actual != sha256.lower():
-            raise ChecksumMismatch(f"object {key!r} has sha256 {actual} ({len(data)} bytes), "
-                                   f"expected {sha256}")
+def _verify(key: str, data: Blob, digest: str | None, actual: str | None = None) -> Blob:
+    """`data` if its digest (`actual`, when the read already hashed it) is the expected one."""
+    if digest is not None:
+        digest = digest.lower()
+        if actual is None or not digests.same_form(actual, digest):
+            actual = digests.of(data, like=digest)
+        if actual != digest:
+            raise ChecksumMismatch(f"object {key!r} has digest {actual} ({len(data)} bytes), "
+                                   f"expected {digest}")
     return data
 
 
@@ -115,15 +115,15 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put(self, key: str, data: Payload, *, durable: bool = True) -> str:
-        """Create `key` with `data` (bytes, or pieces laid end to end); return its sha256 hex.
+        """Create `key` with `data` (bytes, or pieces laid end to end); return its digest.
         ObjectExists if the key is taken.
 
         `durable=False` may skip making the object survive a machine crash (a file store's fsync):
-        for objects always read with their sha256 checked and never needed after a crash (delta
+        for objects always read with their digest checked and never needed after a crash (delta
         shards, published updates), where a torn object is rejected and the data sent again."""
 
     @abstractmethod
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
+    def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
         """The object's bytes; ObjectMissing, ObjectTooLarge or ChecksumMismatch when they fail."""
 
     @abstractmethod
@@ -153,13 +153,13 @@ _CHUNK = 8 << 20
 
 
 def _write_hashed(fd: int, data: Payload, durable: bool) -> str:
-    """Write `data` to `fd` and return its sha256, chunk by chunk (each hashed while in cache).
+    """Write `data` to `fd` and return its digest, chunk by chunk (each hashed while in cache).
 
     Durable: each chunk is flushed to the disk (fdatasync, one at a time, in a thread) while the
     next is copied, so the disk works during the copy rather than after it: on this project's
     machines two 100 MB objects written side by side took 0.37 s written then synced and 0.25 s so
     (docs/benchmarks.md, "Sync round")."""
-    h = hashlib.sha256()
+    h = digests.Hasher()
     flush: _Flush | None = None
     try:
         for piece in pieces(data):
@@ -178,7 +178,7 @@ def _write_hashed(fd: int, data: Payload, durable: bool) -> str:
             flush.join()
     if flush is not None:
         flush.wait()
-    return h.hexdigest()
+    return h.value()
 
 
 class _Flush(threading.Thread):
@@ -287,7 +287,7 @@ class FileStore(ObjectStore):
         return digest
 
     def _write_tmp(self, tmp: Path, data: Payload, durable: bool) -> str:
-        """Write `data` to the new file `tmp`; its sha256. Durable: synced before the caller links it."""
+        """Write `data` to the new file `tmp`; its digest. Durable: synced before the caller links it."""
         if self.direct and payload_size(data) >= directio.MIN_BYTES:
             views = (memoryview(p).cast("B") for p in pieces(data))
             try:
@@ -327,14 +327,14 @@ class FileStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
+    def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if max_bytes is not None and size > max_bytes:
                     raise _too_large(key, size, max_bytes)
-                data, digest = self._read_direct(path, size)
+                data, actual = self._read_direct(path, size, digest)
                 if data is None:
                     data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
@@ -345,15 +345,15 @@ class FileStore(ObjectStore):
             raise self._unreachable(e) from None
         if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
             raise _too_large(key, len(data), max_bytes)
-        return _verify(key, data, sha256, digest)
+        return _verify(key, data, digest, actual)
 
-    def _read_direct(self, path: Path, size: int) -> tuple[bytearray | None, str | None]:
-        """The file's bytes read with O_DIRECT and their sha256, or Nones where it is not used (small,
-        or refused)."""
+    def _read_direct(self, path: Path, size: int, like: str | None) -> tuple[bytearray | None, str | None]:
+        """The file's bytes read with O_DIRECT and their digest (in the form of `like`), or Nones where
+        it is not used (small, or refused)."""
         if not self.direct or size < directio.MIN_BYTES:
             return None, None
         try:
-            return directio.read(path, size)
+            return directio.read(path, size, like)
         except directio.Unsupported as e:
             self._no_direct(e)
             return None, None
@@ -424,7 +424,7 @@ class S3Store(ObjectStore):
             max_pool_connections=max(1, concurrency),
             retries={"mode": "adaptive", "max_attempts": 5},
             # Newer botocore sends CRC checksums by default, which MinIO/R2/moto versions reject
-            # or mishandle; integrity is checked end to end with our own sha256 instead.
+            # or mishandle; integrity is checked end to end with our own digest instead.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"} if endpoint else None,
@@ -476,16 +476,16 @@ class S3Store(ObjectStore):
 
     def put(self, key: str, data: Payload, *, durable: bool = True) -> str:  # S3 objects are always durable
         full = self._key(key)
-        digest = sha256_of(data)
+        digest = digest_of(data)
         body = data if isinstance(data, bytes | bytearray) else _PiecesReader(pieces(data))
         try:
             self._client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*",
-                                    Metadata={"sha256": digest})
+                                    Metadata={"digest": digest})
         except Exception as e:
             raise self._translate(e, key) from e
         return digest
 
-    def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> Blob:
+    def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
         full = self._key(key)
         try:
             resp = self._client.get_object(Bucket=self.bucket, Key=full)
@@ -503,7 +503,7 @@ class S3Store(ObjectStore):
             raise self._translate(e, key) from e
         if max_bytes is not None and len(data) > max_bytes:  # server sent no/false length
             raise _too_large(key, len(data), max_bytes)
-        return _verify(key, data, sha256)
+        return _verify(key, data, digest)
 
     def size(self, key: str) -> int:
         full = self._key(key)
@@ -601,7 +601,7 @@ def put_idempotent(store: ObjectStore, key: str, data: Payload, *, durable: bool
     try:
         return store.put(key, data, durable=durable)
     except ObjectExists:
-        sha = sha256_of(data)
-        if hashlib.sha256(store.get(key)).hexdigest() != sha:
+        ours = digest_of(data)
+        if digest_of(store.get(key)) != ours:
             raise
-        return sha
+        return ours

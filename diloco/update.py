@@ -88,15 +88,15 @@ def apply(weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> 
     return {n: (t.to(torch.float32) + update[n]).to(t.dtype) if n in update else t for n, t in weights.items()}
 
 
-def fetch(store: ObjectStore, keys: tuple[str, ...], sha256: tuple[str, ...], shard_bytes: int,
+def fetch(store: ObjectStore, keys: tuple[str, ...], digests: tuple[str, ...], shard_bytes: int,
           pool: ThreadPoolExecutor | None = None) -> list[bytes]:
-    """The update's shards, each checked against its sha256 and the shard size limit."""
+    """The update's shards, each checked against its digest and the shard size limit."""
     limit = max_shard_object_bytes(shard_bytes)
 
     def get(pair: tuple[str, str]) -> bytes:
-        return store.get(pair[0], sha256=pair[1], max_bytes=limit)
+        return store.get(pair[0], digest=pair[1], max_bytes=limit)
 
-    pairs = list(zip(keys, sha256, strict=True))
+    pairs = list(zip(keys, digests, strict=True))
     if pool is None:
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(pairs)))) as own:
             return list(own.map(get, pairs))

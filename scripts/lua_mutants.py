@@ -59,9 +59,11 @@ MUTANTS = [
            "local done, owners = KEYS[4 + 4 * e], KEYS[6 + 4 * e]", "local done, owners = KEYS[4], KEYS[6]"),
     Mutant("COMMIT: a committed unit keeps its lease", "  redis.call('ZREM', KEYS[base + 1], u[2])\n", ""),
     Mutant("COMMIT: the head keeps an older version's update",
-           "'deltas_since', ARGV[8], 'update', ARGV[9], 'update_sha256', ARGV[10])",
+           "'deltas_since', ARGV[8], 'update', ARGV[9], 'update_digest', ARGV[10])",
            "'deltas_since', ARGV[8])\nif ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'update', ARGV[9], "
-           "'update_sha256', ARGV[10]) end"),
+           "'update_digest', ARGV[10]) end"),
+    Mutant("COMMIT: a head first written before BLAKE3 digests keeps its sha256 fields",
+           "redis.call('HDEL', KEYS[2], 'weights_sha256', 'momentum_sha256', 'update_sha256')\n", ""),
     Mutant("COMMIT: a committed unit keeps its owner", "  redis.call('HDEL', KEYS[base + 2], u[2])\n", ""),
     Mutant("CLAIM_UNITS: no RETRY when epoch_lo moved", "if lo ~= tonumber(ARGV[1]) or hi", "if false or hi"),
     Mutant("CLAIM_UNITS: no RETRY when epoch_hi moved", "or hi ~= tonumber(ARGV[2]) then", "then"),

@@ -157,7 +157,7 @@ def test_worker_credentials_cannot_commit_or_mark_units_done(redis_url, users, f
     assert lock_value == f"{token}:agg" and read_head(worker, RUN) == head
     done = keys.units_done(RUN, cfg.dataset_id, 0)
     commit = {"lock_value": lock_value, "base_version": 0, "token": token,
-              "weights": (head.weights, head.weights_sha256), "momentum": (head.momentum, head.momentum_sha256),
+              "weights": (head.weights, head.weights_digest), "momentum": (head.momentum, head.momentum_digest),
               "stats": {"n": "1", "participants": "w0"}, "dataset": cfg.dataset_id,
               "units": {0: [(bit, "w0") for _, bit in claimed]}}
     before = _dump(raw_admin, RUN)

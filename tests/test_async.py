@@ -7,7 +7,6 @@ References (float64) are in tests/reference.py, never the product's code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from diloco.messages import Announcement
 from diloco.reduce import Reducer
 from diloco.replay import replay
 from diloco.shards import encode_delta, l2_norm
-from diloco.store import open_store, put_idempotent
+from diloco.store import digest_of, open_store, put_idempotent
 from tests import harness, reference
 from tests.test_faults import FAST, procs_for  # noqa: F401  (procs_for: a fixture)
 
@@ -165,7 +164,7 @@ def test_delayed_nesterov_with_every_version_a_batch_of_n_is_the_sync_nesterov_s
 def _ann(cfg: RunConfig, worker: str, version: int, unit_bits: list[int], epoch: int, **kw) -> Announcement:
     prefix = keys.delta_prefix(cfg.run, version, worker)
     fields = {"run": cfg.run, "worker": worker, "nonce": "n", "version": version, "codec": cfg.codec,
-              "shards": (prefix + "x-0",), "sizes": (10,), "sha256": ("0" * 64,), "samples": 40, "tokens": 40,
+              "shards": (prefix + "x-0",), "sizes": (10,), "digest": ("0" * 64,), "samples": 40, "tokens": 40,
               "inner_steps": cfg.sync_every, "loss": 1.0, "units": tuple((epoch, b) for b in unit_bits)}
     return Announcement(**{**fields, **kw})
 
@@ -270,7 +269,7 @@ def test_the_reduce_weights_each_delta_by_weight_times_scale_over_the_sum_of_wei
         shas = tuple(put_idempotent(store, k, s) for k, s in zip(names, shards, strict=True))
         anns.append((f"{i + 1}-0", Announcement(
             run="t", worker=f"w{i}", nonce="n", version=0, codec="fp32", shards=names,
-            sizes=tuple(len(s) for s in shards), sha256=shas, samples=1, tokens=(i + 1) * 100, inner_steps=5,
+            sizes=tuple(len(s) for s in shards), digest=shas, samples=1, tokens=(i + 1) * 100, inner_steps=5,
             loss=1.0, norm=l2_norm(d.values()))))
     factors = [(100.0, 1.0), (200.0, 0.5), (300.0, 1 / math.sqrt(3))]
     with ThreadPoolExecutor(2) as pool:
@@ -390,7 +389,7 @@ def test_the_aggregator_killed_mid_stream_in_async_mode_a_standby_commits_the_sa
     assert {e["aggregator"] for e in entries} == {"aggB"}
     store = open_store(file_url)
     orphan = keys.weights_object(RUN, 1, 1)
-    assert hashlib.sha256(store.get(orphan)).hexdigest() == entries[0]["weights_sha256"], "the redo is bit-identical"
+    assert digest_of(store.get(orphan)) == entries[0]["weights_digest"], "the redo is bit-identical"
     result = replay(r, store, RUN)
     assert (result.versions, result.mismatched) == (4, [])
     _reference_run(r, store)

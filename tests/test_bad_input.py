@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from diloco.config import WorkerSettings
 from diloco.errors import ConfigError, DuplicateWorker, ModelMismatch, RunNotFound, Unreachable
 from diloco.localserver import free_port
 from diloco.messages import Announcement
-from diloco.store import open_store
+from diloco.store import digest_of, open_store
 from tests import harness
 from workers.worker import Worker
 
@@ -88,7 +87,7 @@ def _evil_announcement(r, store, payload: bytes, claimed_sha: str) -> Announceme
     key = keys.delta_shard("t", 0, "evil", "n1", 0)
     store.put(key, payload)
     return Announcement(run="t", worker="evil", nonce="n1", version=0, codec="fp32", shards=(key,),
-                        sizes=(len(payload),), sha256=(claimed_sha,), samples=8, tokens=8, inner_steps=5,
+                        sizes=(len(payload),), digest=(claimed_sha,), samples=8, tokens=8, inner_steps=5,
                         loss=0.5, units=tuple(claimed))
 
 
@@ -96,7 +95,7 @@ def test_corrupt_shard_is_rejected_counted_and_the_aggregator_goes_on(redis_url,
     harness.init(redis_url, s3_url)
     store = open_store(s3_url)
     payload = b"not a safetensors shard"
-    bad_sum = _evil_announcement(r, store, payload, hashlib.sha256(b"something else").hexdigest())
+    bad_sum = _evil_announcement(r, store, payload, digest_of(b"something else"))
     r.xadd(keys.deltas("t"), bad_sum.to_fields())
     r.xadd(keys.deltas("t"), {"kind": "delta", "worker": "garbage"})  # malformed entry
     agg = harness.aggregator(redis_url, s3_url)
@@ -107,7 +106,7 @@ def test_corrupt_shard_is_rejected_counted_and_the_aggregator_goes_on(redis_url,
     assert agg.is_alive(), "the aggregator keeps running after bad input"
     assert agg.stop() == 2
     reasons = {f["worker"]: f["reason"] for _, f in r.xrange(keys.rejections("t"))}
-    assert "ChecksumMismatch" in reasons["evil"] and "sha256" in reasons["evil"]
+    assert "ChecksumMismatch" in reasons["evil"] and "digest" in reasons["evil"]
     assert reasons["garbage"].startswith("malformed announcement: field 'run' is missing")
     assert r.hgetall(keys.rejected_counts("t")) == {"evil": "1", "garbage": "1"}
 
@@ -116,7 +115,7 @@ def test_undecodable_shard_with_valid_checksum_is_rejected(redis_url, file_url, 
     harness.init(redis_url, file_url)
     store = open_store(file_url)
     payload = b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"
-    r.xadd(keys.deltas("t"), _evil_announcement(r, store, payload, hashlib.sha256(payload).hexdigest()).to_fields())
+    r.xadd(keys.deltas("t"), _evil_announcement(r, store, payload, digest_of(payload)).to_fields())
     agg = harness.aggregator(redis_url, file_url, max_rounds=1)
     w = harness.worker(redis_url, file_url, "w1", max_rounds=1)
     assert agg.result() == 1 and w.result() == 1

@@ -25,7 +25,7 @@ from diloco.units import Leases, UnitPlan, plan_for, units_per_round
 from tests import harness
 
 CFG = RunConfig(run="t", min_workers=2, round_timeout_s=10.5, codec="fp32", sync_every=5)
-HEAD = Head(version=3, weights="w", weights_sha256="a", momentum="m", momentum_sha256="b", token=1,
+HEAD = Head(version=3, weights="w", weights_digest="a", momentum="m", momentum_digest="b", token=1,
             committed_ms=1000, deltas_since="0-0")
 DEADLINE = 1000 + 10500
 CTL = "`diloco control --run t set min_workers=N`"
@@ -42,7 +42,7 @@ def rnd(accepted: tuple[str, ...] = (), answered: tuple[str, ...] = (), norms: d
 def ann(**kw) -> Announcement:
     worker = kw.get("worker", "w0")
     fields = {"run": "t", "worker": worker, "nonce": "n", "version": 3, "codec": "fp32",
-              "shards": (keys.delta_prefix("t", 3, worker) + "s0",), "sizes": (10,), "sha256": ("0" * 64,),
+              "shards": (keys.delta_prefix("t", 3, worker) + "s0",), "sizes": (10,), "digest": ("0" * 64,),
               "samples": 40, "tokens": 40, "inner_steps": 5, "loss": 1.0, "norm": 1.0, **kw}
     return Announcement(**fields)
 
@@ -135,13 +135,13 @@ def test_check_gives_each_reason_and_accepts_exactly_up_to_the_limits():
     assert check(ann(codec="int8"), CFG, r_) == "codec 'int8' is not the run's codec 'fp32'"
     assert check(ann(inner_steps=4), CFG, r_) == "trained 4 inner steps, the run's sync_every is 5"
     other = keys.delta_prefix("t", 3, "w1") + "s0"
-    assert check(ann(shards=(prefix + "s0", other), sizes=(1, 1), sha256=("x", "y")), CFG, r_) == (
+    assert check(ann(shards=(prefix + "s0", other), sizes=(1, 1), digest=("x", "y")), CFG, r_) == (
         f"shard key {other!r} is outside the worker's prefix {prefix!r}")
     assert check(ann(shards=(prefix + "../w1/s0",)), CFG, r_) == (
         f"shard key {prefix + '../w1/s0'!r} is outside the worker's prefix {prefix!r}")
     long = "x" * 300
     assert check(ann(shards=(long,)), CFG, r_) == f"shard key {long[:120]!r} is outside the worker's prefix {prefix!r}"
-    assert check(ann(sizes=(limit + 1, 5), shards=(prefix + "a", prefix + "b"), sha256=("x", "y")), CFG, r_) == (
+    assert check(ann(sizes=(limit + 1, 5), shards=(prefix + "a", prefix + "b"), digest=("x", "y")), CFG, r_) == (
         f"a shard of {limit + 1} bytes exceeds the run's limit of {limit} bytes")
 
 
@@ -223,7 +223,7 @@ def _accepted_round(r, redis_url, file_url):
     head = runs.read_head(r, "t")
     good = Announcement(run="t", worker="w0", nonce="n", version=head.version, codec=cfg.codec,
                         shards=(keys.delta_shard("t", head.version, "w0", "n", 0),), sizes=(10,),
-                        sha256=("0" * 64,), samples=40, tokens=40, inner_steps=cfg.sync_every, loss=1.0,
+                        digest=("0" * 64,), samples=40, tokens=40, inner_steps=cfg.sync_every, loss=1.0,
                         units=tuple(held))
     return cfg, plan, Round(head=head, last_id="0-0"), good
 
@@ -314,7 +314,7 @@ def _async_round(r, redis_url, file_url, grace_s: float):
 
     def good(i: int) -> dict:
         return Announcement(run="t", worker=f"w{i}", nonce="n", version=0, codec=cfg.codec,
-                            shards=(keys.delta_shard("t", 0, f"w{i}", "n", 0),), sizes=(10,), sha256=("0" * 64,),
+                            shards=(keys.delta_shard("t", 0, f"w{i}", "n", 0),), sizes=(10,), digest=("0" * 64,),
                             samples=40, tokens=40, inner_steps=cfg.sync_every, loss=1.0,
                             units=tuple((epoch, b) for b in range(i * want, (i + 1) * want))).to_fields()
     return cfg, plan, good

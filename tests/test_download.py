@@ -8,7 +8,6 @@ missing or corrupt, downloads the full weights (and says so in its stats and log
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from diloco import keys, model, runs, update
 from diloco.config import WorkerSettings
 from diloco.errors import ConfigError
 from diloco.replay import replay
-from diloco.store import open_store
+from diloco.store import digest_of, open_store
 from tests import harness
 from workers.worker import Worker
 
@@ -27,7 +26,7 @@ SAMPLES = {"num_samples": 400}
 
 
 def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return digest_of(data)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -51,12 +50,12 @@ def test_a_worker_applying_20_published_updates_holds_the_full_weights_bit_for_b
     codec_obj = update.download_codec(cfg)
     assert codec_obj is not None and codec_obj.name == {"int8": "int8", "topk": "int4"}[codec]
     for _, entry in r.xrange(keys.versions(RUN)):
-        names, shas = _split(entry["update"]), _split(entry["update_sha256"])
+        names, shas = _split(entry["update"]), _split(entry["update_digest"])
         assert names and len(names) == len(shas)
         shards = update.fetch(store, names, shas, cfg.shard_bytes)
         weights = update.apply(weights, update.decode(shards, weights, codec_obj))
         data = model.to_bytes(weights, run=RUN, version=entry["version"])
-        assert _sha(data) == entry["weights_sha256"], f"version {entry['version']}"
+        assert _sha(data) == entry["weights_digest"], f"version {entry['version']}"
         down = sum(len(s) for s in shards)
         if codec == "topk":  # int4 down (topk up is far smaller): this tiny model's headers leave it at 1/4
             assert down < store.size(keys.weights_object(RUN, 0, 0)) / 3
@@ -134,13 +133,13 @@ def test_an_unusable_update_is_reported_and_the_worker_downloads_the_full_weight
         first.write_bytes(first.read_bytes()[:100])
     elif damage == "missing":
         first.unlink()
-    else:  # a well-formed update of other values, its sha256 in the head: only decoding can tell
+    else:  # a well-formed update of other values, its digest in the head: only decoding can tell
         other = {n: torch.ones_like(t) for n, t in update.floats(idle.global_full).items()}
         shards, _ = update.encode(idle.global_full, update.apply(idle.global_full, other), {},
                                   update.download_codec(idle.cfg), idle.cfg.shard_bytes)
         key = keys.update_shard(RUN, head.version, 99, 0)
         sha = store.put(key, shards[0])
-        r.hset(keys.head(RUN), mapping={"update": key, "update_sha256": sha})
+        r.hset(keys.head(RUN), mapping={"update": key, "update_digest": sha})
         head = runs.read_head(r, RUN)
 
     with caplog.at_level("WARNING", logger="workers.worker"):

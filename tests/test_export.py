@@ -49,7 +49,7 @@ def test_export_round_trips_into_the_tasks_model(redis_url, r, trained, tmp_path
         meta = json.loads(f.metadata()["diloco"])
     assert meta["run"] == RUN and meta["version"] == 3 and meta["task"] == "tiny"
     assert meta["task_options"] == cfg.task_options and meta["model_hash"] == cfg.model_hash
-    assert meta["source_sha256"] == head.weights_sha256
+    assert meta["source_digest"] == head.weights_digest
     net = load_task(meta["task"], meta["task_options"]).build_model()
     net.load_state_dict(load_file(str(out)))
     state = net.state_dict()
@@ -72,7 +72,7 @@ def test_export_of_an_earlier_version_and_of_v0(redis_url, r, trained, tmp_path)
     store = open_store(store_url)
     out = tmp_path / "v1.safetensors"
     assert _export(redis_url, store_url, out, "--version", "1") == 0
-    v1 = model.from_bytes(store.get(entries[1]["weights"], sha256=entries[1]["weights_sha256"]), "v1")
+    v1 = model.from_bytes(store.get(entries[1]["weights"], digest=entries[1]["weights_digest"]), "v1")
     got = load_file(str(out))
     assert got.keys() == v1.keys() and all(torch.equal(got[n], v1[n]) for n in v1)
     assert export.read_metadata(out)["version"] == 1
@@ -82,7 +82,7 @@ def test_export_of_an_earlier_version_and_of_v0(redis_url, r, trained, tmp_path)
     initial = runs.build_model(load_task(cfg.task, cfg.task_options), cfg.seed).state_dict()
     got = load_file(str(out0))
     assert all(torch.equal(got[n], initial[n]) for n in initial)
-    assert export.read_metadata(out0)["source_sha256"] is None  # v0's checksum is only in the head at v0
+    assert export.read_metadata(out0)["source_digest"] is None  # v0's checksum is only in the head at v0
 
 
 def test_export_errors_are_clear(redis_url, r, trained, tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_export_verifies_the_checksum(redis_url, r, file_url, tmp_path, capsys):
     path.write_bytes(bytes(data))
     out = tmp_path / "m.safetensors"
     assert _export(redis_url, file_url, out) == 1
-    assert "sha256" in capsys.readouterr().err and not out.exists()
+    assert "digest" in capsys.readouterr().err and not out.exists()
 
 
 def test_read_metadata_refuses_other_files(tmp_path):

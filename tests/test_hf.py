@@ -39,7 +39,7 @@ def write_texts(folder: Path, docs: int = 30, words: int = 120) -> Path:
 
 def _weights(store_url: str, r, version: int) -> dict[str, torch.Tensor]:
     entry = {int(f["version"]): f for _, f in r.xrange(keys.versions("t"))}[version]
-    return runs.model.from_bytes(open_store(store_url).get(entry["weights"], sha256=entry["weights_sha256"]), "w")
+    return runs.model.from_bytes(open_store(store_url).get(entry["weights"], digest=entry["weights_digest"]), "w")
 
 
 def test_hf_task_trains_over_s3_with_two_workers_and_exports_to_from_pretrained(redis_url, s3_url, r, tmp_path,

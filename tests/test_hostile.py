@@ -9,7 +9,6 @@ must still be alive and commit versions that hold only the honest deltas (checke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from diloco.codecs import get_codec
 from diloco.messages import Announcement
 from diloco.replay import replay
 from diloco.shards import encode_delta, l2_norm, max_shard_object_bytes
-from diloco.store import open_store
+from diloco.store import digest_of, open_store
 from tests import harness
 
 H = harness.TINY["sync_every"]
@@ -34,7 +33,7 @@ NORM = 1.0  # announced by forgers: the honest deltas of the tiny task start nea
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return digest_of(data)
 
 
 class Forger:
@@ -67,7 +66,7 @@ class Forger:
             for key, data in zip(names, payloads, strict=True):
                 self.store.put(key, data)
         fields = dict(run="t", worker=worker, nonce=nonce, version=0, codec="fp32", shards=names,
-                      sizes=tuple(len(p) for p in payloads), sha256=tuple(sha(p) for p in payloads),
+                      sizes=tuple(len(p) for p in payloads), digest=tuple(sha(p) for p in payloads),
                       samples=H * 8, tokens=H * 8, inner_steps=H, loss=0.5, norm=NORM)
         fields.update(changes)
         if "units" not in fields:
@@ -141,9 +140,9 @@ def malformed(f: Forger) -> tuple[list[dict[str, str]], dict[str, str]]:
         "norm-text": (entry("norm-text", norm="big"), r"field 'norm' is not a number"),
         "sizes-text": (entry("sizes-text", sizes="many"), r"field 'sizes' holds a non-integer"),
         "sizes-negative": (entry("sizes-negative", sizes="-5"), r"field 'sizes' holds a negative size"),
-        "sha-upper": (entry("sha-upper", sha256=template["sha256"].upper()),
-                      r"field 'sha256' holds a value that is not 64 lowercase hex digits"),
-        "lengths": (entry("lengths", sizes="1,2"), r"shards, sizes and sha256 have different lengths"),
+        "sha-upper": (entry("sha-upper", digest=template["digest"].upper()),
+                      r"field 'digest' holds a value that is not 'blake3:' and 64 lowercase hex digits"),
+        "lengths": (entry("lengths", sizes="1,2"), r"shards, sizes and digest have different lengths"),
         "units-text": (entry("units-text", units="0-1"), r"field 'units' holds '0-1', not 'epoch:bit'"),
         "units-twice": (entry("units-twice", units="0:1,0:1"), r"field 'units' lists a unit twice"),
         "nonce": (entry("nonce", nonce="../n1"), r"invalid nonce '\.\./n1'"),
@@ -193,8 +192,8 @@ def bad_objects(f: Forger) -> tuple[list[dict[str, str]], dict[str, str]]:
     cut = payload[: len(payload) // 2]
     anns = {
         "missing": (f.announce("missing", [payload], upload=False), r"^ObjectMissing: no object "),
-        "checksum": (f.announce("checksum", [payload], sha256=(sha(b"other bytes"),)),
-                     r"^ChecksumMismatch: object .* has sha256 [0-9a-f]{64} .* expected "),
+        "checksum": (f.announce("checksum", [payload], digest=(sha(b"other bytes"),)),
+                     r"^ChecksumMismatch: object .* has digest blake3:[0-9a-f]{64} .* expected "),
         "truncated": (f.announce("truncated", [cut]), r"^BadShard: not a safetensors object"),
         "big-announced": (f.announce("big-announced", [big]),
                           rf"^a shard of {limit + 1} bytes exceeds the run's limit of {limit} bytes"),

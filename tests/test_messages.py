@@ -8,14 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diloco import keys
+from diloco import digest, keys
 from diloco.errors import BadInput, BadMessage
 from diloco.messages import MAX_SHARDS, Announcement, Head, Kind
+from diloco.store import digest_of
 
-SHA = hashlib.sha256(b"x").hexdigest()
-SHA2 = hashlib.sha256(b"y").hexdigest()
+SHA = digest_of(b"x")
+SHA2 = digest_of(b"y")
 
-REQUIRED = ["kind", "run", "worker", "nonce", "version", "codec", "shards", "sizes", "sha256", "samples",
+REQUIRED = ["kind", "run", "worker", "nonce", "version", "codec", "shards", "sizes", "digest", "samples",
             "tokens", "inner_steps", "loss"]
 
 
@@ -23,7 +24,7 @@ def _ann(**kw) -> Announcement:
     base = dict(
         run="r1", worker="w1", nonce="n1", version=3, codec="bf16",
         shards=(keys.delta_shard("r1", 3, "w1", "n1", 0), keys.delta_shard("r1", 3, "w1", "n1", 1)),
-        sizes=(100, 50), sha256=(SHA, SHA2), samples=64, tokens=8192, inner_steps=500, loss=2.5,
+        sizes=(100, 50), digest=(SHA, SHA2), samples=64, tokens=8192, inner_steps=500, loss=2.5,
         train_s=12.25, fragment=0, units=(),
     )
     return Announcement(**{**base, **kw})
@@ -86,7 +87,7 @@ def test_round_trip_property(run, worker, nonce, version, codec, shards, samples
     ann = Announcement(
         run=run, worker=worker, nonce=nonce, version=version, codec=codec,
         shards=tuple(s for s, _, _ in shards), sizes=tuple(n for _, n, _ in shards),
-        sha256=tuple(hashlib.sha256(b).hexdigest() for _, _, b in shards), samples=samples, tokens=tokens,
+        digest=tuple(digest_of(b) for _, _, b in shards), samples=samples, tokens=tokens,
         inner_steps=inner_steps, loss=loss, train_s=train_ms / 1000, units=tuple(units),
     )
     assert Announcement.from_fields(ann.to_fields()) == ann
@@ -134,8 +135,8 @@ def test_nan_loss_is_rejected():
 @pytest.mark.parametrize("changes", [
     {"sizes": "100"},
     {"sizes": "100,50,7"},
-    {"sha256": SHA},
-    {"sha256": f"{SHA},{SHA2},{SHA}"},
+    {"digest": SHA},
+    {"digest": f"{SHA},{SHA2},{SHA}"},
     {"shards": "a"},
 ])
 def test_mismatched_list_lengths(changes):
@@ -146,9 +147,9 @@ def test_mismatched_list_lengths(changes):
 @pytest.mark.parametrize("bad", [
     SHA.upper(), SHA[:-1], SHA + "0", "g" * 64, "", " " + SHA[1:], SHA[:-1] + "-",
 ])
-def test_bad_sha256(bad):
-    with pytest.raises(BadMessage, match="sha256"):
-        Announcement.from_fields(_fields(sha256=f"{SHA},{bad}"))
+def test_bad_digest(bad):
+    with pytest.raises(BadMessage, match="digest"):
+        Announcement.from_fields(_fields(digest=f"{SHA},{bad}"))
 
 
 @pytest.mark.parametrize("sizes", ["100,-1", "-5,5"])
@@ -172,7 +173,7 @@ def test_malformed_units(units):
 def test_too_many_shards():
     n = MAX_SHARDS + 1
     fields = _fields(shards=",".join(f"s{i}" for i in range(n)), sizes=",".join(["1"] * n),
-                     sha256=",".join([SHA] * n))
+                     digest=",".join([SHA] * n))
     with pytest.raises(BadMessage, match=str(MAX_SHARDS)):
         Announcement.from_fields(fields)
 
@@ -180,13 +181,13 @@ def test_too_many_shards():
 def test_max_shards_is_accepted():
     n = MAX_SHARDS
     fields = _fields(shards=",".join(f"s{i}" for i in range(n)), sizes=",".join(["1"] * n),
-                     sha256=",".join([SHA] * n))
+                     digest=",".join([SHA] * n))
     assert len(Announcement.from_fields(fields).shards) == MAX_SHARDS
 
 
 def test_empty_shards():
     with pytest.raises(BadMessage, match="no shards"):
-        Announcement.from_fields(_fields(shards="", sizes="", sha256=""))
+        Announcement.from_fields(_fields(shards="", sizes="", digest=""))
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -212,16 +213,16 @@ def test_codec_is_carried_verbatim():
 # --- Head --------------------------------------------------------------------------------------
 
 HEAD = {
-    "version": "4", "weights": keys.weights_object("r1", 4, 2), "weights_sha256": SHA,
-    "momentum": keys.momentum_object("r1", 4, 2), "momentum_sha256": SHA2, "token": "2",
+    "version": "4", "weights": keys.weights_object("r1", 4, 2), "weights_digest": SHA,
+    "momentum": keys.momentum_object("r1", 4, 2), "momentum_digest": SHA2, "token": "2",
     "committed_ms": "1700000000000", "deltas_since": "1700000000000-0",
 }
 
 
 def test_head_from_fields():
     head = Head.from_fields(HEAD)
-    assert head == Head(version=4, weights="runs/r1/weights/v00000004-t2.safetensors", weights_sha256=SHA,
-                        momentum="runs/r1/momentum/v00000004-t2.safetensors", momentum_sha256=SHA2,
+    assert head == Head(version=4, weights="runs/r1/weights/v00000004-t2.safetensors", weights_digest=SHA,
+                        momentum="runs/r1/momentum/v00000004-t2.safetensors", momentum_digest=SHA2,
                         token=2, committed_ms=1_700_000_000_000, deltas_since="1700000000000-0")
 
 
@@ -240,6 +241,37 @@ def test_head_ill_typed_field_is_named(name, raw):
         Head.from_fields({**HEAD, name: raw})
 
 
-def test_sha256_with_trailing_newline_is_rejected():
-    with pytest.raises(BadMessage, match="sha256"):
-        Announcement.from_fields(_fields(sha256=f"{SHA},{SHA2}\n"))
+def test_digest_with_trailing_newline_is_rejected():
+    with pytest.raises(BadMessage, match="digest"):
+        Announcement.from_fields(_fields(digest=f"{SHA},{SHA2}\n"))
+
+
+# --- records written before BLAKE3 digests (sha256, fields named *sha256) ------------------------
+
+LEGACY_A, LEGACY_B = hashlib.sha256(b"x").hexdigest(), hashlib.sha256(b"y").hexdigest()
+
+
+def test_a_legacy_announcement_keeps_its_sha256_digests():
+    fields = _fields()
+    del fields["digest"]
+    ann = Announcement.from_fields({**fields, "sha256": f"{LEGACY_A},{LEGACY_B}"})
+    assert ann.digest == (LEGACY_A, LEGACY_B)
+    assert Announcement.from_fields(ann.to_fields()) == ann   # written back in today's field name
+
+
+def test_a_legacy_head_keeps_its_sha256_digests():
+    legacy = {k: v for k, v in HEAD.items() if not k.endswith("_digest")}
+    head = Head.from_fields({**legacy, "weights_sha256": LEGACY_A, "momentum_sha256": LEGACY_B,
+                             "update": "u/a", "update_sha256": LEGACY_A})
+    assert (head.weights_digest, head.momentum_digest, head.update_digest) == (LEGACY_A, LEGACY_B, (LEGACY_A,))
+    # a head that has both (rewritten by a commit) is read by today's names
+    both = Head.from_fields({**HEAD, "weights_sha256": LEGACY_A, "momentum_sha256": LEGACY_B})
+    assert (both.weights_digest, both.momentum_digest) == (SHA, SHA2)
+
+
+def test_digest_forms():
+    assert SHA.startswith("blake3:") and len(SHA) == len("blake3:") + 64
+    assert digest.valid(SHA) and digest.valid(LEGACY_A)
+    assert not any(digest.valid(v) for v in ("sha256:" + LEGACY_A, "blake3:" + "0" * 63, SHA.upper(), ""))
+    assert digest.of(b"x", like=LEGACY_B) == LEGACY_A   # checked in the form it was recorded in
+    assert digest.of([b"a", memoryview(b"bc")]) == digest.of(b"abc") == digest.of(b"abc", like=SHA)

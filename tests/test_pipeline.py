@@ -42,8 +42,8 @@ class Recorder:
 
 
 def committed(store, entry: dict[str, str]) -> tuple[dict, dict]:
-    w = model.from_bytes(store.get(entry["weights"], sha256=entry["weights_sha256"]), "w")
-    m = model.from_bytes(store.get(entry["momentum"], sha256=entry["momentum_sha256"]), "m")
+    w = model.from_bytes(store.get(entry["weights"], digest=entry["weights_digest"]), "w")
+    m = model.from_bytes(store.get(entry["momentum"], digest=entry["momentum_digest"]), "m")
     return w, m
 
 
@@ -104,8 +104,8 @@ def test_fedavg_equivalence_and_sign(redis_url, s3_url, r):
     assert ann.version == 0
     floats = {n: t for n, t in theta0.items() if t.is_floating_point()}
     buf = DeltaBuffer(floats)
-    for key, sha in zip(ann.shards, ann.sha256, strict=True):
-        buf.add_shard(store.get(key, sha256=sha), get_codec("fp32"))
+    for key, sha in zip(ann.shards, ann.digest, strict=True):
+        buf.add_shard(store.get(key, digest=sha), get_codec("fp32"))
     buf.check_complete()
     local = rec.local[0][ann.worker]
     name = next(iter(floats))

@@ -3,7 +3,6 @@ once (the next delta's shards are fetched while one is decoded, never fetched ag
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +13,7 @@ from diloco.codecs import get_codec
 from diloco.messages import Announcement
 from diloco.reduce import reduce_round
 from diloco.shards import encode_delta, l2_norm
-from diloco.store import open_store
+from diloco.store import digest_of, open_store
 
 LIKE = {"a.weight": torch.zeros(3, 5), "b.bias": torch.zeros(7)}
 SHARD_BYTES = 64   # several shards per delta
@@ -44,7 +43,7 @@ def test_reduce_round_downloads_each_shard_once_and_averages_the_valid_deltas(tm
         lie = 2.0 if worker == "w2" else 1.0   # w2 claims a norm twice the real one: rejected
         anns.append((f"1-{i}", Announcement(
             run="t", worker=worker, nonce="n", version=0, codec="fp32", shards=names,
-            sizes=tuple(len(p) for p in payloads), sha256=tuple(hashlib.sha256(p).hexdigest() for p in payloads),
+            sizes=tuple(len(p) for p in payloads), digest=tuple(digest_of(p) for p in payloads),
             samples=8, tokens=8, inner_steps=5, loss=1.0, norm=lie * l2_norm(delta.values()))))
         if worker != "w2":
             deltas.append(delta)
@@ -68,7 +67,7 @@ def _announced(store, worker: str, i: int, delta: dict[str, torch.Tensor], codec
         store.put(key, data)
     return f"1-{i}", Announcement(
         run="t", worker=worker, nonce="n", version=0, codec=codec.name, shards=names,
-        sizes=tuple(len(p) for p in payloads), sha256=tuple(hashlib.sha256(p).hexdigest() for p in payloads),
+        sizes=tuple(len(p) for p in payloads), digest=tuple(digest_of(p) for p in payloads),
         samples=8, tokens=8, inner_steps=5, loss=1.0, norm=l2_norm(delta.values()))
 
 

@@ -36,7 +36,7 @@ def _reference_versions(r, store) -> list[tuple[dict, dict]]:
         for entry_id in entry["entries"].split(","):
             [(_, fields)] = r.xrange(keys.deltas("t"), entry_id, entry_id)
             ann = Announcement.from_fields(fields)
-            shards = [store.get(k, sha256=h) for k, h in zip(ann.shards, ann.sha256, strict=True)]
+            shards = [store.get(k, digest=h) for k, h in zip(ann.shards, ann.digest, strict=True)]
             deltas.append(reference.fp32_delta(shards, floats))
         theta, b = reference.outer_step(theta, b, deltas, lr=float(entry["outer_lr"]),
                                         mu=float(entry["outer_momentum"]), nesterov=True)

@@ -23,8 +23,8 @@ SEC = 1000
 
 
 def _head(version: int, token: int = 1, committed_ms: int = 100 * SEC) -> Head:
-    return Head(version=version, weights=keys.weights_object(RUN, version, token), weights_sha256="0" * 64,
-                momentum=keys.momentum_object(RUN, version, token), momentum_sha256="1" * 64, token=token,
+    return Head(version=version, weights=keys.weights_object(RUN, version, token), weights_digest="0" * 64,
+                momentum=keys.momentum_object(RUN, version, token), momentum_digest="1" * 64, token=token,
                 committed_ms=committed_ms, deltas_since="0-0")
 
 

@@ -274,6 +274,6 @@ def test_a_commit_without_an_update_clears_the_previous_versions_update_from_the
                  weights=(keys.weights_object(RUN, base + 1, token), SHA),
                  momentum=(keys.momentum_object(RUN, base + 1, token), SHA), stats={"n": "1"}, update=update)
         head = r.hgetall(keys.head(RUN))
-        assert (head["update"], head["update_sha256"]) == (",".join(update[0]), ",".join(update[1]))
+        assert (head["update"], head["update_digest"]) == (",".join(update[0]), ",".join(update[1]))
     entries = [f for _, f in r.xrange(keys.versions(RUN))]
-    assert [(e["update"], e["update_sha256"]) for e in entries] == [("u/a,u/b", "1" * 64 + "," + "2" * 64), ("", "")]
+    assert [(e["update"], e["update_digest"]) for e in entries] == [("u/a,u/b", "1" * 64 + "," + "2" * 64), ("", "")]

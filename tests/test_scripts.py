@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from diloco import keys
 from diloco.errors import LockLost
 from diloco.messages import Head
 from diloco.scripts import Scripts
+from diloco.store import digest_of
 
 RUN = "r1"
-SHA_W = hashlib.sha256(b"w").hexdigest()
-SHA_M = hashlib.sha256(b"m").hexdigest()
+SHA_W = digest_of(b"w")
+SHA_M = digest_of(b"m")
 TTL_MS = 60_000
 
 
@@ -25,8 +24,8 @@ def s(r) -> Scripts:
 def _write_head(r, version: int = 0, token: int = 0) -> dict[str, str]:
     head = {
         "version": str(version), "token": str(token),
-        "weights": keys.weights_object(RUN, version, token), "weights_sha256": SHA_W,
-        "momentum": keys.momentum_object(RUN, version, token), "momentum_sha256": SHA_M,
+        "weights": keys.weights_object(RUN, version, token), "weights_digest": SHA_W,
+        "momentum": keys.momentum_object(RUN, version, token), "momentum_digest": SHA_M,
         "committed_ms": "1", "deltas_since": "0-0",
     }
     r.hset(keys.head(RUN), mapping=head)
@@ -101,8 +100,8 @@ def test_commit_advances_head_and_records_the_version(r, s):
     head = r.hgetall(keys.head(RUN))
     parsed = Head.from_fields(head)
     assert parsed.version == 1 and parsed.token == token
-    assert parsed.weights == keys.weights_object(RUN, 1, token) and parsed.weights_sha256 == SHA_W
-    assert parsed.momentum == keys.momentum_object(RUN, 1, token) and parsed.momentum_sha256 == SHA_M
+    assert parsed.weights == keys.weights_object(RUN, 1, token) and parsed.weights_digest == SHA_W
+    assert parsed.momentum == keys.momentum_object(RUN, 1, token) and parsed.momentum_digest == SHA_M
     assert parsed.deltas_since == delta_id  # the next round reads the deltas stream after what this one read
     assert parsed.committed_ms > 1_600_000_000_000  # the server's clock, in ms
 
@@ -110,9 +109,23 @@ def test_commit_advances_head_and_records_the_version(r, s):
     assert len(entries) == 1
     fields = entries[0][1]
     assert fields["version"] == "1" and fields["token"] == str(token)
-    assert fields["weights"] == parsed.weights and fields["momentum_sha256"] == SHA_M
+    assert fields["weights"] == parsed.weights and fields["momentum_digest"] == SHA_M
     assert fields["committed_ms"] == head["committed_ms"]
     assert fields["workers"] == "2" and fields["loss"] == "1.5"  # the round stats ride along
+
+
+def test_a_commit_over_a_legacy_head_drops_its_sha256_fields(r, s):
+    """A run started before BLAKE3 digests: its head's *_sha256 fields give way to *_digest ones."""
+    legacy = "0" * 64
+    head = {k: v for k, v in _write_head(r).items() if not k.endswith("_digest")}
+    r.delete(keys.head(RUN))
+    r.hset(keys.head(RUN), mapping={**head, "weights_sha256": legacy, "momentum_sha256": legacy,
+                                    "update_sha256": ""})
+    token = s.acquire_lock(RUN, "agg1", TTL_MS)
+    assert _commit(s, f"{token}:agg1", 0, token) == 1
+    fields = r.hgetall(keys.head(RUN))
+    assert not [k for k in fields if k.endswith("_sha256")]
+    assert (fields["weights_digest"], fields["momentum_digest"]) == (SHA_W, SHA_M)
 
 
 def test_consecutive_commits(r, s):
@@ -214,7 +227,7 @@ def test_other_worker_ids_do_not_conflict(r, s):
 
 def test_init_run_creates_only_once(r, s):
     config = {"run": RUN, "sync_every": "5", "codec": "fp32"}
-    head = {"version": "0", "token": "0", "weights": "wk", "weights_sha256": SHA_W}
+    head = {"version": "0", "token": "0", "weights": "wk", "weights_digest": SHA_W}
     assert s.init_run(RUN, {keys.config(RUN): config, keys.head(RUN): head, keys.datasets(RUN): {"ds1": "100"}})
     assert r.hgetall(keys.config(RUN)) == config
     assert r.hgetall(keys.head(RUN)) == head

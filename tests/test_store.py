@@ -17,7 +17,7 @@ from diloco.errors import (
     Unreachable,
 )
 from diloco.localserver import free_port
-from diloco.store import FileStore, ObjectStore, S3Store, open_store
+from diloco.store import FileStore, ObjectStore, S3Store, digest_of, open_store
 
 KEY = "runs/r1/weights/v00000001-t3.safetensors"
 
@@ -36,12 +36,12 @@ def test_open_store_picks_backend_by_scheme(file_url, s3_url):
     assert s3.url == s3_url
 
 
-def test_put_get_round_trip_returns_sha256(store):
+def test_put_get_round_trip_returns_digest(store):
     data = b"weights" * 1000
     digest = store.put(KEY, data)
-    assert digest == hashlib.sha256(data).hexdigest()
+    assert digest == digest_of(data)
     assert store.get(KEY) == data
-    assert store.get(KEY, sha256=digest, max_bytes=len(data)) == data
+    assert store.get(KEY, digest=digest, max_bytes=len(data)) == data
 
 
 def test_an_object_put_as_pieces_is_the_pieces_end_to_end(store):
@@ -50,8 +50,8 @@ def test_an_object_put_as_pieces_is_the_pieces_end_to_end(store):
     array = np.frombuffer(data, dtype=np.float32)   # a piece that is some array's memory, as stbytes.parts gives
     pieces = [data[:8], memoryview(array)[2:5000], bytearray(data[20000:20100]), memoryview(data)[20100:]]
     digest = store.put(KEY, pieces, durable=False)
-    assert digest == hashlib.sha256(data).hexdigest()
-    assert store.get(KEY, sha256=digest) == data
+    assert digest == digest_of(data)
+    assert store.get(KEY, digest=digest) == data
 
 
 def test_put_is_create_only(store):
@@ -71,15 +71,25 @@ def test_get_missing_raises_object_missing(store):
         store.size("runs/r1/nope")
 
 
-def test_sha256_mismatch_raises(store):
+@pytest.mark.parametrize("size", [7, directio.MIN_BYTES + 5])   # buffered and direct reads
+def test_a_legacy_sha256_digest_is_checked_as_sha256(store, size):
+    """Records written before BLAKE3 digests hold bare sha256 hex: still checked, with sha256."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    store.put(KEY, data)
+    assert store.get(KEY, digest=hashlib.sha256(data).hexdigest()) == data
+    with pytest.raises(ChecksumMismatch, match="expected"):
+        store.get(KEY, digest=hashlib.sha256(b"other").hexdigest())
+
+
+def test_digest_mismatch_raises(store):
     digest = store.put(KEY, b"payload")
     with pytest.raises(ChecksumMismatch):
-        store.get(KEY, sha256=hashlib.sha256(b"other").hexdigest())
+        store.get(KEY, digest=digest_of(b"other"))
     # A truncated copy of the object hashes differently, so it is caught the same way.
     store.put("runs/r1/truncated", b"payl")
     with pytest.raises(ChecksumMismatch):
-        store.get("runs/r1/truncated", sha256=digest)
-    assert store.get(KEY, sha256=digest.upper()) == b"payload"  # hex case does not matter
+        store.get("runs/r1/truncated", digest=digest)
+    assert store.get(KEY, digest=digest.upper()) == b"payload"  # hex case does not matter
 
 
 def test_max_bytes_raises_object_too_large(store):
@@ -199,12 +209,12 @@ def test_file_temp_files_are_not_listed(tmp_path):
     assert store.list("") == ["d/k"]
 
 
-def test_s3_records_sha256_metadata(s3_url, s3_server):
+def test_s3_records_digest_metadata(s3_url, s3_server):
     store = open_store(s3_url)
     digest = store.put(KEY, b"meta")
     bucket, prefix = s3_url.removeprefix("s3://").split("/", 1)
     head = s3_server.client().head_object(Bucket=bucket, Key=f"{prefix}/{KEY}")
-    assert head["Metadata"]["sha256"] == digest
+    assert head["Metadata"]["digest"] == digest
 
 
 def test_concurrent_puts_all_land(store):
@@ -213,25 +223,25 @@ def test_concurrent_puts_all_land(store):
         digests = dict(zip(items, pool.map(lambda kv: store.put(*kv), items.items()), strict=True))
     assert store.list("c/") == sorted(items)
     for k, v in items.items():
-        assert store.get(k, sha256=digests[k]) == v
+        assert store.get(k, digest=digests[k]) == v
 
 
 def test_binary_round_trip(store):
     data = bytes(range(256)) * 64
     digest = store.put(KEY, data)
-    assert store.get(KEY, sha256=digest) == data
+    assert store.get(KEY, digest=digest) == data
 
 
 def test_empty_object_round_trip(store):
     digest = store.put(KEY, b"")
-    assert digest == hashlib.sha256(b"").hexdigest()
+    assert digest == digest_of(b"")
     assert store.size(KEY) == 0
     assert store.exists(KEY)
-    assert store.get(KEY, sha256=digest, max_bytes=0) == b""
+    assert store.get(KEY, digest=digest, max_bytes=0) == b""
 
 
 def test_a_file_store_syncs_durable_objects_and_skips_the_fsync_for_the_others(file_url, monkeypatch):
-    """Delta shards and published updates go in with durable=False (they are read with their sha256
+    """Delta shards and published updates go in with durable=False (they are read with their digest
     checked, and a torn one is sent again): no fsync on their critical path; every other object syncs."""
     import diloco.store as store_module
 
@@ -242,7 +252,7 @@ def test_a_file_store_syncs_durable_objects_and_skips_the_fsync_for_the_others(f
     store.put("a/durable", b"x")
     assert len(synced) >= 2, "the file and its directory entry"
     synced.clear()
-    assert store.put("a/fast", b"y", durable=False) == hashlib.sha256(b"y").hexdigest()
+    assert store.put("a/fast", b"y", durable=False) == digest_of(b"y")
     assert synced == [] and store.get("a/fast") == b"y"
 
 
@@ -259,7 +269,7 @@ def test_a_durable_file_object_is_flushed_chunk_by_chunk_and_a_failed_flush_fail
     flushed, real = [], store_module.os.fdatasync
     monkeypatch.setattr(store_module.os, "fdatasync", lambda fd: flushed.append(fd) or real(fd))
     data = bytes(range(256)) * (20 << 12)   # 20 MiB: three chunks
-    assert store.put("a/big", data) == hashlib.sha256(data).hexdigest()
+    assert store.put("a/big", data) == digest_of(data)
     assert len(flushed) == 3 and store.get("a/big") == data
     flushed.clear()
     store.put("a/fast", data, durable=False)
@@ -292,9 +302,9 @@ def test_a_large_file_object_moves_with_direct_io_byte_exact(file_url, size, dur
     pieces = [b"header" * 7, memoryview(body)[:size - 42]]
     want = b"".join(pieces)
     digest = store.put("a/big", pieces, durable=durable)
-    assert digest == hashlib.sha256(want).hexdigest()
+    assert digest == digest_of(want)
     assert (store.root / "a" / "big").stat().st_size == len(want)
-    assert store.get("a/big", sha256=digest, max_bytes=len(want)) == want
+    assert store.get("a/big", digest=digest, max_bytes=len(want)) == want
     assert store.direct, "nothing fell back to buffered I/O"
 
 
@@ -330,10 +340,10 @@ def test_a_file_system_refusing_direct_io_falls_back_to_buffered_io(file_url, mo
     with caplog.at_level(logging.INFO, logger="diloco.store"):
         digest = store.put("a/big", data)
     assert not store.direct and "refuses direct I/O" in caplog.text
-    assert store.get("a/big", sha256=digest) == data
+    assert store.get("a/big", digest=digest) == data
     assert sorted(p.name for p in (store.root / "a").iterdir()) == ["big"], "no temp file left behind"
     reader = open_store(file_url)   # a reader finds out on its first read
-    assert reader.get("a/big", sha256=digest) == data and not reader.direct
+    assert reader.get("a/big", digest=digest) == data and not reader.direct
 
 
 def test_a_failed_sync_of_a_direct_write_fails_the_put_and_leaves_nothing(file_url, monkeypatch):
@@ -362,11 +372,11 @@ def test_a_truncated_or_corrupt_large_object_is_refused_on_a_direct_read(file_ur
         f.seek(len(data) // 2)
         f.write(b"\xff" * 8)
     with pytest.raises(ChecksumMismatch, match="a/big"):
-        store.get("a/big", sha256=digest)
+        store.get("a/big", digest=digest)
     with open(path, "r+b") as f:
         f.truncate(len(data) - 5000)
     with pytest.raises(ChecksumMismatch, match=f"{len(data) - 5000} bytes"):
-        store.get("a/big", sha256=digest)
+        store.get("a/big", digest=digest)
     with pytest.raises(ObjectTooLarge):
         store.get("a/big", max_bytes=1 << 20)
 

@@ -14,7 +14,6 @@ Object store).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from diloco.errors import ObjectExists
-from diloco.store import ObjectStore, open_store, put_idempotent
+from diloco.store import ObjectStore, digest_of, open_store, put_idempotent
 
 WRITERS = 12
 ROUNDS = 5
@@ -76,8 +75,8 @@ def test_racing_create_only_writes_of_one_key_have_exactly_one_winner(store, sto
         losers = [res for res in results if not isinstance(res, str)]
         assert all(isinstance(e, ObjectExists) for e in losers), losers
         [i] = winners
-        assert results[i] == hashlib.sha256(_payload(i)).hexdigest()
-        assert store.get(key, sha256=results[i]) == _payload(i)
+        assert results[i] == digest_of(_payload(i))
+        assert store.get(key, digest=results[i]) == _payload(i)
     assert store.list("runs/r/") == [f"runs/r/weights/v{rnd:08d}-t1.safetensors" for rnd in range(ROUNDS)]
     if store_url.startswith("file:"):
         leftovers = [p.name for p in Path(urlsplit(store_url).path).rglob("*") if p.is_file()]
@@ -89,8 +88,8 @@ def test_racing_idempotent_writes_accept_identical_bytes_and_refuse_others(store
     other bytes under that key fails, whoever wins the race."""
     key = "runs/r/momentum/v00000001-t1.safetensors"
     same = _race(lambda i: put_idempotent(store, key, _payload(0)))
-    assert same == [hashlib.sha256(_payload(0)).hexdigest()] * WRITERS
+    assert same == [digest_of(_payload(0))] * WRITERS
     other = _race(lambda i: put_idempotent(store, key, _payload(i)))
-    assert other[0] == hashlib.sha256(_payload(0)).hexdigest()
+    assert other[0] == digest_of(_payload(0))
     assert all(isinstance(e, ObjectExists) for e in other[1:]), other
     assert store.get(key) == _payload(0)

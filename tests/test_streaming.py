@@ -6,7 +6,6 @@ aggregator redone by another process; announcements for a fragment that does not
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from diloco.errors import ConfigError, ModelMismatch
 from diloco.faults import CRASH_EXIT_CODE
 from diloco.messages import Announcement
 from diloco.replay import replay
-from diloco.store import open_store
+from diloco.store import digest_of, open_store
 from tests import harness
 from tests.test_faults import FAST, ThreadLog, procs_for  # noqa: F401  (procs_for: a fixture)
 from workers.streaming import MergeInfo, merge_
@@ -67,12 +66,12 @@ def test_an_aggregator_for_a_fragment_the_run_does_not_have_is_refused(redis_url
 ])
 def test_an_announcement_for_another_or_a_missing_fragment_is_rejected_with_its_reason(fragment, lane, reason):
     cfg = RunConfig.from_options(RUN, {**STREAM, "codec": "fp32"})
-    head = runs.parse_head(lane, {"version": "0", "weights": "w", "weights_sha256": "0" * 64, "momentum": "m",
-                                  "momentum_sha256": "0" * 64, "token": "0", "committed_ms": "0",
+    head = runs.parse_head(lane, {"version": "0", "weights": "w", "weights_digest": "0" * 64, "momentum": "m",
+                                  "momentum_digest": "0" * 64, "token": "0", "committed_ms": "0",
                                   "deltas_since": "0-0"})
     prefix = keys.delta_prefix(lane, 0, "w0")
     ann = Announcement(run=RUN, worker="w0", nonce="n0", version=0, codec="fp32", shards=(prefix + "x-0000",),
-                       sizes=(10,), sha256=("0" * 64,), samples=16, tokens=16, inner_steps=2, loss=1.0,
+                       sizes=(10,), digest=("0" * 64,), samples=16, tokens=16, inner_steps=2, loss=1.0,
                        fragment=fragment)
     assert check(ann, cfg, Round(head=head, last_id="0-0", lane=lane)) == reason
 
@@ -176,8 +175,8 @@ def test_with_gradient_accumulation_the_schedule_counts_optimizer_steps_and_upda
 def _head_of(r, store, lane: str, version: int):
     entry = next(f for _, f in r.xrange(keys.versions(lane)) if int(f["version"]) == version)
     return runs.parse_head(lane, {"version": entry["version"], "weights": entry["weights"],
-                                  "weights_sha256": entry["weights_sha256"], "momentum": entry["momentum"],
-                                  "momentum_sha256": entry["momentum_sha256"], "token": "0", "committed_ms": "0",
+                                  "weights_digest": entry["weights_digest"], "momentum": entry["momentum"],
+                                  "momentum_digest": entry["momentum_digest"], "token": "0", "committed_ms": "0",
                                   "deltas_since": "0-0"})
 
 
@@ -297,7 +296,7 @@ def test_two_aggregators_commit_different_fragments_and_a_killed_ones_fragment_i
         assert replay(r, store, lane).mismatched == []
     # A wrote fragment 1's version 1 under its token and died: B's redo is the same bits
     orphan = keys.weights_object("t@f1", 1, 1)
-    assert hashlib.sha256(store.get(orphan)).hexdigest() == entries["t@f1"][0]["weights_sha256"]
+    assert digest_of(store.get(orphan)) == entries["t@f1"][0]["weights_digest"]
     _check_units_exactly_once(r, cfg, entries, expected_units=2 * 4 * 2)
 
 

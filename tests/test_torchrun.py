@@ -42,7 +42,7 @@ def torchrun(redis_url: str, store_url: str, run: str, log: Path, *extra: str, n
 
 def committed_weights(r, store_url: str, run: str) -> list[dict[str, torch.Tensor]]:
     store = open_store(store_url)
-    return [model.from_bytes(store.get(f["weights"], sha256=f["weights_sha256"]), f["weights"])
+    return [model.from_bytes(store.get(f["weights"], digest=f["weights_digest"]), f["weights"])
             for _, f in r.xrange(keys.versions(run))]
 
 

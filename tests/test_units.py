@@ -342,7 +342,7 @@ def test_commit_refused_for_a_unit_whose_lease_moved_drops_that_worker_and_commi
     assert ep.claimed_bits() == ep.done_bits() | {bit}
     assert r.hgetall(ep.owners) == {str(bit): "thief"}
     head = runs.read_head(r, RUN)
-    open_store(file_url).get(head.weights, sha256=head.weights_sha256)  # the retried commit's objects
+    open_store(file_url).get(head.weights, digest=head.weights_digest)  # the retried commit's objects
     a = audit(r, cfg)
     assert a.twice == [] and a.mismatched == [] and not set(w0_units) & set(a.committed)
     assert replay(r, open_store(file_url), RUN).mismatched == []
@@ -358,7 +358,7 @@ def test_a_late_delta_landing_during_the_reduce_is_still_rejected_with_a_reason(
         if ann.version == 1 and not ghost:
             late = Announcement(run=RUN, worker="ghost", nonce="n1", version=0, codec="fp32",
                                 shards=(keys.delta_shard(RUN, 0, "ghost", "n1", 0),), sizes=(100,),
-                                sha256=("0" * 64,), samples=40, tokens=40, inner_steps=5, loss=0.5,
+                                digest=("0" * 64,), samples=40, tokens=40, inner_steps=5, loss=0.5,
                                 units=((0, 40), (0, 41), (0, 42), (0, 43), (0, 44)))
             ghost.append(r.xadd(keys.deltas(RUN), late.to_fields()))
         return real_add(self, entry_id, ann, *args, **kw)
@@ -642,7 +642,7 @@ def test_malformed_or_foreign_unit_ids_are_rejected_with_a_reason_and_change_no_
     }
     before = bitmaps()
     base = Announcement(run=RUN, worker="evil", nonce="n1", version=1, codec="fp32",
-                        shards=(keys.delta_shard(RUN, 1, "evil", "n1", 0),), sizes=(100,), sha256=("0" * 64,),
+                        shards=(keys.delta_shard(RUN, 1, "evil", "n1", 0),), sizes=(100,), digest=("0" * 64,),
                         samples=40, tokens=40, inner_steps=5, loss=0.5).to_fields()
     ids = {r.xadd(keys.deltas(RUN), {**base, "units": units}): reason for units, reason in cases.items()}
     agg = harness.aggregator(redis_url, file_url)

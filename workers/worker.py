@@ -36,7 +36,7 @@ from diloco.connect import Outage, connect_redis
 from diloco.errors import BadInput, BadShard, ConfigError, ModelMismatch, RunNotFound
 from diloco.messages import Announcement
 from diloco.shards import encode_delta_parts, encode_with_feedback, flat_delta, l2_norm
-from diloco.store import Payload, open_store, payload_size, put_idempotent, sha256_of
+from diloco.store import Payload, digest_of, open_store, payload_size, put_idempotent
 from workers.checkpoint import Checkpoint
 from workers.heartbeat import Heartbeat
 from workers.inner import InnerLoop
@@ -313,9 +313,10 @@ class Worker:
         checked to hash as its weights object; None (logged and counted in the `update_fallbacks` stat)
         if the update is unusable."""
         try:
-            shards = update.fetch(self.store, head.update, head.update_sha256, self.cfg.shard_bytes)
+            shards = update.fetch(self.store, head.update, head.update_digest, self.cfg.shard_bytes)
             weights = update.apply(base, update.decode(shards, base, self.download_codec))
-            if sha256_of(model.to_parts(weights, run=self.s.run, version=str(head.version))) != head.weights_sha256:
+            parts = model.to_parts(weights, run=self.s.run, version=str(head.version))
+            if digest_of(parts, like=head.weights_digest) != head.weights_digest:
                 raise BadShard(f"applied to version {base_version}, it does not give the bytes of "
                                f"{head.weights}")
         except BadInput as e:  # missing, corrupt, truncated or not ours: the full weights are the truth
@@ -388,7 +389,7 @@ class Worker:
         names = [keys.delta_shard(lane or self.s.run, version, self.s.worker_id, upload, i)
                  for i in range(len(shards))]
         def put(key: str, data: Payload) -> str:
-            # Not durable: shards are read with their sha256 checked, and a torn one only costs a retrain.
+            # Not durable: shards are read with their digest checked, and a torn one only costs a retrain.
             return (outage or self.outage).call("the object store",
                                                 lambda: put_idempotent(self.store, key, data, durable=False))
 
@@ -400,7 +401,7 @@ class Worker:
         samples = micro_batches * self.cfg.batch_size
         return Announcement(
             run=self.s.run, worker=self.s.worker_id, nonce=self.nonce, version=version,
-            codec=self.codec.name, shards=tuple(names), sizes=sizes, sha256=tuple(shas),
+            codec=self.codec.name, shards=tuple(names), sizes=sizes, digest=tuple(shas),
             samples=samples, tokens=samples * self.train.tokens_per_sample,
             inner_steps=micro_batches // self.cfg.grad_accum, loss=loss, train_s=train_s, units=tuple(claimed),
             norm=norm, fragment=fragment,
