@@ -132,9 +132,12 @@ class Aggregator:
 
         def reduce_one(entry_id: str, ann: Announcement) -> str | None:
             nonlocal reduce_s
-            t = time.perf_counter()
+            t, known = time.perf_counter(), len(red.rejected)
             reason = red.add(entry_id, ann, factors=factors(ann))
             reduce_s += time.perf_counter() - t
+            for other, dropped, why in red.rejected[known:]:   # kept before, failed when summed again
+                if other != entry_id and dropped.worker in rnd.accepted:
+                    self._drop(rnd, dropped.worker, why)
             self._touch()
             return reason
 

@@ -453,7 +453,7 @@ def results_table(results: list[Result], gloo: dict[int, Result]) -> str:
         lo, med, hi = stats3(r.waits)
         ref = gloo.get(r.workers)
         ratio = f"{med / statistics.median(ref.waits):.1f}x" if ref and ref.waits and r is not ref else "1.0x"
-        agg = f"{r.agg_rss / 2**30:.2f} GiB" if r.agg_rss else "-"
+        agg = f"{r.agg_rss / 2**20:.0f} MiB" if r.agg_rss else "-"   # its target is in MiB (issue 15)
         wrss = f"{r.worker_rss / 2**30:.2f} GiB" if r.worker_rss else "-"
         lines.append(f"| {r.system} | {r.workers} | {lo:.2f} / {med:.2f} / {hi:.2f} | {ratio} | {fmt_bytes(r.up)} | "
                      f"{fmt_bytes(r.down)} | {agg} | {wrss} |")

@@ -18,11 +18,12 @@ callers fall back to buffered I/O (`Unsupported`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from diloco.digest import Hasher
@@ -173,3 +174,53 @@ def read(path: os.PathLike | str, size: int, like: str | None = None) -> tuple[b
     if at < size:
         del out[at:]
     return out, h.value()
+
+
+class ChunkReader:
+    """The first `size` bytes of `path`, read with O_DIRECT one chunk at a time: while the caller uses
+    one chunk, the helper reads (and hashes, in order) the next into the other staging buffer, so the
+    caller never holds more than a chunk (the streamed reduce, diloco/reduce.py). Iterate once; a
+    chunk is valid until the next is asked for. `digest` (in the form of `like`) is set once the last
+    chunk was read; a file cut while read ends early, and the caller's checks judge it."""
+
+    def __init__(self, path: os.PathLike | str, size: int, like: str | None = None) -> None:
+        self.path, self.size, self.hasher, self.digest = path, size, Hasher(like), None
+        self.fd = -1
+
+    def _read(self, buf: memoryview, at: int) -> int:
+        want = min(CHUNK, -(-(self.size - at) // ALIGN) * ALIGN)
+        try:
+            got = min(os.preadv(self.fd, [buf[:want]], at), self.size - at)
+        except OSError as e:
+            raise _unsupported(e, "read") from None
+        if got > 0:
+            self.hasher.update(buf[:got])
+        return got
+
+    def __iter__(self) -> Iterator[memoryview]:
+        try:   # Unsupported before the first chunk: the caller can still read it buffered
+            self.fd = os.open(self.path, os.O_RDONLY | FLAG)
+        except OSError as e:
+            raise _unsupported(e, "open") from None
+        bufs, helper = _staging(), ThreadPoolExecutor(1, thread_name_prefix="direct-chunks")
+        job: Future | None = None
+        try:
+            at, i = 0, 0
+            job = helper.submit(self._read, bufs[0], 0) if self.size else None
+            while job is not None:
+                got, job = job.result(), None
+                if got <= 0:
+                    break
+                at += got
+                if at < self.size:   # the other buffer was given back when this chunk was asked for
+                    job = helper.submit(self._read, bufs[i ^ 1], at)
+                yield bufs[i][:got]
+                i ^= 1
+            self.digest = self.hasher.value()
+        finally:
+            if job is not None:
+                job.cancel()
+                with contextlib.suppress(Exception):
+                    job.result()
+            helper.shutdown(wait=True)   # never leave the helper on a buffer or the descriptor
+            os.close(self.fd)

@@ -220,6 +220,13 @@ def _parse_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[lis
         tensors, header_meta = stbytes.views(data)   # no copy: an fp32 part is a view of `data`
     except stbytes.FormatError as e:
         raise BadShard(f"not a safetensors object: {e}") from None
+    checked, numel = _check_meta(header_meta, set(tensors), codec, numels)
+    return checked, tensors, numel
+
+
+def _check_meta(header_meta: dict[str, str], part_names: set[str], codec: Codec,
+                numels: dict[str, int]) -> tuple[list[tuple[str, int, int]], int]:
+    """(checked segments, elements in the slice) of a shard's metadata and part names."""
     meta = _metadata(header_meta)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
@@ -230,15 +237,15 @@ def _parse_shard(data: bytes, codec: Codec, numels: dict[str, int]) -> tuple[lis
     if not isinstance(segments, list) or not segments:
         raise BadShard("shard metadata 'segments' is not a non-empty list")
     checked = [_check_segment(s, numels) for s in segments]
-    if set(tensors) != set(codec.parts):
-        raise BadShard(f"shard has parts {sorted(tensors)[:5]}, the {codec.name} codec has {list(codec.parts)}")
-    return checked, tensors, sum(numel for _, _, numel in checked)
+    if part_names != set(codec.parts):
+        raise BadShard(f"shard has parts {sorted(part_names)[:5]}, the {codec.name} codec has {list(codec.parts)}")
+    return checked, sum(numel for _, _, numel in checked)
 
 
 def _check_finite(segments: list[tuple[str, int, int]], values: torch.Tensor,
-                  positions: torch.Tensor | None = None) -> float:
+                  positions: torch.Tensor | None = None, first: int = 0) -> float:
     """The values' squared L2 norm (as `l2_norm` measures it); BadShard if a value is NaN or Inf.
-    `positions`: where in the slice each value is (default: all)."""
+    `positions`: where in the slice each value is (default: all, from element `first` on)."""
     # A NaN or Inf anywhere makes the norm non-finite: the norm the aggregator checks anyway is the
     # test, the exact search only runs then (and float64 measures a huge finite slice finite).
     square = _square_sum(values)
@@ -246,7 +253,7 @@ def _check_finite(segments: list[tuple[str, int, int]], values: torch.Tensor,
         bad = ~torch.isfinite(values)
         if bool(bad.any()):
             index = int(bad.nonzero()[0])
-            name, start, numel = _segment_at(segments, index if positions is None else int(positions[index]))
+            name, start, numel = _segment_at(segments, first + index if positions is None else int(positions[index]))
             raise BadShard(f"slice {name}[{start}:{start + numel}] holds NaN or Inf")
     return square
 
@@ -345,6 +352,53 @@ class DeltaBuffer:
         for name, start, numel in segments:
             self.covered[name].append((start, numel))
 
+    def stream_shard(self, chunks: Iterator[stbytes.Buffer], codec: Codec, limit: int, acc: torch.Tensor,
+                     alpha: float, touched: Callable[[], None]) -> None:
+        """Check an fp32 shard as it streams in and add `alpha *` its values to `acc` a block at a time, so
+        no shard-sized buffer is held (the streamed reduce, diloco/reduce.py). BadShard on what
+        `add_shard` refuses, but maybe after some blocks were added: `touched` is called before the
+        first add, and the caller must then sum its accepted deltas again. `limit`: the object's size
+        bound, which bounds its header."""
+        src = _Chunks(chunks)
+        segments, numel = self._stream_header(src, codec, limit)
+        block = torch.empty(min(STREAM_BLOCK, numel), dtype=torch.float32)
+        raw = memoryview(block.numpy()).cast("B")
+        first = 0
+        while first < numel:
+            want = min(STREAM_BLOCK, numel - first)
+            got = src.read_into(raw[:4 * want])
+            if got != 4 * want:   # as stbytes.views words it for a whole object
+                raise BadShard(f"not a safetensors object: the object ends at value {first + got // 4} of "
+                               f"the {numel} its header lists")
+            values = block[:want]
+            self._square += _check_finite(segments, values, first=first)
+            touched()
+            for at, pos, n in self._places(_sub_segments(segments, first, want)):
+                acc[at:at + n].add_(values[pos:pos + n], alpha=alpha)
+            first += want
+        if not src.at_end():   # reading to the end also makes the store check the object's digest
+            raise BadShard("not a safetensors object: it holds bytes after the tensors its header lists")
+
+    def _stream_header(self, src: _Chunks, codec: Codec, limit: int) -> tuple[list[tuple[str, int, int]], int]:
+        try:
+            prefix = bytearray(8)
+            n = stbytes.header_length(prefix[:src.read_into(memoryview(prefix))])
+            if n > limit - 8:
+                raise stbytes.FormatError(f"header length {n} exceeds the {limit - 8} bytes a shard may have")
+            head = prefix + bytearray(n)
+            if src.read_into(memoryview(head)[8:]) != n:
+                raise stbytes.FormatError("the object ends inside its header")
+            meta, entries = stbytes.layout(*stbytes.header_of(head), None)
+        except stbytes.FormatError as e:
+            raise BadShard(f"not a safetensors object: {e}") from None
+        segments, numel = _check_meta(meta, set(entries), codec, self.numels)
+        dtype, shape, _, _ = entries[codec.parts[0]]
+        if dtype != torch.float32 or shape != [numel]:
+            raise BadShard(f"part {codec.parts[0]!r} is {dtype} {tuple(shape)}, expected {torch.float32} ({numel},)")
+        for name, start, count in segments:
+            self.covered[name].append((start, count))
+        return segments, numel
+
     def add_to(self, acc: torch.Tensor, alpha: float = 1.0) -> None:
         """acc += alpha * this delta (acc laid out as `buffer`), piece by piece: the same bits as one
         add of the whole buffer (elementwise; tests/test_shards.py checks it)."""
@@ -398,6 +452,52 @@ class DeltaBuffer:
                 pos += numel
             if pos != self.numels[name]:
                 raise BadShard(f"tensor {name!r} covers {pos} of {self.numels[name]} elements")
+
+
+STREAM_BLOCK = 1 << 18   # elements a streamed shard is checked and added in: 1 MiB, as the store's chunks
+
+
+class _Chunks:
+    """Exact reads across an object's chunks (each valid until the next is taken)."""
+
+    def __init__(self, chunks: Iterator[stbytes.Buffer]) -> None:
+        self.chunks, self.cur = iter(chunks), memoryview(b"")
+
+    def read_into(self, out: memoryview) -> int:
+        """Fill `out`; fewer bytes only at the end of the object."""
+        done = 0
+        while done < len(out):
+            if not len(self.cur):
+                nxt = next(self.chunks, None)
+                if nxt is None:
+                    break
+                self.cur = memoryview(nxt).cast("B")
+                continue
+            take = min(len(self.cur), len(out) - done)
+            out[done:done + take] = self.cur[:take]
+            self.cur, done = self.cur[take:], done + take
+        return done
+
+    def at_end(self) -> bool:
+        """Read on to the end of the object; whether nothing was left."""
+        left = len(self.cur)
+        self.cur = memoryview(b"")
+        for chunk in self.chunks:
+            left += len(chunk)
+        return left == 0
+
+
+def _sub_segments(segments: list[tuple[str, int, int]], first: int, n: int) -> list[tuple[str, int, int]]:
+    """The segments of elements first .. first + n of a slice made of `segments` end to end."""
+    out, pos = [], 0
+    for name, start, numel in segments:
+        lo, hi = max(first, pos), min(first + n, pos + numel)
+        if lo < hi:
+            out.append((name, start + lo - pos, hi - lo))
+        pos += numel
+        if pos >= first + n:
+            break
+    return out
 
 
 def _offsets(numels: dict[str, int]) -> dict[str, int]:

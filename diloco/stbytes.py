@@ -89,38 +89,65 @@ def views(data: Buffer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors object, each tensor a read-only view of `data`.
 
     FormatError for anything safetensors would refuse to load. The views must not be written to."""
-    header, base = _header(data)
+    header, base = header_of(data)
+    size = len(data) - base
+    meta, entries = layout(header, base, size)
+    out = {name: _view(data, dtype, base + begin, math.prod(shape)).view(shape)
+           for name, (dtype, shape, begin, _) in entries.items()}
+    return out, meta
+
+
+Entry = tuple[torch.dtype, list[int], int, int]   # dtype, shape, data begin and end (after the header)
+
+
+def layout(header: dict, base: int, size: int | None) -> tuple[dict[str, str], dict[str, Entry]]:
+    """(metadata, each tensor's entry) of a parsed header, after the checks `views` makes; `size`: the
+    bytes after the header, None where they are not known yet (a streamed read checks them at its end:
+    the tensors hold `data_bytes(entries)`)."""
+    header = dict(header)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FormatError("__metadata__ is not a map of strings")
-    size = len(data) - base
     spans, out = [], {}
     for name, info in header.items():
         dtype, shape, (begin, end) = _entry(name, info)
         itemsize = dtype.itemsize
-        if not 0 <= begin <= end <= size or end - begin != math.prod(shape) * itemsize:
+        if (not 0 <= begin <= end or (size is not None and end > size)
+                or end - begin != math.prod(shape) * itemsize):
             raise FormatError(f"tensor {name!r}: data_offsets {[begin, end]} do not fit shape {shape} "
                               f"of {_NAME[dtype]} in {size} bytes")
         if (base + begin) % itemsize:   # safetensors' own layout never is: refuse, not read unaligned
             raise FormatError(f"tensor {name!r}: its data is not aligned to its {itemsize}-byte elements")
         spans.append((begin, end))
-        out[name] = _view(data, dtype, base + begin, math.prod(shape)).view(shape)
+        out[name] = (dtype, shape, begin, end)
     pos = 0
     for begin, end in sorted(spans):
         if begin != pos:
             raise FormatError(f"tensor data overlaps or leaves a gap at byte {pos}")
         pos = end
-    if pos != size:
+    if size is not None and pos != size:
         raise FormatError(f"the tensors hold {pos} bytes, the object {size} after its header")
-    return out, meta
+    return meta, out
 
 
-def _header(data: Buffer) -> tuple[dict, int]:
-    if len(data) < 8:
-        raise FormatError(f"{len(data)} bytes: shorter than the 8-byte header length")
-    n = struct.unpack_from("<Q", data)[0]
-    if n > len(data) - 8:
-        raise FormatError(f"header length {n} exceeds the {len(data) - 8} bytes that follow")
+def data_bytes(entries: dict[str, Entry]) -> int:
+    """The bytes the tensors of a checked layout hold (they tile the data from 0)."""
+    return max((end for *_, end in entries.values()), default=0)
+
+
+def header_length(prefix: Buffer, size: int | None = None) -> int:
+    """The JSON header's length from an object's first 8 bytes; `size`: the object's, if known."""
+    if len(prefix) < 8:
+        raise FormatError(f"{len(prefix)} bytes: shorter than the 8-byte header length")
+    n = struct.unpack_from("<Q", prefix)[0]
+    if size is not None and n > size - 8:
+        raise FormatError(f"header length {n} exceeds the {size - 8} bytes that follow")
+    return n
+
+
+def header_of(data: Buffer) -> tuple[dict, int]:
+    """(the parsed JSON header, where the data starts) of an object whose first bytes are `data`."""
+    n = header_length(data, len(data))
     try:
         header = json.loads(bytes(data[8:8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -21,7 +21,7 @@ import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -77,6 +77,8 @@ Blob = bytes | bytearray
 # An object's bytes, whole or as pieces laid end to end (diloco.stbytes.parts: a tensor's own memory),
 # so a writer need not join a model-sized object into one buffer first.
 Payload = Buffer | Sequence[Buffer]
+# An object read a chunk at a time (ObjectStore.get_chunks); close() stops the read.
+Chunks = Generator[Buffer, None, None]
 
 
 def pieces(data: Payload) -> list[Buffer]:
@@ -95,13 +97,15 @@ def digest_of(data: Payload, like: str | None = None) -> str:
 def _verify(key: str, data: Blob, digest: str | None, actual: str | None = None) -> Blob:
     """`data` if its digest (`actual`, when the read already hashed it) is the expected one."""
     if digest is not None:
-        digest = digest.lower()
-        if actual is None or not digests.same_form(actual, digest):
-            actual = digests.of(data, like=digest)
-        if actual != digest:
-            raise ChecksumMismatch(f"object {key!r} has digest {actual} ({len(data)} bytes), "
-                                   f"expected {digest}")
+        if actual is None or not digests.same_form(actual, digest.lower()):
+            actual = digests.of(data, like=digest.lower())
+        _check_digest(key, len(data), digest, actual)
     return data
+
+
+def _check_digest(key: str, nbytes: int, digest: str | None, actual: str) -> None:
+    if digest is not None and actual != digest.lower():
+        raise ChecksumMismatch(f"object {key!r} has digest {actual} ({nbytes} bytes), expected {digest}")
 
 
 def _too_large(key: str, size: int, max_bytes: int) -> ObjectTooLarge:
@@ -125,6 +129,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
         """The object's bytes; ObjectMissing, ObjectTooLarge or ChecksumMismatch when they fail."""
+
+    @abstractmethod
+    def get_chunks(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Chunks:
+        """The object's bytes a chunk at a time (each valid until the next is asked for), checked against
+        `digest` once the last is read: a mismatch raises then, so a caller must not keep what it made
+        of the chunks unless the iteration ends normally. Errors as `get`."""
 
     @abstractmethod
     def size(self, key: str) -> int:
@@ -347,6 +357,45 @@ class FileStore(ObjectStore):
             raise _too_large(key, len(data), max_bytes)
         return _verify(key, data, digest, actual)
 
+    def get_chunks(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Chunks:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                raise _too_large(key, size, max_bytes)
+            if self.direct and size >= directio.MIN_BYTES:
+                reader, got = directio.ChunkReader(path, size, digest), 0
+                try:
+                    for chunk in reader:
+                        got += len(chunk)
+                        yield chunk
+                    _check_digest(key, got, digest, reader.digest)
+                    return
+                except directio.Unsupported as e:
+                    if got:   # refused half way: not a file system that refuses O_DIRECT up front
+                        raise
+                    self._no_direct(e)
+            yield from self._buffered_chunks(key, path, digest, max_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if self._root_gone():
+                raise self._unreachable(e) from None
+            raise ObjectMissing(f"no object {key!r} in {self.url}") from None
+        except OSError as e:
+            raise self._unreachable(e) from None
+
+    @staticmethod
+    def _buffered_chunks(key: str, path: Path, digest: str | None, max_bytes: int | None) -> Chunks:
+        h, got, buf = digests.Hasher(digest), 0, bytearray(directio.CHUNK)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                got += n
+                if max_bytes is not None and got > max_bytes:   # grew after the stat: not ours
+                    raise _too_large(key, got, max_bytes)
+                chunk = memoryview(buf)[:n]
+                h.update(chunk)
+                yield chunk
+        _check_digest(key, got, digest, h.value())
+
     def _read_direct(self, path: Path, size: int, like: str | None) -> tuple[bytearray | None, str | None]:
         """The file's bytes read with O_DIRECT and their digest (in the form of `like`), or Nones where
         it is not used (small, or refused)."""
@@ -504,6 +553,32 @@ class S3Store(ObjectStore):
         if max_bytes is not None and len(data) > max_bytes:  # server sent no/false length
             raise _too_large(key, len(data), max_bytes)
         return _verify(key, data, digest)
+
+    def get_chunks(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Chunks:
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            raise self._translate(e, key) from e
+        body, h, got = resp["Body"], digests.Hasher(digest), 0
+        try:
+            size = int(resp.get("ContentLength", -1))
+            if max_bytes is not None and size > max_bytes:
+                raise _too_large(key, size, max_bytes)
+            while True:
+                try:
+                    chunk = body.read(directio.CHUNK)
+                except Exception as e:
+                    raise self._translate(e, key) from e
+                if not chunk:
+                    break
+                got += len(chunk)
+                if max_bytes is not None and got > max_bytes:   # the server sent no or a false length
+                    raise _too_large(key, got, max_bytes)
+                h.update(chunk)
+                yield chunk
+        finally:
+            body.close()
+        _check_digest(key, got, digest, h.value())
 
     def size(self, key: str) -> int:
         full = self._key(key)

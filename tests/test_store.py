@@ -401,3 +401,93 @@ def test_the_s3_body_over_pieces_reads_and_seeks_as_their_bytes_end_to_end():
     assert body.read() == data[-3:] and body.read(5) == b""
     body.seek(0)
     assert body.read() == data
+
+
+# --- get_chunks: an object read a chunk at a time (the streamed reduce) ---------------------------
+
+def _fds() -> int:
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("size", [0, 5, directio.MIN_BYTES + 5, 3 * directio.CHUNK])
+def test_get_chunks_gives_the_object_in_chunks_and_checks_its_digest(store, size):
+    data = bytes(range(253)) * (size // 253 + 1)
+    data = data[:size]
+    digest = store.put(KEY, data)
+    chunks = [bytes(c) for c in store.get_chunks(KEY, digest=digest, max_bytes=size)]
+    assert b"".join(chunks) == data
+    assert all(len(c) <= directio.CHUNK for c in chunks), "never more than a chunk at a time"
+    legacy = hashlib.sha256(data).hexdigest()   # a record written before BLAKE3 digests
+    assert b"".join(bytes(c) for c in store.get_chunks(KEY, digest=legacy)) == data
+
+
+@pytest.mark.parametrize("size", [7, 3 * directio.CHUNK + 1])
+def test_get_chunks_refuses_a_wrong_digest_after_the_last_chunk(store, size):
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    store.put(KEY, data)
+    seen = 0
+    with pytest.raises(ChecksumMismatch, match=f"{size} bytes"):
+        for chunk in store.get_chunks(KEY, digest=digest_of(b"other")):
+            seen += len(chunk)
+    assert seen == size, "the mismatch is known only once every chunk was read"
+
+
+def test_get_chunks_errors_as_get(store):
+    store.put(KEY, b"x" * 100)
+    with pytest.raises(ObjectMissing):
+        list(store.get_chunks("runs/r1/absent"))
+    with pytest.raises(ObjectTooLarge, match="100 bytes"):
+        list(store.get_chunks(KEY, max_bytes=99))
+
+
+def test_get_chunks_closed_half_way_leaves_no_descriptor_or_thread(file_url):
+    import threading
+
+    store = open_store(file_url)
+    store.check()
+    data = bytes(range(256)) * (16 << 10)   # 4 MiB: direct reads, four chunks
+    digest = store.put(KEY, data)
+    fds, threads = _fds(), threading.active_count()
+    chunks = store.get_chunks(KEY, digest=digest)
+    assert bytes(next(chunks)) == data[:directio.CHUNK]
+    chunks.close()
+    assert (_fds(), threading.active_count()) == (fds, threads)
+    assert store.direct
+
+
+def test_get_chunks_of_a_file_cut_after_the_stat_is_refused(file_url, monkeypatch):
+    store = open_store(file_url)
+    store.check()
+    data = bytes(range(256)) * (12 << 10)   # 3 MiB
+    digest = store.put(KEY, data)
+    real = directio.ChunkReader.__init__
+
+    def cut_first(self, path, size, like=None):
+        real(self, path, size, like)
+        import os
+        os.chmod(path, 0o644)
+        os.truncate(path, size - 5000)   # the file shrinks between the stat and the read
+
+    monkeypatch.setattr(directio.ChunkReader, "__init__", cut_first)
+    with pytest.raises(ChecksumMismatch, match=f"{len(data) - 5000} bytes"):
+        list(store.get_chunks(KEY, digest=digest))
+
+
+def test_get_chunks_falls_back_to_buffered_reads_where_direct_io_is_refused(file_url, monkeypatch):
+    import errno
+
+    store = open_store(file_url)
+    store.check()
+    data = bytes(range(256)) * (8 << 10)   # 2 MiB
+    digest = store.put(KEY, data)
+    real_open = directio.os.open
+
+    def refusing(path, flags, *args):
+        if flags & directio.FLAG:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(directio.os, "open", refusing)
+    assert b"".join(bytes(c) for c in store.get_chunks(KEY, digest=digest)) == data
+    assert not store.direct
