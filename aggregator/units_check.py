@@ -11,6 +11,7 @@ import redis
 
 from diloco import keys
 from diloco.config import RunConfig
+from diloco.errors import RunNotFound
 from diloco.messages import Announcement
 from diloco.units import UnitPlan, by_epoch, units_per_round
 
@@ -21,7 +22,9 @@ def units_problem(r: redis.Redis, cfg: RunConfig, plan: UnitPlan, ann: Announcem
     if len(ann.units) != want:
         return f"lists {len(ann.units)} work units, a round trains on {want}"
     meta = r.hmget(keys.units_meta(cfg.run, plan.dataset), "epoch_lo", "epoch_hi")
-    lo, hi = int(meta[0] or 0), int(meta[1] or 0)
+    if None in meta:   # Redis wiped (or being recovered) under the round: not the worker's fault
+        raise RunNotFound(f"run {cfg.run!r} has no work-unit window for dataset {plan.dataset}")
+    lo, hi = int(meta[0]), int(meta[1])
     for epoch, bit in ann.units:
         if not lo <= epoch <= hi or not 0 <= bit < plan.num_units:
             return f"work unit {epoch}:{bit} is out of range (epochs {lo}..{hi}, {plan.num_units} units)"

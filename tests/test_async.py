@@ -19,7 +19,7 @@ from aggregator.collect import Round, check, collect
 from diloco import dylu, keys, outer, runs, units, weighting
 from diloco.codecs import get_codec
 from diloco.config import ENV_CRASH_AT, RunConfig
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, RunNotFound
 from diloco.faults import CRASH_EXIT_CODE
 from diloco.messages import Announcement
 from diloco.reduce import Reducer
@@ -442,6 +442,11 @@ def test_dylu_accepts_fewer_inner_steps_with_units_to_match_and_sync_does_not(re
     two = _ann(cfg, "w0", 0, list(range(2 * per_step)), 0, inner_steps=2)
     assert units_problem(r, cfg, plan, two) is None
     assert "a round trains on" in units_problem(r, cfg, plan, dataclasses.replace(two, inner_steps=3))
+    # Redis wiped under the round (units meta gone, or half restored by `recover`): the round waits for
+    # the run to come back instead of rejecting the worker's delta as out of the epoch window
+    r.hdel(keys.units_meta(RUN, cfg.dataset_id), "epoch_lo", "epoch_hi")
+    with pytest.raises(RunNotFound, match="no work-unit window"):
+        units_problem(r, cfg, plan, two)
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
