@@ -181,7 +181,9 @@ class ChunkReader:
     one chunk, the helper reads (and hashes, in order) the next into the other staging buffer, so the
     caller never holds more than a chunk (the streamed reduce, diloco/reduce.py). Iterate once; a
     chunk is valid until the next is asked for. `digest` (in the form of `like`) is set once the last
-    chunk was read; a file cut while read ends early, and the caller's checks judge it."""
+    chunk was read; a file cut while read ends early, and the caller's checks judge it. It uses the
+    calling thread's staging buffers, as `read` and `write` do: finish or close it before that thread
+    moves another large object directly (the reducer reads one shard at a time)."""
 
     def __init__(self, path: os.PathLike | str, size: int, like: str | None = None) -> None:
         self.path, self.size, self.hasher, self.digest = path, size, Hasher(like), None
