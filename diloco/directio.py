@@ -137,6 +137,16 @@ def _write_all(buf: memoryview, fd: int, n: int) -> None:
         raise _unsupported(e, "write") from None
 
 
+def _pread(fd: int, buf: memoryview, at: int, size: int) -> int:
+    """Read the chunk of a `size`-byte file at `at` into `buf`: whole blocks, the last one padded; the
+    bytes of the file it got."""
+    want = min(CHUNK, -(-(size - at) // ALIGN) * ALIGN)
+    try:
+        return min(os.preadv(fd, [buf[:want]], at), size - at)
+    except OSError as e:
+        raise _unsupported(e, "read") from None
+
+
 def read(path: os.PathLike | str, size: int, like: str | None = None) -> tuple[bytearray, str]:
     """The first `size` bytes of `path`, read with O_DIRECT, and their digest in the form of `like` (a
     recorded digest; BLAKE3 when None); Unsupported where refused. The helper copies and hashes each
@@ -159,11 +169,7 @@ def read(path: os.PathLike | str, size: int, like: str | None = None) -> tuple[b
         with _Relay("direct-read") as relay:
             while at < size:
                 buf = relay.next()
-                want = min(CHUNK, -(-(size - at) // ALIGN) * ALIGN)
-                try:
-                    got = min(os.preadv(fd, [buf[:want]], at), size - at)
-                except OSError as e:
-                    raise _unsupported(e, "read") from None
+                got = _pread(fd, buf, at, size)
                 if got <= 0:
                     break
                 relay.hand_off(take, at, got)
@@ -190,11 +196,7 @@ class ChunkReader:
         self.fd = -1
 
     def _read(self, buf: memoryview, at: int) -> int:
-        want = min(CHUNK, -(-(self.size - at) // ALIGN) * ALIGN)
-        try:
-            got = min(os.preadv(self.fd, [buf[:want]], at), self.size - at)
-        except OSError as e:
-            raise _unsupported(e, "read") from None
+        got = _pread(self.fd, buf, at, self.size)
         if got > 0:
             self.hasher.update(buf[:got])
         return got
