@@ -102,8 +102,7 @@ Entry = tuple[torch.dtype, list[int], int, int]   # dtype, shape, data begin and
 
 def layout(header: dict, base: int, size: int | None) -> tuple[dict[str, str], dict[str, Entry]]:
     """(metadata, each tensor's entry) of a parsed header, after the checks `views` makes; `size`: the
-    bytes after the header, None where they are not known yet (a streamed read checks them at its end:
-    the tensors hold `data_bytes(entries)`)."""
+    bytes after the header, None where they are not known yet (a streamed read checks them at its end)."""
     header = dict(header)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -128,11 +127,6 @@ def layout(header: dict, base: int, size: int | None) -> tuple[dict[str, str], d
     if size is not None and pos != size:
         raise FormatError(f"the tensors hold {pos} bytes, the object {size} after its header")
     return meta, out
-
-
-def data_bytes(entries: dict[str, Entry]) -> int:
-    """The bytes the tensors of a checked layout hold (they tile the data from 0)."""
-    return max((end for *_, end in entries.values()), default=0)
 
 
 def header_length(prefix: Buffer, size: int | None = None) -> int:
