@@ -21,7 +21,7 @@ import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -337,29 +337,34 @@ class FileStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
-        path = self._path(key)
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """Read errors as the store's: a missing file is ObjectMissing, anything else an outage."""
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise _too_large(key, size, max_bytes)
-                data, actual = self._read_direct(path, size, digest)
-                if data is None:
-                    data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            yield
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             if self._root_gone():  # no store at all is an outage, not a missing object
                 raise self._unreachable(e) from None
             raise ObjectMissing(f"no object {key!r} in {self.url}") from None
         except OSError as e:
             raise self._unreachable(e) from None
+
+    def get(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Blob:
+        path = self._path(key)
+        with self._reading(key), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise _too_large(key, size, max_bytes)
+            data, actual = self._read_direct(path, size, digest)
+            if data is None:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         if max_bytes is not None and len(data) > max_bytes:  # grew after the stat: not ours
             raise _too_large(key, len(data), max_bytes)
         return _verify(key, data, digest, actual)
 
     def get_chunks(self, key: str, *, digest: str | None = None, max_bytes: int | None = None) -> Chunks:
         path = self._path(key)
-        try:
+        with self._reading(key):
             size = path.stat().st_size
             if max_bytes is not None and size > max_bytes:
                 raise _too_large(key, size, max_bytes)
@@ -376,12 +381,6 @@ class FileStore(ObjectStore):
                         raise
                     self._no_direct(e)
             yield from self._buffered_chunks(key, path, digest, max_bytes)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            if self._root_gone():
-                raise self._unreachable(e) from None
-            raise ObjectMissing(f"no object {key!r} in {self.url}") from None
-        except OSError as e:
-            raise self._unreachable(e) from None
 
     @staticmethod
     def _buffered_chunks(key: str, path: Path, digest: str | None, max_bytes: int | None) -> Chunks:
