@@ -320,11 +320,9 @@ def test_direct_and_buffered_processes_read_each_others_objects(file_url):
     assert direct.get("a/cached") == data and buffered.get("a/on-disk") == data
 
 
-def test_a_file_system_refusing_direct_io_falls_back_to_buffered_io(file_url, monkeypatch, caplog):
-    """tmpfs before Linux 6.6 and some FUSE mounts refuse O_DIRECT with EINVAL: the store says so once
-    and goes on buffered, losing nothing."""
+def _refuse_direct_io(monkeypatch) -> None:
+    """Make every O_DIRECT open fail with EINVAL, as tmpfs before Linux 6.6 and some FUSE mounts do."""
     import errno
-    import logging
 
     real_open = directio.os.open
 
@@ -334,6 +332,14 @@ def test_a_file_system_refusing_direct_io_falls_back_to_buffered_io(file_url, mo
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(directio.os, "open", refusing)
+
+
+def test_a_file_system_refusing_direct_io_falls_back_to_buffered_io(file_url, monkeypatch, caplog):
+    """tmpfs before Linux 6.6 and some FUSE mounts refuse O_DIRECT with EINVAL: the store says so once
+    and goes on buffered, losing nothing."""
+    import logging
+
+    _refuse_direct_io(monkeypatch)
     store = open_store(file_url)
     store.check()
     data = bytes(range(256)) * (8 << 10)   # 2 MiB
@@ -475,19 +481,10 @@ def test_get_chunks_of_a_file_cut_after_the_stat_is_refused(file_url, monkeypatc
 
 
 def test_get_chunks_falls_back_to_buffered_reads_where_direct_io_is_refused(file_url, monkeypatch):
-    import errno
-
     store = open_store(file_url)
     store.check()
     data = bytes(range(256)) * (8 << 10)   # 2 MiB
     digest = store.put(KEY, data)
-    real_open = directio.os.open
-
-    def refusing(path, flags, *args):
-        if flags & directio.FLAG:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(directio.os, "open", refusing)
+    _refuse_direct_io(monkeypatch)
     assert b"".join(bytes(c) for c in store.get_chunks(KEY, digest=digest)) == data
     assert not store.direct
