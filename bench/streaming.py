@@ -2,7 +2,8 @@
 
 Part `workload` runs the sync benchmark's workload (bench/sync_task.py: 6 x Linear(2048, 2048),
 100.7 MB fp32, AdamW lr 1e-4, batch 2, MSE, outer Nesterov lr 0.7 momentum 0.9, fp32 deltas, W workers
-with one torch thread each) through the real services as processes (redis-server, one `diloco
+(--workload-workers: 2, a core each as on separate machines, and 4, two to a core) with one torch
+thread each) through the real services as processes (redis-server, one `diloco
 aggregator`, W `diloco worker`, a file:// store), as plain DiLoCo and as streaming with N = 4 (--runs:
 by default H = 20, where a fragment syncs every 5 steps, the workload's own H, with tau 1 and 4, and
 H = 40 with tau 8, each against plain DiLoCo at the same H). Per worker,
@@ -71,6 +72,7 @@ class Workload:
     fragments: int
     tau: int
     h: int = 0
+    workers: int = 4
     idle: list[float] = field(default_factory=list)     # per worker: share of wall time not training
     train_step: list[float] = field(default_factory=list)   # per worker: training seconds per inner step
     s_per_step: float = 0.0                              # wall time per inner step, measured intervals
@@ -82,8 +84,8 @@ class Workload:
     wait_s: float = 0.0                                  # streaming: blocked at merges, per worker (mean)
 
 
-def run_workload(args: argparse.Namespace, name: str, fragments: int, h: int, tau: int) -> Workload:
-    res = Workload(name, fragments, tau, h)
+def run_workload(args: argparse.Namespace, workers: int, name: str, fragments: int, h: int, tau: int) -> Workload:
+    res = Workload(name, fragments, tau, h, workers)
     interval = h // fragments
     intervals = args.cycles * fragments
     data = Path(tempfile.mkdtemp(prefix=f"diloco-stream{fragments}-"))
@@ -96,18 +98,18 @@ def run_workload(args: argparse.Namespace, name: str, fragments: int, h: int, ta
     try:
         store_url = (data / "store").as_uri()
         r = connect_redis(server.url)
-        samples = max(1024, 2 * args.workers * args.cycles * h * BATCH)
+        samples = max(1024, 2 * workers * args.cycles * h * BATCH)
         cfg = runs.init_run(r, open_store(store_url), RUN, {
             "task": TASK, "task_options": {"width": args.width, "layers": args.layers, "num_samples": samples,
                                            "trace_dir": str(trace)},
             "seed": SEED, "codec": "fp32", "sync_every": h, "batch_size": BATCH, "inner_lr": INNER_LR,
-            "inner_warmup_steps": 0, "outer_lr": OUTER_LR, "outer_momentum": MU, "min_workers": args.workers,
+            "inner_warmup_steps": 0, "outer_lr": OUTER_LR, "outer_momentum": MU, "min_workers": workers,
             "num_fragments": fragments, "overlap_steps": tau, "merge_alpha": args.alpha}).config
         common = ["--run", RUN, "--redis-url", server.url, "--store", store_url]
         agg = services.start("agg", ["aggregator", *common, "--id", "agg"])
         procs = {f"w{i}": services.start(f"w{i}", [
             "worker", *common, "--worker-id", f"w{i}", "--threads", "1", "--device", "cpu",
-            "--heartbeat-interval-s", "0.5", "--max-rounds", str(intervals)]) for i in range(args.workers)}
+            "--heartbeat-interval-s", "0.5", "--max-rounds", str(intervals)]) for i in range(workers)}
         deadline = time.monotonic() + args.timeout_s
         while any(p.poll() is None for p in procs.values()):
             if time.monotonic() > deadline:
@@ -145,9 +147,14 @@ def run_workload(args: argparse.Namespace, name: str, fragments: int, h: int, ta
     res.down_per_event = statistics.mean(int(s.get("bytes_received", 0)) for s in stats.values()) / intervals
     res.wait_s = statistics.mean(float(s.get("wait_s_total", 0)) for s in stats.values())
     shutil.rmtree(data, ignore_errors=True)
-    log.info("%s: not training %s, %.3f s/step, peak event %.1f MB", name,
-             " / ".join(f"{x:.1%}" for x in res.idle), res.s_per_step, res.peak_up / 1e6)
+    log.info("W=%d %s: not training %s, %.3f s/step, peak event %.1f MB",
+             workers, name, " / ".join(f"{x:.1%}" for x in res.idle), res.s_per_step, res.peak_up / 1e6)
     return res
+
+
+def reference(results: list[Workload], res: Workload) -> Workload:
+    """The run whose sync event is the bytes reference for `res`: the first run at its W."""
+    return next(r for r in results if r.workers == res.workers)
 
 
 def slowest_idle(res: Workload) -> float:
@@ -157,14 +164,13 @@ def slowest_idle(res: Workload) -> float:
 
 
 def workload_report(results: list[Workload]) -> tuple[str, list[str]]:
-    base = results[0]
-    rows = ["| run | not training, per worker (min / median / max) | wall s per inner step | bytes per sync event "
+    rows = ["| W | run | not training, per worker (min / median / max) | wall s per inner step | bytes per sync event "
             "(peak) | vs plain DiLoCo | sync events per H steps | blocked at merges per worker | training s "
             "per step, fastest / slowest worker | not training, the slowest worker |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
-        idle = sorted(res.idle)
-        rows.append(f"| {res.name} | {idle[0]:.1%} / {statistics.median(idle):.1%} / {idle[-1]:.1%} | "
+        idle, base = sorted(res.idle), reference(results, res)
+        rows.append(f"| {res.workers} | {res.name} | {idle[0]:.1%} / {statistics.median(idle):.1%} / {idle[-1]:.1%} | "
                     f"{res.s_per_step:.3f} | {res.peak_up / 1e6:.1f} MB | {res.peak_up / base.peak_up:.3f} | "
                     f"{res.fragments} | {res.wait_s:.1f} s | {min(res.train_step):.3f} / {max(res.train_step):.3f} | "
                     f"{slowest_idle(res):.1%} |")
@@ -172,17 +178,18 @@ def workload_report(results: list[Workload]) -> tuple[str, list[str]]:
     for res in results:
         if res.fragments == 1:
             continue
-        worst = max(res.idle)
-        plain = next((p for p in results if p.fragments == 1 and p.h == res.h), None)
+        worst, base = max(res.idle), reference(results, res)
+        plain = next((p for p in results if p.fragments == 1 and p.h == res.h and p.workers == res.workers), None)
         vs = (f"; plain DiLoCo at H={res.h}: {statistics.median(plain.idle):.1%} not training, "
               f"{res.s_per_step / plain.s_per_step:.2f}x its wall time per step") if plain else ""
-        verdicts.append(f"{res.name}: peak bytes per sync event {res.peak_up / base.peak_up:.3f} of plain DiLoCo's "
+        verdicts.append(f"W={res.workers}, {res.name}: peak bytes per sync event "
+                        f"{res.peak_up / base.peak_up:.3f} of plain DiLoCo's "
                         f"(target 1/{res.fragments} = {1 / res.fragments:.3f}: "
                         f"{'met' if res.peak_up <= base.peak_up / res.fragments * 1.01 else 'not met'}); "
                         f"not training at most {worst:.1%} of a worker's wall time (target at most 5%: "
                         f"{'met' if worst <= 0.05 else 'not met'}{vs}); the slowest worker (which waits on "
-                        f"no other's delta) {slowest_idle(res):.1%}, and in lock step the fastest must spend at "
-                        f"least {1 - min(res.train_step) / max(res.train_step):.1%} not training")
+                        f"no other's delta) {slowest_idle(res):.1%}; the fastest worker's training step "
+                        f"took {1 - min(res.train_step) / max(res.train_step):.1%} less time than the slowest's")
     return "\n".join(rows), verdicts
 
 
@@ -285,7 +292,10 @@ def quality_report(results: list[list[Quality]]) -> tuple[str, list[str]]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="workload,quality")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4, help="quality: workers")
+    p.add_argument("--workload-workers", default="2,4",
+                   help="workload: the worker counts, each with every run of --runs; W=2 gives each worker a core of "
+                        "its own (as separate machines would), W=4 puts two on each of the 2 cores")
     p.add_argument("--alpha", type=float, default=0.0, help="workload: merge_alpha of the streaming runs")
     p.add_argument("--runs", default="1:20:0,4:20:1,4:20:4,1:40:0,4:40:8",
                    help="workload: the runs, each N:H:tau (num_fragments, sync_every, overlap_steps); the first is "
@@ -318,13 +328,15 @@ def main() -> None:
     if "workload" in parts:
         t0 = time.perf_counter()
         specs = [tuple(int(x) for x in spec.split(":")) for spec in args.runs.split(",")]
-        results = [run_workload(args, f"plain DiLoCo, H={h}" if n == 1 else f"streaming N={n}, H={h}, tau={t}", n, h, t)
-                   for n, h, t in specs]
+        results = [run_workload(args, w, f"plain DiLoCo, H={h}" if n == 1 else f"streaming N={n}, H={h}, tau={t}",
+                                n, h, t)
+                   for w in map(int, args.workload_workers.split(",")) for n, h, t in specs]
         table, verdicts = workload_report(results)
-        cmd = (f"python bench/streaming.py --parts workload --workers {args.workers} --runs {args.runs} "
-               f"--cycles {args.cycles}")
+        cmd = (f"python bench/streaming.py --parts workload --workload-workers {args.workload_workers} --runs "
+               f"{args.runs} --cycles {args.cycles}")
         _write(args, "Streaming DiLoCo", cmd, t0,
-               f"The sync benchmark's workload, W={args.workers}, {args.cycles} cycles of H steps per worker, the "
+               f"The sync benchmark's workload with W={args.workload_workers} workers, {args.cycles} cycles of H "
+               f"steps per worker, the "
                f"first {args.warmup} not measured; alpha {args.alpha:g}; aggregator peak RSS "
                f"{max(r.agg_rss for r in results) / 2**30:.2f} GiB.\n\n{table}\n\n"
                + "\n".join(f"* {v}" for v in verdicts))
