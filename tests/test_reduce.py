@@ -14,7 +14,7 @@ from diloco.codecs import get_codec
 from diloco.errors import ChecksumMismatch
 from diloco.messages import Announcement
 from diloco.reduce import reduce_round
-from diloco.shards import encode_delta, l2_norm
+from diloco.shards import encode_delta, l2_norm, max_shard_object_bytes
 from diloco.store import digest_of, open_store
 
 LIKE = {"a.weight": torch.zeros(3, 5), "b.bias": torch.zeros(7)}
@@ -63,8 +63,9 @@ def test_reduce_round_downloads_each_shard_once_and_averages_the_valid_deltas(tm
         torch.testing.assert_close(red.mean[name], expected, rtol=1e-6, atol=1e-6)
 
 
-def _announced(store, worker: str, i: int, delta: dict[str, torch.Tensor], codec) -> tuple[str, Announcement]:
-    payloads = encode_delta(delta, codec, SHARD_BYTES)
+def _announced(store, worker: str, i: int, delta: dict[str, torch.Tensor], codec,
+               shard_bytes: int = SHARD_BYTES) -> tuple[str, Announcement]:
+    payloads = encode_delta(delta, codec, shard_bytes)
     names = tuple(keys.delta_shard("t", 0, worker, "n", j) for j in range(len(payloads)))
     for key, data in zip(names, payloads, strict=True):
         store.put(key, data)
@@ -72,6 +73,38 @@ def _announced(store, worker: str, i: int, delta: dict[str, torch.Tensor], codec
         run="t", worker=worker, nonce="n", version=0, codec=codec.name, shards=names,
         sizes=tuple(len(p) for p in payloads), digest=tuple(digest_of(p) for p in payloads),
         samples=8, tokens=8, inner_steps=5, loss=1.0, norm=l2_norm(delta.values()))
+
+
+@pytest.mark.parametrize(("how", "reason"), [("flip", "ChecksumMismatch"), ("big", "ObjectTooLarge")])
+def test_a_whole_shard_delta_is_checked_against_its_digest_and_the_shard_limit(tmp_path, how, reason):
+    """The whole-shard path (every codec but fp32) fetches with the announced digest and the run's
+    shard limit: a shard with other bytes, or one larger than `shard_bytes` allows, rejects its delta
+    (kills `Reducer.fetch` 11, 12, 15, 16: the digest or the limit not passed to the store)."""
+    store, codec, shard_bytes = open_store(tmp_path.as_uri()), get_codec("bf16"), 4096
+    like = {"w": torch.zeros(200, 200)}
+    gen = torch.Generator().manual_seed(6)
+    deltas = [{"w": torch.randn(200, 200, generator=gen).bfloat16().float()} for _ in range(2)]   # bf16's norm
+    anns = [_announced(store, f"w{i}", i, d, codec, shard_bytes) for i, d in enumerate(deltas)]
+    if how == "flip":
+        path = store.root / anns[1][1].shards[0]
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01   # a value's lowest bit: a valid shard, other bytes than announced
+        path.write_bytes(bytes(data))
+    else:   # w1's delta in one shard, valid and honestly announced, but over the run's limit
+        entry, ann = anns[1]
+        (payload,) = encode_delta(deltas[1], codec, 1 << 20)
+        assert len(payload) > max_shard_object_bytes(shard_bytes)
+        key = keys.delta_shard("t", 0, "w1", "whole", 0)
+        store.put(key, payload)
+        anns[1] = (entry, dataclasses.replace(ann, shards=(key,), sizes=(len(payload),),
+                                              digest=(digest_of(payload),)))
+    with ThreadPoolExecutor(2) as pool:
+        red = reduce_round(store, codec, like, anns, shard_bytes, pool)
+    assert [a.worker for a in red.included] == ["w0"], [r for _, _, r in red.rejected]
+    assert [(e, a.worker) for e, a, _ in red.rejected] == [("1-1", "w1")]
+    assert red.rejected[0][2].startswith(f"{reason}: "), red.rejected[0][2]
+    torch.testing.assert_close(red.mean["w"], deltas[0]["w"])
 
 
 def test_a_weighted_reduce_divides_the_scaled_sum_by_the_sum_of_the_weights(tmp_path):
@@ -226,23 +259,31 @@ def test_a_delta_found_bad_after_some_of_it_was_added_leaves_the_bits_of_the_goo
         assert torch.equal(got.mean[name], want.mean[name]), name
 
 
-def test_a_kept_delta_that_fails_when_summed_again_is_rejected_in_turn(tmp_path, small_blocks):
-    """Summing again re-reads the kept deltas: one changed in the store since is dropped, not summed."""
+def test_a_kept_delta_that_fails_when_summed_again_is_rejected_in_turn(tmp_path, small_blocks, caplog):
+    """Summing again re-reads the kept deltas, each with its weight and scale: one changed in the store
+    since is dropped, not summed, its bytes no longer count, and the log says which (kills
+    `Reducer._sum_again` 24, 27, 28, 32, 35, 36: the scale divided, the warning's worker, error or
+    text, the reason's error type, the bytes of the round)."""
     from diloco.reduce import Reducer
 
     store = small_blocks(tmp_path.as_uri())
-    deltas = _deltas(3, 13)
+    deltas = _deltas(4, 13)
     anns = [_announced_big(store, f"w{i}", i, d) for i, d in enumerate(deltas)]
+    factors = {0: (1.0, 1.0), 1: (2.0, 0.5), 3: (1.0, 0.25)}
     with ThreadPoolExecutor(2) as pool:
         red = Reducer(store, get_codec("fp32"), BIG, 256, pool)
-        assert red.add(*anns[0]) is None and red.add(*anns[1]) is None
+        assert all(red.add(*anns[i], factors=factors[i]) is None for i in (0, 1, 3))
         _spoil(store, anns[0][1], "missing")
         assert "NaN" in red.add(anns[2][0], _spoil(store, anns[2][1], "nan"))
         got = red.result()
-    assert [a.worker for a in got.included] == ["w1"]
+    assert [a.worker for a in got.included] == ["w1", "w3"]
     assert [a.worker for _, a, _ in got.rejected] == ["w2", "w0"]
-    assert got.nbytes == anns[1][1].nbytes
-    want = _reduce(store, [anns[1]])
+    assert got.rejected[1][2].startswith("ObjectMissing: "), got.rejected[1][2]
+    warned = [r.getMessage() for r in caplog.records if "summed before" in r.getMessage()]
+    error = got.rejected[1][2].removeprefix("ObjectMissing: ")
+    assert warned == [f"delta of w0, summed before in this round, now fails: {error}"]
+    assert got.nbytes == anns[1][1].nbytes + anns[3][1].nbytes
+    want = _reduce(store, [anns[1], anns[3]], [factors[1], factors[3]])
     for name in BIG:
         assert torch.equal(got.mean[name], want.mean[name]), name
 
