@@ -105,6 +105,14 @@ def test_a_whole_shard_delta_is_checked_against_its_digest_and_the_shard_limit(t
     assert [(e, a.worker) for e, a, _ in red.rejected] == [("1-1", "w1")]
     assert red.rejected[0][2].startswith(f"{reason}: "), red.rejected[0][2]
     torch.testing.assert_close(red.mean["w"], deltas[0]["w"])
+    # the aggregator's pipelined reduce adds without prefetched shards: `add` fetches them itself
+    # (kills `Reducer.add` 8)
+    from diloco.reduce import Reducer
+
+    with ThreadPoolExecutor(2) as pool:
+        direct = Reducer(store, codec, like, shard_bytes, pool)
+        assert direct.add(*anns[0]) is None and direct.add(*anns[1]).startswith(f"{reason}: ")
+        assert torch.equal(direct.result().mean["w"], red.mean["w"])
 
 
 def test_a_weighted_reduce_divides_the_scaled_sum_by_the_sum_of_the_weights(tmp_path):
