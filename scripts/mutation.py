@@ -86,6 +86,7 @@ GROUPS = (
           ("tests/test_codecs.py", "tests/test_feedback.py", "tests/test_shards.py")),
     Group("shards", ("diloco/shards.py",),
           ("tests/test_shards.py", "tests/test_feedback.py", "tests/test_codecs.py", "tests/test_replay_reference.py",
+           "tests/test_reduce.py",   # the streamed reduce: DeltaBuffer.stream_shard
            "tests/test_bad_input.py::test_undecodable_shard_with_valid_checksum_is_rejected")),
     Group("reduce", ("diloco/reduce.py",),
           ("tests/test_reduce.py", "tests/test_replay_reference.py", "tests/test_hostile.py", "tests/test_nesterov.py",

@@ -731,3 +731,70 @@ def test_an_fp32_delta_is_read_from_the_shard_bytes_without_a_staging_copy():
     acc = torch.zeros(6)
     buf.add_to(acc)
     assert acc.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 50.0]
+
+
+# --- the streamed read (fp32 deltas, diloco/reduce.py): DeltaBuffer.stream_shard --------------------
+
+def _stream(data: bytes, monkeypatch, *, limit: int = 1 << 20, alpha: float = 1.0) -> tuple[DeltaBuffer, torch.Tensor]:
+    """Stream `data` in 5-byte chunks, 4 elements a block, into a fresh accumulator."""
+    from diloco import shards
+
+    monkeypatch.setattr(shards, "STREAM_BLOCK", 4)   # the good shard's 6 values: a block of 4, then 2
+    buf, acc = DeltaBuffer({"a": torch.zeros(4), "b": torch.zeros(2)}), torch.zeros(6)
+    chunks = (memoryview(data)[at:at + 5] for at in range(0, len(data), 5))
+    buf.stream_shard(chunks, FP32, limit, acc, alpha, lambda: None)
+    return buf, acc
+
+
+def test_a_streamed_shard_adds_alpha_times_its_values_a_block_at_a_time(monkeypatch):
+    """Kills `stream_shard` 32, 36, 45, 63, 66 and `_Chunks.read_into` 22: a block's length, where the
+    next starts, alpha and the norm summed over the blocks."""
+    buf, acc = _stream(_shard(_good_tensors(), GOOD_SEGMENTS), monkeypatch, alpha=0.5)
+    buf.check_complete()
+    assert acc.tolist() == [0.5] * 4 + [1.0] * 2
+    assert buf.norm() == pytest.approx(12 ** 0.5, rel=1e-6)   # 4 * 1 + 2 * 4, over both blocks
+
+
+def _header_length(data: bytes) -> int:
+    return int.from_bytes(data[:8], "little")
+
+
+@pytest.mark.parametrize(("spoil", "message"), [
+    (lambda d: d[:-4], "not a safetensors object: the object ends at value 5 of the 6 its header lists"),
+    (lambda d: d + b"\0" * 4, "not a safetensors object: it holds bytes after the tensors its header lists"),
+    (lambda d: d[:8 + _header_length(d) // 2], "not a safetensors object: the object ends inside its header"),
+    (lambda d: _shard({"v": torch.ones(6, dtype=torch.float64)}, GOOD_SEGMENTS),
+     "part 'v' is torch.float64 (6,), expected torch.float32 (6,)"),
+    (lambda d: _shard({"v": torch.ones(2, 3)}, GOOD_SEGMENTS),
+     "part 'v' is torch.float32 (2, 3), expected torch.float32 (6,)"),
+    (lambda d: _shard({"v": torch.tensor([1.0, 1.0, 1.0, 1.0, float("nan"), 2.0])}, GOOD_SEGMENTS),
+     "slice b[0:2] holds NaN or Inf"),   # in the second block: found at its place in the slice
+], ids=["truncated", "trailing", "header-cut", "dtype", "shape", "nan-second-block"])
+def test_a_streamed_shard_says_exactly_what_is_wrong(spoil, message, monkeypatch):
+    """Kills `stream_shard` 40-43, 47, 52, 69-71, `_stream_header` 21-23, 28, 41, 44-46 and
+    `_Chunks.read_into` 8, 10: each message, and a shard ending early."""
+    with pytest.raises(BadShard) as e:
+        _stream(spoil(_shard(_good_tensors(), GOOD_SEGMENTS)), monkeypatch)
+    assert str(e.value) == message
+
+
+def test_a_streamed_shard_header_may_fill_the_limit_less_its_length_prefix(monkeypatch):
+    """Kills `_stream_header` 9-13: the bound, and what its error says."""
+    data = _shard(_good_tensors(), GOOD_SEGMENTS)
+    n = _header_length(data)
+    _stream(data, monkeypatch, limit=n + 8)   # the header fills the limit: read
+    with pytest.raises(BadShard) as e:
+        _stream(data, monkeypatch, limit=n + 7)
+    assert str(e.value) == f"not a safetensors object: header length {n} exceeds the {n - 1} bytes a shard may have"
+
+
+def test_chunks_at_end_counts_what_is_left_in_every_chunk():
+    """Kills `_Chunks.at_end` 5, 6: a short chunk after the one being read, or an empty one last."""
+    from diloco.shards import _Chunks
+
+    for pieces in ([b"abcd", b"ef"], [b"abcd", b""]):
+        src = _Chunks(iter(pieces))
+        assert src.read_into(memoryview(bytearray(2))) == 2
+        assert not src.at_end()
+    src = _Chunks(iter([b"ab", b"cd"]))
+    assert src.read_into(memoryview(bytearray(4))) == 4 and src.at_end()
