@@ -798,3 +798,22 @@ def test_chunks_at_end_counts_what_is_left_in_every_chunk():
         assert not src.at_end()
     src = _Chunks(iter([b"ab", b"cd"]))
     assert src.read_into(memoryview(bytearray(4))) == 4 and src.at_end()
+
+
+def test_a_streamed_shard_whose_segments_are_not_end_to_end_lands_where_they_name(monkeypatch):
+    """a[0:2], b, a[2:4]: the second block holds the third segment only (kills `_sub_segments` 19, where
+    the next segment starts)."""
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    buf, acc = _stream(_shard({"v": values}, [["a", 0, 2], ["b", 0, 2], ["a", 2, 2]]), monkeypatch)
+    buf.check_complete()
+    assert acc.tolist() == [1.0, 2.0, 5.0, 6.0, 3.0, 4.0]   # a, then b, as the buffer lays them out
+
+
+def test_views_of_one_buffer_out_of_name_order_encode_as_separate_tensors():
+    """Pieces in one storage but not end to end in the shard's order are copied, not viewed as one run
+    (kills `_end_to_end` 8: adjacency dropped when the storage is the same)."""
+    flat = torch.arange(7, dtype=torch.float32)
+    delta = {"a": flat[4:], "b": flat[:4]}   # sorted names: a first, which lies after b
+    separate = {n: t.clone() for n, t in delta.items()}
+    for codec in (FP32, BF16):
+        assert encode_delta(delta, codec, 1 << 20) == encode_delta(separate, codec, 1 << 20)
