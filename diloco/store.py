@@ -108,6 +108,20 @@ def _check_digest(key: str, nbytes: int, digest: str | None, actual: str) -> Non
         raise ChecksumMismatch(f"object {key!r} has digest {actual} ({nbytes} bytes), expected {digest}")
 
 
+def _checked_chunks(key: str, reads: Iterator[Buffer], digest: str | None, max_bytes: int | None) -> Chunks:
+    """The chunks read, passed on as they come: counted against `max_bytes` (an object that grew after
+    its size was read, or a server that sent no or a false length) and checked against `digest` after
+    the last."""
+    h, got = digests.Hasher(digest), 0
+    for chunk in reads:
+        got += len(chunk)
+        if max_bytes is not None and got > max_bytes:
+            raise _too_large(key, got, max_bytes)
+        h.update(chunk)
+        yield chunk
+    _check_digest(key, got, digest, h.value())
+
+
 def _too_large(key: str, size: int, max_bytes: int) -> ObjectTooLarge:
     return ObjectTooLarge(f"object {key!r} is {size} bytes, more than the {max_bytes} allowed")
 
@@ -384,16 +398,12 @@ class FileStore(ObjectStore):
 
     @staticmethod
     def _buffered_chunks(key: str, path: Path, digest: str | None, max_bytes: int | None) -> Chunks:
-        h, got, buf = digests.Hasher(digest), 0, bytearray(directio.CHUNK)
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                got += n
-                if max_bytes is not None and got > max_bytes:   # grew after the stat: not ours
-                    raise _too_large(key, got, max_bytes)
-                chunk = memoryview(buf)[:n]
-                h.update(chunk)
-                yield chunk
-        _check_digest(key, got, digest, h.value())
+        def reads() -> Iterator[memoryview]:
+            buf = bytearray(directio.CHUNK)
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    yield memoryview(buf)[:n]
+        return _checked_chunks(key, reads(), digest, max_bytes)
 
     def _read_direct(self, path: Path, size: int, like: str | None) -> tuple[bytearray | None, str | None]:
         """The file's bytes read with O_DIRECT and their digest (in the form of `like`), or Nones where
@@ -558,26 +568,24 @@ class S3Store(ObjectStore):
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as e:
             raise self._translate(e, key) from e
-        body, h, got = resp["Body"], digests.Hasher(digest), 0
+        body = resp["Body"]
         try:
             size = int(resp.get("ContentLength", -1))
             if max_bytes is not None and size > max_bytes:
                 raise _too_large(key, size, max_bytes)
-            while True:
-                try:
-                    chunk = body.read(directio.CHUNK)
-                except Exception as e:
-                    raise self._translate(e, key) from e
-                if not chunk:
-                    break
-                got += len(chunk)
-                if max_bytes is not None and got > max_bytes:   # the server sent no or a false length
-                    raise _too_large(key, got, max_bytes)
-                h.update(chunk)
-                yield chunk
+            yield from _checked_chunks(key, self._reads(body, key), digest, max_bytes)
         finally:
             body.close()
-        _check_digest(key, got, digest, h.value())
+
+    def _reads(self, body, key: str) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = body.read(directio.CHUNK)
+            except Exception as e:
+                raise self._translate(e, key) from e
+            if not chunk:
+                return
+            yield chunk
 
     def size(self, key: str) -> int:
         full = self._key(key)
