@@ -215,14 +215,7 @@ def test_a_streamed_reduce_gives_the_bits_of_the_whole_shard_reduce(tmp_path, sm
 
 
 def _announced_big(store, worker: str, i: int, delta, shard_bytes: int = 256):
-    payloads = encode_delta(delta, get_codec("fp32"), shard_bytes)
-    names = tuple(keys.delta_shard("t", 0, worker, "n", j) for j in range(len(payloads)))
-    for key, data in zip(names, payloads, strict=True):
-        store.put(key, data)
-    return f"1-{i}", Announcement(
-        run="t", worker=worker, nonce="n", version=0, codec="fp32", shards=names,
-        sizes=tuple(len(p) for p in payloads), digest=tuple(digest_of(p) for p in payloads),
-        samples=8, tokens=8, inner_steps=5, loss=1.0, norm=l2_norm(delta.values()))
+    return _announced(store, worker, i, delta, get_codec("fp32"), shard_bytes)
 
 
 def _spoil(store, ann: Announcement, how: str) -> Announcement:
