@@ -89,6 +89,17 @@ class Aggregator:
     def _touch(self) -> None:
         self.progress_at = time.monotonic()
 
+    def _check_lock(self) -> None:
+        if self.r.get(keys.lock(self.lane)) != self.lock.value:  # a wipe, or `diloco recover` replaced every key
+            raise LockLost(f"the round lock is no longer ours (token {self.lock.token})")
+
+    def _poll(self) -> None:
+        """Each poll of a round's collect: a sign of life, and the lock checked. The renewal thread sees a
+        lock wiped with Redis only at its next renewal, a third of the TTL later: a round that waits for
+        deltas sat that long on a run that was gone, or on one `diloco recover` had already restored."""
+        self._touch()
+        self._check_lock()
+
     def _watch(self) -> None:
         """A holder whose round loop is stuck (a hung call, a deadlock) would renew its lock forever from
         the renewal thread and stall the run: past `stall_limit_s` without progress it gives the lock up."""
@@ -115,8 +126,7 @@ class Aggregator:
         conflict at commit) means summing the rest again from the start, in the same order.
         """
         self.cfg = runs.load_config(self.r, self.s.run)   # settings changed by control take effect now
-        if self.r.get(keys.lock(self.lane)) != self.lock.value:  # e.g. `diloco recover` replaced every key
-            raise LockLost(f"the round lock is no longer ours (token {self.lock.token})")
+        self._check_lock()
         plan = units.plan_for(self.r, self.cfg)
         head = runs.read_head(self.r, self.lane)
         rnd = Round(head=head, last_id=head.deltas_since, lane=self.lane)
@@ -151,7 +161,7 @@ class Aggregator:
 
         while True:
             if not collect(self.r, self.cfg, plan, rnd, block_ms=self.s.block_ms, stop=self.stop_event,
-                           lock_lost=self.lock.lost, on_poll=self._touch, on_accept=reduce_one):
+                           lock_lost=self.lock.lost, on_poll=self._poll, on_accept=reduce_one):
                 return False
             if self.lock.lost.is_set():
                 raise LockLost(f"lock lost while collecting version {head.version}")

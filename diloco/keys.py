@@ -119,6 +119,12 @@ def lock_token(run: str) -> str:
     return _lk(run, "lock", "token")
 
 
+def recovered(run: str) -> str:
+    """String: a fresh id `diloco recover` writes with each recovery. A streaming worker that sees it change
+    reloads every fragment: any of them may have gone back, not only the one it waits on."""
+    return _k(run, "recovered")
+
+
 def workers(run: str) -> str:
     """Set: every worker id that ever registered."""
     return _k(run, "workers")

@@ -49,6 +49,11 @@ def read_head(r: redis.Redis, run: str) -> Head:
     return parse_head(run, r.hgetall(keys.head(run)))
 
 
+def recovery_id(r: redis.Redis, run: str) -> str:
+    """The id of the run's newest `diloco recover` ("" if it was never recovered)."""
+    return r.get(keys.recovered(run)) or ""
+
+
 def parse_head(run: str, fields: dict[str, str]) -> Head:
     """The head from its hash's fields (read by the caller, e.g. in a pipeline); RunNotFound if empty."""
     if not fields:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import logging
 import re
+import secrets
 from typing import Any
 
 import msgpack
@@ -235,6 +236,7 @@ def recover(r: redis.Redis, store: ObjectStore, run: str, *, force: bool = False
         for entry_id, fields in state["versions"]:
             pipe.xadd(keys.versions(lane), fields, id=entry_id)
         pipe.set(keys.lock_token(lane), max(state["lock_token"], _max_token(store, lane)))
+    pipe.set(keys.recovered(run), secrets.token_hex(8))   # running streaming workers reload every fragment
     pipe.execute()
     versions = {lane: int(state["head"]["version"]) for lane, state in lanes.items()}
     log.info("recovered run %s at version%s %s", run, "s" if len(versions) > 1 else "",

@@ -125,6 +125,18 @@ def wait_for_version(r: redis.Redis, run: str, version: int, timeout_s: float = 
     raise TimeoutError(f"version {version} of run {run} not committed within {timeout_s}s")
 
 
+def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 60) -> object:
+    """Poll `pred` until it is truthy, for conditions with no event to block on (a key's value, an object,
+    a log file); returns its value, fails after the deadline or as soon as a service died."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := pred()):
+        check_services()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s}s")
+        time.sleep(0.02)
+    return value
+
+
 def wait_for_key(r: redis.Redis, key: str, timeout_s: float = 60) -> None:
     """Wait until `key` exists (keyspace has no cheap event here; poll with a deadline)."""
     deadline = time.monotonic() + timeout_s

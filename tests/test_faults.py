@@ -40,6 +40,7 @@ from diloco.messages import Head
 from diloco.replay import replay
 from diloco.store import digest_of, open_store
 from tests import harness
+from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DILOCO = [sys.executable, "-m", "diloco"]
@@ -51,17 +52,7 @@ FAST = {"heartbeat_timeout_s": 3.0, "round_timeout_s": 600.0}
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def wait_until(pred: Callable[[], object], timeout_s: float, what: str) -> object:
-    """Poll `pred` until it is truthy (for conditions with no event to block on); fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        harness.check_services()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.05)
+
 
 
 def wait_for_entry(r, stream: str, pred: Callable[[dict[str, str]], bool], timeout_s: float = 60,
@@ -372,12 +363,12 @@ def test_redis_restart_loses_no_commit_and_services_carry_on(redis_server, redis
         harness.wait_for_version(r, "t", 3)
         # Both workers past their start (a busy machine can take longer than 3 versions to import torch):
         # a service that cannot reach Redis on its first PING exits (a wrong URL), which is not this test.
-        wait_until(lambda: all(r.exists(keys.worker_alive("t", w)) for w in ("w0", "w1")), 60, "both workers up")
+        wait_until(lambda: all(r.exists(keys.worker_alive("t", w)) for w in ("w0", "w1")), "both workers up", 60)
         before, head_before = committed(r)
         redis_server.kill()
         # Down until every service has noticed (past redis-py's own retries) and says what it waits for.
-        wait_until(lambda: all("waiting for Redis" in procs.log(n) for n in services), 60,
-                   "every service to log that it waits for Redis")
+        wait_until(lambda: all("waiting for Redis" in procs.log(n) for n in services),
+                   "every service to log that it waits for Redis", 60)
     finally:
         redis_server.start()  # same port, same data directory: the AOF is replayed
     after, head_after = committed(r)
@@ -431,7 +422,7 @@ def test_redis_outage_between_write_and_commit_redoes_the_round(redis_server, re
                 return not agg.is_alive() or len(versions(r)) >= 2
             except redis.RedisError:  # still down, or loading its AOF
                 return False
-        wait_until(settled, 90, "version 2 to commit or the aggregator to exit")
+        wait_until(settled, "version 2 to commit or the aggregator to exit", 90)
         assert fired and agg.is_alive(), f"the aggregator exited: {agg.error!r}"
         seen_versions = versions(r)  # read once: the worker and aggregator go on committing meanwhile
         assert seen_versions == list(range(1, len(seen_versions) + 1))
@@ -636,7 +627,7 @@ def test_object_store_outage_services_wait_then_resume_or_give_up_at_the_limit(r
         # Both deltas arrive; the aggregator cannot read them and waits, it does not exit or reject them.
         wait_for_entry(r, keys.deltas("t"), lambda f: f["worker"] == "wA")
         wait_for_entry(r, keys.deltas("t"), lambda f: f["worker"] == "wB")
-        wait_until(lambda: "waiting for Redis and the object store" in procs.log("agg"), 60, "the aggregator to wait")
+        wait_until(lambda: "waiting for Redis and the object store" in procs.log("agg"), "the aggregator to wait", 60)
         to_workers.cut()
         to_agg.restore()
         harness.wait_for_version(r, "t", 1)  # the aggregator resumed on its own
@@ -647,7 +638,7 @@ def test_object_store_outage_services_wait_then_resume_or_give_up_at_the_limit(r
                          r"reached", procs.log("wB")), procs.log("wB")
         assert "Traceback" not in procs.log("wB")
         assert patient.poll() is None and agg.poll() is None
-        wait_until(lambda: "waiting for the object store" in procs.log("wA"), 60, "wA to wait for the store")
+        wait_until(lambda: "waiting for the object store" in procs.log("wA"), "wA to wait for the store", 60)
         to_workers.restore()
         harness.wait_for_version(r, "t", 3)
         assert patient.poll() is None and agg.poll() is None, "no service with a long limit exited"
@@ -673,7 +664,7 @@ def test_file_store_outage_services_wait_then_resume(redis_url, file_url, r, pro
         # usually the first to meet the missing store.
         wait_until(lambda: any(p.poll() is not None for p in services.values()) or r.xlen(keys.rejections("t"))
                    or "waiting for Redis and the object store" in procs.log("agg")
-                   or "waiting for the object store" in procs.log("w0"), 60, "the outage to be noticed")
+                   or "waiting for the object store" in procs.log("w0"), "the outage to be noticed", 60)
         assert all(p.poll() is None for p in services.values()), {n: procs.log(n)[-600:] for n in services}
         assert r.xlen(keys.rejections("t")) == 0, r.xrange(keys.rejections("t"))
     finally:

@@ -44,6 +44,7 @@ REDIS_KEYS = {
     "audit": "diloco:{r1}:audit",
     "worker_kicked": "diloco:{r1}:worker:w1:kicked",
     "lock_token": "diloco:{r1}:lock:token",
+    "recovered": "diloco:{r1}:recovered",
     "workers": "diloco:{r1}:workers",
     "worker_alive": "diloco:{r1}:worker:w1:alive",
     "worker_stats": "diloco:{r1}:worker:w1",

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,14 @@ from diloco.connect import connect_redis
 from diloco.localserver import RedisServer
 from diloco.store import open_store
 from tests import harness
+from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "t"  # harness's default run name
 FAST = {"heartbeat_timeout_s": 3.0, "round_timeout_s": 600.0}
 
 
-def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 60) -> object:
-    """Poll `pred` with a deadline (a key's value or a log file has no event to block on)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := pred()):
-        harness.check_services()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.02)
-    return value
+
 
 
 def test_a_round_longer_than_the_ttl_commits_under_the_token_it_began_with(redis_url, file_url, r):

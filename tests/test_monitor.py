@@ -17,6 +17,7 @@ from diloco.cli import main as cli_main
 from diloco.localserver import RedisServer, free_port
 from diloco.view import condition, duration, sparkline, status_view
 from tests import harness
+from tests.harness import wait_until
 
 
 def text_of(renderable, width: int = 160, height: int = 60) -> str:
@@ -25,12 +26,7 @@ def text_of(renderable, width: int = 160, height: int = 60) -> str:
     return console.export_text()
 
 
-def wait_until(predicate, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s}s")
-        time.sleep(0.05)
+
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from diloco.messages import Announcement
 from diloco.replay import replay
 from diloco.store import digest_of, open_store
 from tests import harness
+from tests.harness import wait_until
 from tests.test_faults import FAST, ThreadLog, procs_for  # noqa: F401  (procs_for: a fixture)
 from workers.streaming import MergeInfo, merge_
 from workers.worker import RoundInfo
@@ -360,6 +361,37 @@ def test_a_streaming_run_wiped_under_running_services_recovers_one_consistent_cu
     assert a.twice == [], "no unit committed twice across the wipe"
     assert a.mismatched == [], "the done units are those of the committed versions, no more, no fewer"
     assert all(replay(r, store, lane, archive).mismatched == [] for lane in cfg.lanes)
+
+
+def test_a_recovery_that_puts_back_another_fragment_than_the_one_waited_on_restarts_the_groups_order(
+        redis_url, file_url, r):
+    """The worker waits on fragment 1, whose version the recovery keeps, while fragment 0 goes back: it must
+    reload every fragment and sync fragment 0 next, the group's order from the recovered versions (fragment
+    (1 + 2) + 1 mod 2), as a worker that restarts would. Syncing fragment 1 again, as after a rejection,
+    would leave it waiting on fragment 1 while the others wait on fragment 0 for it (found by CI)."""
+    cfg = harness.init(redis_url, file_url, **{**STREAM, "min_workers": 1, "merge_alpha": 0.0}, **FAST)
+    store = open_store(file_url)
+    agg0 = harness.aggregator(redis_url, file_url, "agg0", fragment=0)
+    agg1 = harness.aggregator(redis_url, file_url, "agg1", fragment=1, max_rounds=2)
+    w = harness.worker(redis_url, file_url, "w0")
+    try:
+        assert agg1.result() == 2   # fragment 1 commits versions 1 and 2 (with their snapshots), then no more
+        harness.wait_for_version(r, "t@f0", 2)
+        # the worker's fifth sync (fragment 1 at version 2) waits for a version nobody commits
+        harness.wait_for_field(r, keys.worker_stats(RUN, "w0"), "waiting_for", "fragment 1 version 3")
+        newest = keys.snapshot_object("t@f0", 2)
+        wait_until(lambda: store.exists(newest), "fragment 0's snapshot of version 2")
+        store.delete(newest)   # as if the wipe came before it was written: fragment 0 goes back to version 1
+        assert snapshot.recover(r, store, RUN, force=True) == 1
+        assert [runs.read_head(r, lane).version for lane in cfg.lanes] == [1, 2]
+        f0 = harness.wait_for_version(r, "t@f0", 2, timeout_s=60)   # again, from the worker's delta
+        assert len(f0) == 2 and f0[-1]["aggregator"] == "agg0"
+    finally:
+        for s in (w, agg0):
+            s.service.stop()
+    sent = sorted((entry_id, lane, int(fields["version"])) for lane in cfg.lanes
+                  for entry_id, fields in r.xrange(keys.deltas(lane)))
+    assert sent and sent[0][1:] == ("t@f0", 1), f"the first sync after the recovery is fragment 0's: {sent}"
 
 
 def test_a_rejected_fragment_delta_is_sent_again_for_the_same_fragment_and_its_round_closes(

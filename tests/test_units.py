@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from diloco.tasks.tiny import make_task as make_tiny
 from diloco.units import Leases, UnitPlan, _units_per_second, plan_for, units_per_round
 from diloco.units import report as units_report
 from tests import harness
+from tests.harness import wait_until
 from workers.worker import Worker
 
 RUN = "t"
@@ -72,14 +72,7 @@ def make_task(**options):
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def wait_until(cond: Callable[[], object], what: str, timeout_s: float = 60) -> None:
-    """Poll a Redis condition with a deadline (keyspace changes have no cheap event here)."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        harness.check_services()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.02)
+
 
 
 class Epoch:

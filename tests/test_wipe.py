@@ -18,7 +18,8 @@ from diloco import keys, snapshot
 from diloco.messages import Announcement
 from diloco.store import open_store
 from tests import harness
-from tests.test_units import RUN, SMALL, Epoch, _committed_units, wait_until
+from tests.harness import wait_until
+from tests.test_units import RUN, SMALL, Epoch, _committed_units
 
 
 def _history_then_wipe(r: redis.Redis) -> tuple[int, dict[int, list]]:

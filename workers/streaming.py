@@ -57,6 +57,7 @@ class Exchange:
     rejected: str | None
     head: Head
     weights: dict[str, torch.Tensor] | None   # the new version's weights, None if the head did not move
+    recovered: bool = False   # a `diloco recover` since the fragments were loaded: any of them may have gone back
 
 
 @dataclass
@@ -110,6 +111,10 @@ class Streaming:
         # next fragment to sync is `events + 1` mod N, so a worker that joins or restarts mid-run syncs the
         # fragments in the group's order (see _load_all), and its learning rate follows the run's cycles.
         self.events = 0
+        # The recovery id (runs.recovery_id) the fragments were loaded under. A recovery can put back any
+        # fragment, not only the one being synced: a worker that went on with its own order while the
+        # others reloaded would sync another fragment than theirs, and each would wait for the other.
+        self.recovery = ""
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fragment-sync")
         # the background thread's own outage clock: the training thread's retries must not reset it
         self.outage = Outage(w.s.outage_limit_s, w.stop_event)
@@ -204,8 +209,12 @@ class Streaming:
                         outage=self.outage)
         entry_id = io("Redis", lambda: w.r.xadd(keys.deltas(lane.lane), ann.to_fields(), maxlen=100_000,
                                                 approximate=True))
-        rejected = io("Redis", lambda: w._wait_for_version_after(version, entry_id, lane=lane.lane))
+        rejected = io("Redis", lambda: w._wait_for_version_after(version, entry_id, lane=lane.lane,
+                                                                 recovery=self.recovery))
         head = io("Redis", lambda: runs.read_head(w.r, lane.lane))
+        # read after the head: a recovery in between is seen here, whatever head it left
+        if io("Redis", lambda: runs.recovery_id(w.r, w.cfg.run)) != self.recovery:
+            return Exchange(entry_id, rejected, head, None, recovered=True)
         weights = None
         if head.version != version and not w._should_stop():
             weights = io("the object store", lambda: w._fetch_weights(head, lane.full, lane.version))
@@ -232,11 +241,11 @@ class Streaming:
             log.warning("the aggregator rejected our delta for fragment %d version %d (%s)", p.fragment,
                         p.version, got.rejected)
             w.heartbeat.update(last_rejection=f"f{p.fragment} v{p.version}: {got.rejected}"[:300])
-        if got.head.version < p.version:
-            # Redis was recovered to an older version: every fragment as the heads now say, and the group's
-            # order taken up from their versions again.
-            log.warning("fragment %d went back to version %d (a recovered Redis); reloading every fragment",
-                        p.fragment, got.head.version)
+        if got.recovered or got.head.version < p.version:
+            # Redis was recovered (to older versions, maybe): every fragment as the heads now say, and the
+            # group's order taken up from their versions again, as every other worker does.
+            log.warning("Redis was recovered (fragment %d is at version %d, was %d); reloading every fragment",
+                        p.fragment, got.head.version, p.version)
             w.outage.call("the object store", self._load_all)
         elif got.weights is not None:
             self._merge_weights(p.fragment, got.head, got.weights)
@@ -274,6 +283,7 @@ class Streaming:
     def _load_all(self) -> None:
         """Every fragment's newest version into the model (at start, and after a restore)."""
         w = self.w
+        self.recovery = runs.recovery_id(w.r, w.cfg.run)   # before the heads: a recovery in between is seen later
         heads = runs.read_heads(w.r, w.cfg)
         full: dict[str, torch.Tensor] = {}
         for lane, head in zip(self.lanes, heads, strict=True):

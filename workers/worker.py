@@ -420,14 +420,16 @@ class Worker:
         self.residual = {**self.residual, **residual}   # streaming: one fragment's delta keeps the others' residuals
         return shards, norm
 
-    def _wait_for_version_after(self, version: int, entry_id: str, *, lane: str | None = None) -> str | None:
+    def _wait_for_version_after(self, version: int, entry_id: str, *, lane: str | None = None,
+                                recovery: str | None = None) -> str | None:
         """Block on the versions stream until the head moves past `version` (or stop).
 
         Also returns, to train again, when our announcement was rejected (returns the reason), when
         the head went back (Redis restored from a snapshot) or our announcement vanished (Redis wiped
         and recovered to this very version). A wait that only an operator can end (no aggregator
         holds the lock) is logged once and shown in the worker's `waiting_for` stat. `lane`: a fragment's
-        (streaming), waited on in the background.
+        (streaming), waited on in the background; `recovery`: the recovery id its fragments were loaded
+        under (runs.recovery_id), to return as soon as a `diloco recover` replaces it.
         """
         lane = lane or self.s.run
         stream = keys.versions(lane)
@@ -441,11 +443,14 @@ class Worker:
             pipe.xrange(keys.deltas(lane), entry_id, entry_id)
             pipe.sismember(keys.rejected_entries(lane), entry_id)
             pipe.exists(keys.lock(lane))
-            newest, head, state, ours, rejected, locked = pipe.execute()
+            pipe.get(keys.recovered(self.s.run))
+            newest, head, state, ours, rejected, locked, recovered = pipe.execute()
             if rejected:  # first: the round may have committed without us since
                 return self._rejection_reason(entry_id, lane)
             # RunNotFound (Redis wiped) goes to the caller, which waits for a recovery
             if runs.parse_head(lane, head).version != version or state == control.STOPPED or not ours:
+                return None
+            if recovery is not None and (recovered or "") != recovery:
                 return None
             if alone != (not locked) and lane == self.s.run:
                 alone = not locked
