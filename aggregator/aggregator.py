@@ -17,7 +17,7 @@ import redis
 
 from aggregator.collect import Round, collect, outliers, reject
 from aggregator.lock import RoundLock
-from diloco import control, keys, model, outer, retention, runs, schedule, snapshot, units, update, weighting
+from diloco import control, keys, model, outer, retention, runs, schedule, snapshot, stopping, units, update, weighting
 from diloco.codecs import Codec, get_codec
 from diloco.config import AggregatorSettings, RunConfig
 from diloco.connect import OUTAGE_ERRORS, Outage, connect_redis, server_time_ms
@@ -360,8 +360,7 @@ class Lanes:
                    for i, agg in enumerate(self.aggregators)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        stopping.join_all(threads)   # not t.join(): a SIGTERM that lands on a lane thread must still stop us
         if errors:
             raise errors[0]
         return sum(counts)

@@ -23,8 +23,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
 
 from diloco.errors import ConfigError
 
@@ -33,6 +34,7 @@ ENV_PARENT_PID = "DILOCO_PARENT_PID"  # set by `diloco run` for its children: st
 DEFAULT_GRACE_S = 20.0   # below the 30 s stop_grace_period of compose.yaml and Kubernetes' default
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PARENT_POLL_S = 0.5      # the portable fallback's poll of os.getppid()
+SIGNAL_POLL_S = 0.5      # the longest a main thread waiting on other threads leaves a signal unhandled
 _PR_SET_PDEATHSIG = 1    # <linux/prctl.h>
 
 
@@ -126,6 +128,31 @@ class GracefulStop:
             self._watchdog.daemon = True  # must not keep a process that finished in time alive
             self._watchdog.start()
         self.on_stop(signum)
+
+
+# --- the main thread stays able to take a signal ---------------------------------------------------
+#
+# CPython runs signal handlers in the main thread only, between bytecodes. The kernel hands a signal sent
+# to the process to any thread that does not block it; when that is another thread, nothing wakes a main
+# thread blocked in an untimed join or result(), and the handler (the graceful stop) waits until that wait
+# ends by itself, maybe never. A streaming aggregator (one thread a fragment) ignored SIGTERM so until the
+# chaos run killed it. Timed waits in a loop let the handler run within SIGNAL_POLL_S.
+
+T = TypeVar("T")
+
+
+def join_all(threads: Iterable[threading.Thread]) -> None:
+    """Join every thread from the main thread, still taking signals."""
+    for t in threads:
+        while t.is_alive():
+            t.join(SIGNAL_POLL_S)
+
+
+def result_of(future: futures.Future[T]) -> T:
+    """The future's result (or its exception) from the main thread, still taking signals."""
+    while not future.done():
+        futures.wait([future], timeout=SIGNAL_POLL_S)
+    return future.result()
 
 
 # --- children never outlive the parent -------------------------------------------------------------

@@ -6,6 +6,7 @@ in what `diloco run` records about them, so the tests do not trust the code they
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pty
 import re
@@ -14,13 +15,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import redis
 
-from diloco import keys, runs
+from diloco import keys, runs, stopping
 from diloco.datadir import DataDir
 from diloco.errors import ConfigError
 from tests import harness
@@ -211,6 +214,87 @@ def test_worker_and_aggregator_exit_0_on_sigterm_mid_round_releasing_leases_lock
     assert r.get(keys.lock("t")) is None, "the lock released, not left to expire"
     assert r.get(keys.worker_alive("t", "w1")) is None
     assert r.hget(keys.worker_stats("t", "w1"), "state") == "stopped"
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send `signum` to one thread of another process (glibc's tgkill; os.kill lets the kernel choose)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {signum})")
+
+
+def test_a_streaming_aggregator_stops_on_a_sigterm_that_lands_on_one_of_its_lane_threads(
+        redis_url, file_url, r, tmp_path):
+    """The kernel may hand a process's signal to any of its threads. Python runs the handler in the main
+    thread, which a streaming aggregator parks joining its lane threads: with an untimed join it never
+    took the SIGTERM and ran until killed (CI's chaos run, agg0 exited with -9)."""
+    harness.init(redis_url, file_url, sync_every=4, num_fragments=2, overlap_steps=1)
+    log = tmp_path / "agg.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*DILOCO, "aggregator", "--run", "t", "--redis-url", redis_url, "--store", file_url,
+                                 "--id", "a1", "--stop-grace-s", str(GRACE_S)], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        for lane in ("t@f0", "t@f1"):   # both lane threads hold their fragment's lock: each waits for deltas
+            harness.wait_for_key(r, keys.lock(lane))
+        threads = sorted(int(t.name) for t in Path(f"/proc/{proc.pid}/task").iterdir() if int(t.name) != proc.pid)
+        assert threads, "a streaming aggregator runs a thread a fragment"
+        _tgkill(proc.pid, threads[-1], signal.SIGTERM)
+        code = proc.wait(GRACE_S + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()[-2000:]
+    assert "SIGTERM: stopping" in log.read_text()
+    assert r.get(keys.lock("t@f0")) is None and r.get(keys.lock("t@f1")) is None, "both locks released"
+
+
+class SignalOnThread:
+    """SIGUSR1 sent to one thread, not the main one, while the main thread waits on that thread. The
+    handler runs in the main thread and releases the wait; if it has not run within a minute, a failsafe
+    releases it. `ended` says who released it first."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.ended: list[str] = []
+
+    def __enter__(self) -> SignalOnThread:
+        self.previous = signal.signal(signal.SIGUSR1, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGUSR1, self.previous)
+
+    def _handler(self, _signum: int, _frame: object) -> None:
+        self.ended.append("handler")
+        self.release.set()
+
+    def send_to(self, thread: threading.Thread) -> None:
+        def send() -> None:
+            signal.pthread_kill(thread.ident, signal.SIGUSR1)
+            if not self.release.wait(60):
+                self.ended.append("failsafe")
+                self.release.set()
+        threading.Thread(target=send, daemon=True).start()
+
+
+def test_join_all_takes_a_signal_that_lands_on_the_thread_it_joins():
+    with SignalOnThread() as sig:
+        target = threading.Thread(target=sig.release.wait, daemon=True)
+        target.start()
+        sig.send_to(target)
+        stopping.join_all([target])
+    assert sig.ended[:1] == ["handler"], "the main thread took the signal while it joined, not after"
+
+
+def test_result_of_takes_a_signal_that_lands_on_the_thread_it_waits_for():
+    future: Future[int] = Future()
+    with SignalOnThread() as sig:
+        target = threading.Thread(target=lambda: sig.release.wait() and future.set_result(7), daemon=True)
+        target.start()
+        sig.send_to(target)
+        assert stopping.result_of(future) == 7
+    assert sig.ended[:1] == ["handler"], "the main thread took the signal while it waited, not after"
 
 
 def test_evaluator_exits_0_on_sigterm(redis_url, file_url, r):

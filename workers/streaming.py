@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diloco import fragments, keys, runs, units
+from diloco import fragments, keys, runs, stopping, units
 from diloco.connect import Outage
 from diloco.errors import ConfigError, ModelMismatch
 from diloco.messages import Head
@@ -228,7 +228,9 @@ class Streaming:
         if not p.future.done():
             w.heartbeat.update(state="waiting", waiting_for=f"fragment {p.fragment} version {p.version + 1}")
         try:
-            got = p.future.result()   # its exceptions (an outage past the limit, a wipe) are the worker's
+            # its exceptions (an outage past the limit, a wipe) are the worker's; a timed wait, so a SIGTERM
+            # that lands on the background thread still stops the worker (diloco.stopping.result_of)
+            got = stopping.result_of(p.future)
         except BaseException:
             self._start_over()
             raise
