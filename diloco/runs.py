@@ -49,11 +49,6 @@ def read_head(r: redis.Redis, run: str) -> Head:
     return parse_head(run, r.hgetall(keys.head(run)))
 
 
-def recovery_id(r: redis.Redis, run: str) -> str:
-    """The id of the run's newest `diloco recover` ("" if it was never recovered)."""
-    return r.get(keys.recovered(run)) or ""
-
-
 def parse_head(run: str, fields: dict[str, str]) -> Head:
     """The head from its hash's fields (read by the caller, e.g. in a pipeline); RunNotFound if empty."""
     if not fields:
@@ -87,10 +82,18 @@ def load_weights_counted(store: ObjectStore, head: Head, *, views: bool = False)
 
 def read_heads(r: redis.Redis, cfg: RunConfig) -> list[Head]:
     """The head of each of the run's lanes (one without fragments), read together."""
+    return heads_and_recovery(r, cfg.run, cfg.lanes)[0]
+
+
+def heads_and_recovery(r: redis.Redis, run: str, lanes: list[str]) -> tuple[list[Head], str]:
+    """The heads of `lanes` and the id of the run's newest `diloco recover` ("" if never recovered), in
+    one transaction: heads never come from the other side of a recovery than the id."""
     pipe = r.pipeline(transaction=True)
-    for lane in cfg.lanes:
+    for lane in lanes:
         pipe.hgetall(keys.head(lane))
-    return [parse_head(lane, fields) for lane, fields in zip(cfg.lanes, pipe.execute(), strict=True)]
+    pipe.get(keys.recovered(run))
+    *heads, recovery = pipe.execute()
+    return [parse_head(lane, fields) for lane, fields in zip(lanes, heads, strict=True)], recovery or ""
 
 
 def load_full_weights(store: ObjectStore, heads: list[Head]) -> dict[str, torch.Tensor]:

@@ -111,7 +111,7 @@ class Streaming:
         # next fragment to sync is `events + 1` mod N, so a worker that joins or restarts mid-run syncs the
         # fragments in the group's order (see _load_all), and its learning rate follows the run's cycles.
         self.events = 0
-        # The recovery id (runs.recovery_id) the fragments were loaded under. A recovery can put back any
+        # The recovery id (runs.heads_and_recovery) the fragments were loaded under. A recovery can put back any
         # fragment, not only the one being synced: a worker that went on with its own order while the
         # others reloaded would sync another fragment than theirs, and each would wait for the other.
         self.recovery = ""
@@ -211,9 +211,8 @@ class Streaming:
                                                 approximate=True))
         rejected = io("Redis", lambda: w._wait_for_version_after(version, entry_id, lane=lane.lane,
                                                                  recovery=self.recovery))
-        head = io("Redis", lambda: runs.read_head(w.r, lane.lane))
-        # read after the head: a recovery in between is seen here, whatever head it left
-        if io("Redis", lambda: runs.recovery_id(w.r, w.cfg.run)) != self.recovery:
+        (head,), recovery = io("Redis", lambda: runs.heads_and_recovery(w.r, w.cfg.run, [lane.lane]))
+        if recovery != self.recovery:
             return Exchange(entry_id, rejected, head, None, recovered=True)
         weights = None
         if head.version != version and not w._should_stop():
@@ -285,8 +284,7 @@ class Streaming:
     def _load_all(self) -> None:
         """Every fragment's newest version into the model (at start, and after a restore)."""
         w = self.w
-        self.recovery = runs.recovery_id(w.r, w.cfg.run)   # before the heads: a recovery in between is seen later
-        heads = runs.read_heads(w.r, w.cfg)
+        heads, self.recovery = runs.heads_and_recovery(w.r, w.cfg.run, w.cfg.lanes)
         full: dict[str, torch.Tensor] = {}
         for lane, head in zip(self.lanes, heads, strict=True):
             weights = w._fetch_weights(head, {}, None)   # no base: the full object

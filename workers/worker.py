@@ -429,7 +429,7 @@ class Worker:
         and recovered to this very version). A wait that only an operator can end (no aggregator
         holds the lock) is logged once and shown in the worker's `waiting_for` stat. `lane`: a fragment's
         (streaming), waited on in the background; `recovery`: the recovery id its fragments were loaded
-        under (runs.recovery_id), to return as soon as a `diloco recover` replaces it.
+        under (runs.heads_and_recovery), to return as soon as a `diloco recover` replaces it.
         """
         lane = lane or self.s.run
         stream = keys.versions(lane)
